@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Everything a user can get wrong (a missing path, an unknown name, K > N, a bad option value) raises a
+subclass of :class:`DeepclustError` with a one-line message. The CLI prints that line on stderr and
+exits non-zero; library users catch the exception. Anything else is a bug and keeps its traceback.
+"""
+
+
+class DeepclustError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+class ConfigError(DeepclustError, ValueError):
+    """An option has an unknown name or a value of the wrong type or range."""
+
+
+class DataError(DeepclustError, ValueError):
+    """A data source cannot be read: missing path, unknown dataset, no images, mixed sizes, ..."""
