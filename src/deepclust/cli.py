@@ -1,0 +1,173 @@
+"""``deepclust`` command line.
+
+    deepclust fit --method M --data SPEC [--epochs N] [--n-clusters K] [--backbone B]
+                  [--batch-size B] [--config FILE] [--seed S] [--devices D] [--out DIR] ...
+    deepclust evaluate --run DIR [--data SPEC] [--cluster-head H] [--cluster-features F]
+
+Every option is parsed as text and converted and checked by ``deepclust.config`` (the one place
+options are validated). User mistakes print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import ConfigError, DeepclustError
+
+OUT_ENV = "DEEPCLUST_RUN_OUT"  # lets DDP child processes (re-launched by Fabric) share the run dir
+
+# flag -> dotted config key
+FIT_FLAGS = {
+    "method": "method", "data": "data.spec", "split": "data.split", "resize": "data.resize",
+    "root": "data.root", "epochs": "train.epochs", "seed": "train.seed", "devices": "train.devices",
+    "num_nodes": "train.num_nodes", "accelerator": "train.accelerator", "precision": "train.precision",
+    "threads": "train.threads", "backbone": "net.backbone", "dim": "net.dim",
+    "batch_size": "optim.batch_size", "lr": "optim.lr", "temperature": "memory.temperature",
+    "nce_k": "memory.nce_k", "views": "views.preset",
+    "n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head",
+    "cluster_features": "cluster.features", "rounds": "options.rounds",
+    "neighbours": "options.neighbours", "curriculum": "options.curriculum", "out": "out",
+}
+EVAL_FLAGS = {"n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head",
+              "cluster_features": "cluster.features", "split": "data.split"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"deepclust: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="deepclust", description="Unsupervised deep image clustering.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    f = sub.add_parser("fit", help="train a method on images, cluster them, write a run directory")
+    f.add_argument("--method", help="instance | and (default: instance)")
+    f.add_argument("--data", help="digits (default) | npz:PATH[,PATH] | folder:PATH | mnist | "
+                                  "fashion-mnist | usps | cifar10 | cifar100 | cifar100-20 | svhn | stl10")
+    f.add_argument("--split", help="train | test | all (default: all, as in the clustering papers)")
+    f.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+    f.add_argument("--resize", help="resize every image to SIDE x SIDE (for folders of mixed sizes)")
+    f.add_argument("--root", help="dataset cache directory (default ~/.cache/deepclust)")
+    f.add_argument("--epochs", help="training epochs (AND: epochs per round)")
+    f.add_argument("--rounds", help="AND: curriculum rounds R after round 0 (paper: 4)")
+    f.add_argument("--neighbours", help="AND: neighbourhood size k (paper: 1)")
+    f.add_argument("--curriculum", help="AND: linear (paper) | one-off")
+    f.add_argument("--n-clusters", help="number of clusters K (default: number of classes, else 10)")
+    f.add_argument("--cluster-head", help="auto | kmeans | spectral")
+    f.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
+    f.add_argument("--backbone", help="auto | mlp | jule_cnn | dccm_cnn | alexnet | resnet18 | resnet50")
+    f.add_argument("--dim", help="embedding dimension (default 128)")
+    f.add_argument("--views", help="augmentation preset: auto | none | natural | digits | dccm")
+    f.add_argument("--batch-size", help="global batch size (default 128)")
+    f.add_argument("--lr", help="learning rate")
+    f.add_argument("--temperature", help="softmax temperature of the memory bank (default 0.1)")
+    f.add_argument("--nce-k", help="NCE noise samples (0: full softmax)")
+    f.add_argument("--config", help="YAML file (e.g. a run's config.yaml) or a shipped preset name")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any option by its dotted name, e.g. --set optim.weight_decay=1e-4")
+    f.add_argument("--seed", help="random seed (a CPU run is repeatable for a seed)")
+    f.add_argument("--devices", help="number of devices (processes) to train on")
+    f.add_argument("--num-nodes", help="number of nodes")
+    f.add_argument("--accelerator", help="auto | cpu | cuda | gpu | mps")
+    f.add_argument("--precision", help="auto | 32-true | bf16-mixed | 16-mixed")
+    f.add_argument("--threads", help="CPU threads for torch (0: default)")
+    f.add_argument("--out", help="run directory (default runs/METHOD-DATA-TIME)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="recompute the metrics of a finished run")
+    e.add_argument("--run", required=True, help="run directory written by fit")
+    e.add_argument("--data", help="evaluate on other data (default: the run's)")
+    e.add_argument("--split", help="train | test | all")
+    e.add_argument("--n-clusters", help="number of clusters K")
+    e.add_argument("--cluster-head", help="auto | kmeans | spectral")
+    e.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
+    return p
+
+
+def _layer_from_flags(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    from .config import set_dotted
+
+    layer: dict = {}
+    for name, key in flags.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            set_dotted(layer, key, value)
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        set_dotted(layer, key.strip(), value.strip())
+    return layer
+
+
+def _default_out(method: str, data: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data.split(":", 1)[-1].split(",")[0]).stem or data)
+    return str(Path("runs") / f"{method}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .config import build_config, read_yaml
+    from .runs import fit_run
+
+    layers = []
+    if args.config:
+        layers.append(read_yaml(args.config))
+    layer = _layer_from_flags(args, FIT_FLAGS)
+    if args.download:
+        layer.setdefault("data", {})["download"] = True
+    if args.no_progress:
+        layer.setdefault("train", {})["progress"] = False
+    layers.append(layer)
+    cfg = build_config(*layers)
+    if args.out is None:
+        cfg.out = os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec)
+        os.environ[OUT_ENV] = cfg.out
+    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if metrics:
+        print(json.dumps(metrics | {"out": cfg.out}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .runs import evaluate_run
+
+    overrides = _layer_from_flags(args, EVAL_FLAGS)
+    metrics = evaluate_run(args.run, data=args.data, overrides=overrides)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    warnings.filterwarnings("ignore", module="lightning")
+    try:
+        return {"fit": cmd_fit, "evaluate": cmd_evaluate}[args.command](args)
+    except DeepclustError as e:
+        print(f"deepclust: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"deepclust: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deepclust: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""AND: Unsupervised Deep Learning by Neighbourhood Discovery (Huang et al., ICML 2019).
+
+Round 0 is instance discrimination (Eq 2). At the start of round r = 1..R the anchor neighbourhoods
+N_k(x) (Eq 1) and the entropy H(x) of each bank row's softmax (Eq 5) are computed from the memory
+bank; the lowest-entropy fraction S = r / R (Eq 6) of anchors is trained with its neighbourhood
+(Eq 3), the rest as single instances: Eq 7. Memory update: Eq 8 (MemoryBank.update).
+
+Choices the paper leaves open, settled as the authors' reference code does (Raymond-sci/AND):
+ - entropy over softmax(memory . memory^T / T), diagonal included, T = memory temperature (0.1);
+ - the learning-rate schedule restarts every round (milestones count from the round's start);
+ - neighbourhoods are rebuilt only at round starts and stay fixed during a round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from ..config import AndOptions
+from ..losses import instance_loss, neighbourhood_loss
+from ..memory import MemoryBank
+from ..structure.neighbourhoods import (
+    curriculum_fraction,
+    entropy_and_neighbours,
+    neighbourhood_quality,
+    select_lowest_entropy,
+)
+from .base import Method, Structure
+
+
+class AnchorNeighbourhoodDiscovery(Method):
+    name = "and"
+
+    @property
+    def options(self) -> AndOptions:
+        return self.cfg.options
+
+    def _round0(self) -> int:
+        o = self.options
+        return self.cfg.train.epochs if o.round0_epochs is None else o.round0_epochs
+
+    def total_epochs(self) -> int:
+        return self._round0() + self.options.rounds * self.cfg.train.epochs
+
+    def round_of(self, epoch: int) -> tuple[int, int]:
+        """(round, epoch within the round)."""
+        r0 = self._round0()
+        if epoch < r0:
+            return 0, epoch
+        per = max(self.cfg.train.epochs, 1)
+        return 1 + (epoch - r0) // per, (epoch - r0) % per
+
+    def schedule_epoch(self, epoch: int) -> int:
+        return self.round_of(epoch)[1]
+
+    def phase(self, epoch: int) -> str:
+        return f"round {self.round_of(epoch)[0]}"
+
+    def needs_discovery(self, epoch: int) -> bool:
+        r, e = self.round_of(epoch)
+        return r >= 1 and e == 0
+
+    def discover(self, epoch: int, bank: MemoryBank) -> Structure:
+        r, _ = self.round_of(epoch)
+        entropy, neighbours = entropy_and_neighbours(
+            bank.features, self.options.neighbours, bank.temperature
+        )
+        fraction = curriculum_fraction(r, self.options.rounds, self.options.curriculum)
+        selected = select_lowest_entropy(entropy, fraction)
+        return {"neighbours": neighbours, "selected": selected, "entropy": entropy}
+
+    def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
+        if self.structure is None:
+            return {}
+        out: dict[str, Any] = {"selected": int(self.structure["selected"].sum())}
+        if labels is not None:
+            q = neighbourhood_quality(self.structure["neighbours"], self.structure["selected"], labels)
+            out.update(consistent=q.consistent, consistent_fraction=q.consistent_fraction)
+        return out
+
+    def batch_loss(self, embeddings: list[Tensor], idx: Tensor, bank: MemoryBank) -> Tensor:
+        logits = bank.logits(embeddings[0])
+        if self.structure is None:
+            return instance_loss(logits, idx)  # round 0: Eq 2
+        s = self.structure
+        dev = logits.device
+        return neighbourhood_loss(  # Eq 7
+            logits, idx, s["neighbours"].to(dev)[idx], s["selected"].to(dev)[idx]
+        )

@@ -1,0 +1,380 @@
+"""Backbones and the embedding network.
+
+Every backbone is a :class:`Backbone`: an ordered list of named stages (``conv1``, ``conv2``, ...,
+``fc``) whose composition maps images ``(B, C, H, W)`` to flat features ``(B, feature_dim)``. Any
+stage's output can be read with :meth:`Backbone.features_at` (the AND / PCP / PAD papers probe
+AlexNet's ``conv5``; JULE's transfer tables use the layers below ``ip1``; DCCM's mutual-information
+loss pairs a shallow conv map with the first fc layer). All backbones accept 1- or 3-channel inputs
+of any reasonable size; flat sizes are found with a dummy forward at construction.
+
+Names (:data:`BACKBONES`):
+
+``mlp``
+    Two ReLU layers over the flattened pixels (256 units each), no BatchNorm, no dropout. For tests
+    and for exact multi-process equality checks (a BN-free network gives identical gradients however
+    the batch is split).
+``jule_cnn``
+    JULE (Yang et al., CVPR 2016, Sec. 4.1.2 and Table 9 of the appendix): blocks of [conv 50 @ 5x5,
+    stride 1, padding 0 -> BN -> ReLU -> (max-pool 2x2 / 2)], stacked "so that the size of the output
+    feature map is about 10x10", then ``ip1`` = linear to 160 -> BN -> ReLU (``feature_dim`` 160).
+    The number of blocks and pools follows a rule fitted to Table 9, which it reproduces for all nine
+    data sets (see :func:`jule_plan`). Pooling uses Caffe's ceil rounding (JULE used Caffe).
+``dccm_cnn``
+    DCCM (Wu et al., ICCV 2019, supplementary Table 4: "a shallow version of AlexNet") per input size,
+    BN + ReLU after every conv and fc, then ``fc`` = the (D) layer: Linear(256, 64) -> BN -> ReLU
+    (Linear(256, 256) for the 64 px Tiny-ImageNet net). The final class layer of Table 4 belongs to the
+    method, not to the backbone.
+``alexnet``
+    The 5-conv AlexNet with BatchNorm used by the instance-discrimination family (AND, PAD, PCP) on
+    small images: 3x3 convs 64-192-384-256-256, max-pool after conv1, conv2 and conv5, then fc1 / fc2
+    of 1024 units with BN + ReLU (``feature_dim`` 1024); inputs > 64 px get the ImageNet AlexNet of
+    Wu et al. 2018 (11x11/4 stem, 3x3/2 pools, fc 4096).
+``resnet18`` / ``resnet50``
+    torchvision's ``resnet18`` / ``resnet50`` (``weights=None``, never pretrained). For images <= 64 px
+    the stem is a 3x3 stride-1 conv and the max-pool is removed, as in Wu et al. 2018's lemniscate
+    CIFAR ResNet that AND uses; larger images keep the ImageNet stem (7x7/2 conv + max-pool). The stem
+    conv takes ``in_channels`` (1 or 3); ``fc`` is dropped (``feature_dim`` 512 / 2048).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = ["BACKBONES", "Backbone", "EmbeddingNet", "build_backbone", "default_backbone", "jule_plan"]
+
+BACKBONES: tuple[str, ...] = ("mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
+
+ImageSize = tuple[int, int]
+
+
+class Backbone(nn.Sequential):
+    """Named stages applied in order; the output of the last one, flattened, is the feature vector.
+
+    ``out_dim`` is the feature dimension. ``shallow_layer`` (DCCM only, else None) names the stage
+    DCCM pairs with its fc layer in the mutual-information loss.
+    """
+
+    out_dim: int
+    shallow_layer: str | None = None
+
+    def __init__(self, stages: Iterable[tuple[str, nn.Module]], in_shape: tuple[int, int, int]):
+        super().__init__(OrderedDict(stages))
+        self.in_shape = tuple(in_shape)
+        self.out_dim = _flat_dim(self, in_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self:
+            x = stage(x)
+        return x.flatten(1)
+
+    def layer_names(self) -> list[str]:
+        return list(self._modules)
+
+    def features_at(self, x: Tensor, layer: str, *, flatten: bool = True) -> Tensor:
+        """Output of stage ``layer`` (flattened to (B, -1) unless ``flatten=False``)."""
+        if layer not in self._modules:
+            raise ConfigError(f"unknown layer '{layer}'; this backbone has {self.layer_names()}")
+        for name, stage in self.named_children():
+            x = stage(x)
+            if name == layer:
+                return x.flatten(1) if flatten else x
+        raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def _flat_dim(module: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """Feature size of ``module`` for one input of ``in_shape``, without touching BN statistics."""
+    was_training = module.training
+    module.eval()
+    try:
+        out = module(torch.zeros(1, *in_shape))
+    finally:
+        module.train(was_training)
+    return int(out.flatten(1).shape[1])
+
+
+def _size(image_size: ImageSize | int) -> ImageSize:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = (int(v) for v in image_size)
+    return h, w
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int, pad: int = 0, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=pad), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def _fc_bn_relu(fin: int, fout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(fin, fout), nn.BatchNorm1d(fout), nn.ReLU(inplace=True))
+
+
+# -------------------------------------------------------------------------------------------------
+# mlp
+
+
+def _mlp(c: int, hw: ImageSize, hidden: int = 256) -> Backbone:
+    d = c * hw[0] * hw[1]
+    return Backbone([
+        ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(inplace=True))),
+        ("fc2", nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True))),
+    ], (c, *hw))
+
+
+# -------------------------------------------------------------------------------------------------
+# JULE
+
+
+def jule_plan(image_size: ImageSize | int) -> list[tuple[int, bool]]:
+    """JULE's conv blocks for an input size: a list of (conv padding, followed by a max-pool).
+
+    JULE (appendix A.4, Table 9) stacks conv(5x5, pad 0) [+ pool 2/2] blocks "so that the size of
+    the most top layer response map is about 10x10", per data set. This rule, on the smaller side s
+    and with Caffe's ceil rounding of pools, reproduces every column of Table 9:
+
+    * conv: s -> s - 4;
+    * pool after it when s >= 9 (the pooled map keeps >= 5 px), else stop with this conv;
+    * after a pool, add another block when s >= 12, else stop.
+
+    USPS 16: 12 p6 -> [c+p]; MNIST 28: 24 p12 | 8 -> [c+p, c]; FRGC / CMU-PIE 32: 28 p14 | 10 p5 ->
+    [c+p, c+p]; YTF 55: 51 p26 | 22 p11 -> [c+p] x 2; UMist 112x92: 88 p44 | 40 p20 | 16 p8 ->
+    [c+p] x 3; COIL 128: 124 p62 | 58 p29 | 25 p13 | 9 p5 -> [c+p] x 4. Inputs smaller than the paper's
+    (sklearn's 8x8 digits: 8 -> 4, no pool) follow the same rule; a side below 5 px gets padding 2 so
+    the 5x5 conv still fits.
+    """
+    h, w = _size(image_size)
+    plan: list[tuple[int, bool]] = []
+    while True:
+        pad = 2 if min(h, w) < 5 else 0
+        h, w = h + 2 * pad - 4, w + 2 * pad - 4
+        if min(h, w) >= 9:
+            plan.append((pad, True))
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            if min(h, w) >= 12:
+                continue
+        else:
+            plan.append((pad, False))
+        return plan
+
+
+def _jule_cnn(c: int, hw: ImageSize) -> Backbone:
+    stages: list[tuple[str, nn.Module]] = []
+    cin = c
+    for i, (pad, pool) in enumerate(jule_plan(hw), 1):
+        layers = _conv_bn_relu(cin, 50, 5, pad)  # JULE Sec. 4.1.2: 50 channels, 5x5, stride 1, pad 0
+        if pool:
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))  # kernel 2, stride 2 (Caffe: ceil)
+        stages.append((f"conv{i}", nn.Sequential(*layers)))
+        cin = 50
+    flat = _flat_dim(nn.Sequential(*(m for _, m in stages)), (c, *hw))
+    stages.append(("ip1", _fc_bn_relu(flat, 160)))  # JULE: inner product layer of dimension 160
+    return Backbone(stages, (c, *hw))
+
+
+# -------------------------------------------------------------------------------------------------
+# DCCM
+
+
+def _dccm_cnn(c: int, hw: ImageSize) -> Backbone:
+    """DCCM supplementary Table 4 (and the authors' models/cifar_C4_L2.py for the 32 px net).
+
+    * <= 48 px (CIFAR-10/100, 32x32): conv3x3 64 (pad 0) -> conv3x3 64 (S) -> max-pool 2/2 ->
+      conv3x3 128 -> max-pool 2/2 -> conv3x3 256 -> average pool -> (D) Linear(256, 64).
+      Table 4 says "4x4 AvgPooling with stride 2", the authors' code uses stride 4 (a typo in the
+      table); at 32 px the map is 4x4, so both are a global average, which is what we use - it also
+      adapts the net to 28 px (MNIST: the map is 3x3). Inputs below 20 px use padding 1 so the map
+      does not vanish (16 px: 16-16-8-8-4-4).
+    * 49..80 px (Tiny-ImageNet, 64x64): conv5x5 64 -> conv5x5 64 -> max-pool 4/4 -> conv3x3 128 (S)
+      -> conv3x3 128 -> max-pool 4/4 -> conv1x1 256 -> avg-pool (2x2, global) -> (D) Linear(256, 256).
+    * > 80 px (STL-10 / ImageNet-10 / ImageNet-dogs, 96x96): as the 64 px net with a 4x4 average
+      pool (global at 96 px) and (D) Linear(256, 64).
+
+    S is the conv the paper pairs with D in the mutual-information loss: the second conv for CIFAR,
+    "the third conv layer" for the larger nets (Sec. 6.4); exposed as ``shallow_layer``. Pools are
+    separate stages (``pool1``...), so ``features_at(x, shallow_layer)`` is the conv map itself.
+    The authors' code runs BN with ``track_running_stats=False`` (batch statistics in eval too);
+    here BN is standard (running statistics in eval). Pools round down (PyTorch, as the authors').
+    """
+    s = min(hw)
+    if s <= 48:
+        pad = 0 if s >= 20 else 1
+        stages = [
+            ("conv1", nn.Sequential(*_conv_bn_relu(c, 64, 3, pad))),
+            ("conv2", nn.Sequential(*_conv_bn_relu(64, 64, 3, pad))),
+            ("pool1", nn.MaxPool2d(2, 2)),
+            ("conv3", nn.Sequential(*_conv_bn_relu(64, 128, 3, pad))),
+            ("pool2", nn.MaxPool2d(2, 2)),
+            ("conv4", nn.Sequential(*_conv_bn_relu(128, 256, 3, pad))),
+            ("pool3", nn.AdaptiveAvgPool2d(1)),
+            ("fc", _fc_bn_relu(256, 64)),
+        ]
+        shallow = "conv2"
+    else:
+        d = 256 if s <= 80 else 64
+        stages = [
+            ("conv1", nn.Sequential(*_conv_bn_relu(c, 64, 5))),
+            ("conv2", nn.Sequential(*_conv_bn_relu(64, 64, 5))),
+            ("pool1", nn.MaxPool2d(4, 4)),
+            ("conv3", nn.Sequential(*_conv_bn_relu(64, 128, 3))),
+            ("conv4", nn.Sequential(*_conv_bn_relu(128, 128, 3))),
+            ("pool2", nn.MaxPool2d(4, 4)),
+            ("conv5", nn.Sequential(*_conv_bn_relu(128, 256, 1))),
+            ("pool3", nn.AdaptiveAvgPool2d(1)),
+            ("fc", _fc_bn_relu(256, d)),
+        ]
+        shallow = "conv3"
+    net = Backbone(stages, (c, *hw))
+    net.shallow_layer = shallow
+    return net
+
+
+# -------------------------------------------------------------------------------------------------
+# AlexNet
+
+
+def _alexnet(c: int, hw: ImageSize) -> Backbone:
+    """AlexNet with BN as in the instance-discrimination code base (Wu et al. 2018 / AND / PAD).
+
+    Small images (<= 64 px): every conv 3x3 stride 1 pad 1, max-pool 2x2/2 after conv1, conv2, conv5
+    (ceil rounding, so odd sizes such as 28 px keep their border: 28-14-7-4), fc1 / fc2 of 1024 units
+    (32 px: conv5 output 256x4x4 = 4096 -> 1024 -> 1024). Larger images: the ImageNet AlexNet of
+    Wu et al. 2018 (11x11/4 pad 2 stem, 5x5 conv2, 3x3/2 max-pools, fc 4096). Each ``convN`` stage
+    includes its BN, ReLU and pool, so ``features_at(x, "conv5")`` is the pooled conv5 map that a
+    linear probe reads.
+    """
+    small = max(hw) <= 64
+    if small:
+        widths, kernels, pads, strides = (64, 192, 384, 256, 256), (3, 3, 3, 3, 3), (1, 1, 1, 1, 1), (1,) * 5
+        pool = lambda: nn.MaxPool2d(2, 2, ceil_mode=True)  # noqa: E731
+        fc = 1024
+    else:
+        widths, kernels, pads, strides = (64, 192, 384, 256, 256), (11, 5, 3, 3, 3), (2, 2, 1, 1, 1), (4, 1, 1, 1, 1)
+        pool = lambda: nn.MaxPool2d(3, 2)  # noqa: E731
+        fc = 4096
+    stages: list[tuple[str, nn.Module]] = []
+    cin = c
+    for i in range(5):
+        layers = _conv_bn_relu(cin, widths[i], kernels[i], pads[i], strides[i])
+        if i in (0, 1, 4):
+            layers.append(pool())
+        stages.append((f"conv{i + 1}", nn.Sequential(*layers)))
+        cin = widths[i]
+    flat = _flat_dim(nn.Sequential(*(m for _, m in stages)), (c, *hw))
+    stages += [("fc1", _fc_bn_relu(flat, fc)), ("fc2", _fc_bn_relu(fc, fc))]
+    return Backbone(stages, (c, *hw))
+
+
+# -------------------------------------------------------------------------------------------------
+# ResNet
+
+
+def _resnet(name: str, c: int, hw: ImageSize) -> Backbone:
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    if max(hw) <= 64:
+        # Wu et al. 2018 / AND CIFAR ResNet: 3x3 stride-1 stem, no max-pool.
+        net.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif c != 3:
+        net.conv1 = nn.Conv2d(c, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    net.fc = nn.Identity()
+    return Backbone([
+        ("stem", nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)),
+        ("layer1", net.layer1), ("layer2", net.layer2), ("layer3", net.layer3), ("layer4", net.layer4),
+        ("pool", nn.Sequential(net.avgpool, nn.Flatten())),
+    ], (c, *hw))
+
+
+# -------------------------------------------------------------------------------------------------
+# public API
+
+
+def build_backbone(name: str, in_channels: int, image_size: ImageSize | int) -> tuple[Backbone, int]:
+    """The backbone ``name`` for ``in_channels`` x ``image_size`` images, and its feature dim."""
+    hw = _size(image_size)
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    if min(hw) < 1:
+        raise ConfigError(f"image size must be positive, got {hw}")
+    if name == "mlp":
+        net = _mlp(in_channels, hw)
+    elif name == "jule_cnn":
+        net = _jule_cnn(in_channels, hw)
+    elif name == "dccm_cnn":
+        net = _dccm_cnn(in_channels, hw)
+    elif name == "alexnet":
+        net = _alexnet(in_channels, hw)
+    elif name in ("resnet18", "resnet50"):
+        net = _resnet(name, in_channels, hw)
+    else:
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    return net, net.out_dim
+
+
+def default_backbone(channels: int, image_size: ImageSize | int) -> str:
+    """The backbone the papers would use for such images.
+
+    * grey images up to 128 px -> ``jule_cnn`` (JULE's per-data-set CNN covers MNIST 28, USPS 16,
+      FRGC / CMU-PIE 32, YTF 55, UMist 112x92, COIL 128; also sklearn's 8x8 digits);
+    * colour images smaller than 32 px -> ``jule_cnn`` (too small for a ResNet to pay off);
+    * colour images of 32 px and more, and grey images above 128 px -> ``resnet18`` (AND / PCP's
+      CIFAR backbone, 3x3 stem up to 64 px, ImageNet stem above).
+    """
+    h, w = _size(image_size)
+    side = max(h, w)
+    if channels == 1:
+        return "jule_cnn" if side <= 128 else "resnet18"
+    return "jule_cnn" if side < 32 else "resnet18"
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone -> head -> L2 normalisation: the papers' normalised (default 128-d) embedding.
+
+    ``head`` is Linear(feature_dim, dim), or Linear(feature_dim, head_hidden) -> ReLU ->
+    Linear(head_hidden, dim) when ``head_hidden`` is given; its output is normalised in ``forward``.
+    """
+
+    def __init__(self, backbone: str, in_channels: int, image_size: ImageSize | int, dim: int = 128,
+                 head_hidden: int | None = None):
+        super().__init__()
+        if dim < 1:
+            raise ConfigError(f"embedding dim must be >= 1, got {dim}")
+        self.backbone_name = backbone
+        self.backbone, self.feature_dim = build_backbone(backbone, in_channels, image_size)
+        self.dim = dim
+        if head_hidden:
+            self.head: nn.Module = nn.Sequential(nn.Linear(self.feature_dim, head_hidden), nn.ReLU(inplace=True),
+                                                 nn.Linear(head_hidden, dim))
+        else:
+            self.head = nn.Linear(self.feature_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, dim) L2-normalised embedding."""
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(backbone features (B, feature_dim), L2-normalised embedding (B, dim)) in one pass."""
+        f = self.backbone(x)
+        return f, F.normalize(self.head(f), dim=1)
+
+    def layer_names(self) -> list[str]:
+        """The backbone's stages, then ``"backbone"`` (= its output) and ``"embedding"``."""
+        return self.backbone.layer_names() + ["backbone", "embedding"]
+
+    def features_at(self, x: Tensor, layer: str, *, flatten: bool = True) -> Tensor:
+        """Output of a named layer (see :meth:`layer_names`), flattened to (B, -1) by default."""
+        if layer == "backbone":
+            return self.backbone(x)
+        if layer == "embedding":
+            return self.forward(x)
+        return self.backbone.features_at(x, layer, flatten=flatten)
