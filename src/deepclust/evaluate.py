@@ -1,0 +1,113 @@
+"""The papers' evaluation protocols, as pure functions of features and labels.
+
+Clustering: ACC with Hungarian matching, NMI (average method explicit: scikit-learn's default is the
+arithmetic mean, JULE's code uses the geometric mean), ARI. Representation: weighted kNN (Wu et al.
+2018; AND), linear probe. Cluster health: sizes and a collapse report (works without labels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from .structure.knn import topk_cosine
+
+
+def cluster_acc(labels_true, labels_pred) -> float:
+    """Best one-to-one matching of clusters to classes (Hungarian); unmatched clusters count as errors."""
+    y = np.asarray(labels_true).astype(np.int64)
+    p = np.asarray(labels_pred).astype(np.int64)
+    _, y = np.unique(y, return_inverse=True)
+    _, p = np.unique(p, return_inverse=True)
+    w = np.zeros((p.max() + 1, y.max() + 1), dtype=np.int64)
+    np.add.at(w, (p, y), 1)
+    rows, cols = linear_sum_assignment(-w)
+    return float(w[rows, cols].sum() / len(y))
+
+
+def nmi(labels_true, labels_pred, average_method: str = "arithmetic") -> float:
+    return float(normalized_mutual_info_score(labels_true, labels_pred, average_method=average_method))
+
+
+def ari(labels_true, labels_pred) -> float:
+    return float(adjusted_rand_score(labels_true, labels_pred))
+
+
+def clustering_scores(labels_true, labels_pred) -> dict[str, float]:
+    return {
+        "acc": round(cluster_acc(labels_true, labels_pred), 4),
+        "nmi": round(nmi(labels_true, labels_pred), 4),
+        "nmi_geometric": round(nmi(labels_true, labels_pred, "geometric"), 4),
+        "ari": round(ari(labels_true, labels_pred), 4),
+    }
+
+
+def knn_top1(train_features, train_labels, test_features=None, test_labels=None, *, k: int = 200,
+             temperature: float = 0.1, n_classes: int | None = None) -> float:
+    """Weighted kNN top-1 (Wu et al. 2018; AND Sec 4): each of the k most cosine-similar training
+    samples votes for its class with weight exp(s / T). Leave-one-out on the training set when no
+    test set is given (a sample never votes for itself)."""
+    tr = np.asarray(train_features, dtype=np.float32)
+    ytr = np.asarray(train_labels).astype(np.int64)
+    loo = test_features is None
+    te = tr if loo else np.asarray(test_features, dtype=np.float32)
+    yte = ytr if loo else np.asarray(test_labels).astype(np.int64)
+    k = min(k, tr.shape[0] - (1 if loo else 0))
+    sims, idx = topk_cosine(te, tr, k, exclude_self=loo)
+    c = n_classes or int(max(ytr.max(), yte.max()) + 1)
+    w = torch.from_numpy(np.exp(sims / temperature))
+    votes = torch.zeros(te.shape[0], c, dtype=torch.float64)
+    votes.scatter_add_(1, torch.from_numpy(ytr[idx]), w.double())
+    pred = votes.argmax(1).numpy()
+    return round(float((pred == yte).mean()), 4)
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, *, epochs: int = 100,
+                 lr: float = 0.1, weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0) -> float:
+    """A linear classifier on frozen, standardised features (SGD, cross-entropy): test top-1."""
+    g = torch.Generator().manual_seed(seed)
+    xtr = torch.as_tensor(np.asarray(train_features), dtype=torch.float32)
+    xte = torch.as_tensor(np.asarray(test_features), dtype=torch.float32)
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    ytr = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    yte = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
+    c = int(max(ytr.max(), yte.max()) + 1)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(xtr.shape[1], c)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for start in range(0, len(xtr), batch_size):
+            b = perm[start:start + batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xtr[b]), ytr[b]).backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return round(float((model(xte).argmax(1) == yte).float().mean()), 4)
+
+
+def cluster_sizes(labels, n_clusters: int) -> list[int]:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_clusters).tolist()
+
+
+def collapse_report(labels, n_clusters: int, *, dominant_fraction: float = 0.5) -> dict[str, Any]:
+    """Sizes of the clusters and whether the clustering collapsed: some cluster is empty, or one
+    cluster holds more than ``dominant_fraction`` of the images (with K >= 2). No labels needed."""
+    sizes = cluster_sizes(labels, n_clusters)
+    n = max(sum(sizes), 1)
+    empty = sum(1 for s in sizes if s == 0)
+    largest = max(sizes) / n
+    problems = []
+    if empty:
+        problems.append(f"{empty} of {n_clusters} clusters are empty")
+    if n_clusters >= 2 and largest > dominant_fraction:
+        problems.append(f"one cluster holds {largest:.0%} of the images")
+    return {"sizes": sizes, "empty": empty, "largest_fraction": round(largest, 4),
+            "collapsed": bool(problems), "warning": "; ".join(problems) or None}

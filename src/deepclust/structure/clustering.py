@@ -1,0 +1,101 @@
+"""Clustering as pure functions on feature arrays: k-means (faiss) and normalised spectral
+clustering on the sparse kNN graph (no N x N matrix)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh, lobpcg
+
+from ..errors import ConfigError
+from .knn import knn_graph
+
+
+def _check_k(n: int, k: int) -> None:
+    if k > n:
+        raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={n})")
+    if k < 1:
+        raise ConfigError(f"n_clusters must be >= 1, got {k}")
+
+
+def kmeans(features: np.ndarray, n_clusters: int, *, seed: int = 0, n_iter: int = 20, n_init: int = 1,
+           spherical: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """faiss k-means: (labels int64 (N,), centroids float32 (K, D), objective). The best of
+    ``n_init`` restarts; deterministic for a seed."""
+    import faiss
+
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    n, d = x.shape
+    _check_k(n, n_clusters)
+    if not np.isfinite(x).all():
+        raise ConfigError("features contain NaN or infinite values")
+    km = faiss.Kmeans(d, n_clusters, niter=n_iter, nredo=n_init, seed=seed, spherical=spherical,
+                      max_points_per_centroid=max(256, -(-n // n_clusters)), verbose=False)
+    km.train(x)
+    _, labels = km.index.search(x, 1)
+    return labels.ravel().astype(np.int64), km.centroids.astype(np.float32), float(km.obj[-1])
+
+
+def assign_to_centroids(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest centroid (Euclidean) of each row: out-of-sample assignment."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, labels = index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
+    return labels.ravel().astype(np.int64)
+
+
+def spectral_embedding(graph: sp.spmatrix, n_components: int, *, seed: int = 0) -> np.ndarray:
+    """Top eigenvectors of the normalised affinity D^-1/2 W D^-1/2 (Ng, Jordan & Weiss 2002), as
+    rows of an (N, n_components) array, by a sparse eigensolver.
+
+    A tiny uniform teleport (1e-6 of the mean degree) is added through the degree vector so that a
+    disconnected graph still has a well-defined, finite embedding.
+    """
+    n = graph.shape[0]
+    w = sp.csr_matrix(graph, dtype=np.float64)
+    deg = np.asarray(w.sum(axis=1)).ravel()
+    deg = deg + 1e-6 * max(deg.mean(), 1e-12)
+    dinv = 1.0 / np.sqrt(deg)
+    m = sp.diags(dinv) @ w @ sp.diags(dinv)
+    k = min(n_components, n - 1)
+    rng = np.random.default_rng(seed)
+    if n > 5000:
+        # LOBPCG on -M, warm-started at the degree vector, converges fast for a few clusters; fall back
+        # to ARPACK if it does not.
+        x0 = rng.standard_normal((n, k))
+        x0[:, 0] = np.sqrt(deg)
+        try:
+            vals, vecs = lobpcg(-m, x0, tol=1e-5, maxiter=300, largest=False)
+            if np.isfinite(vecs).all():
+                return vecs[:, np.argsort(vals)].astype(np.float32)
+        except Exception:  # noqa: BLE001 - numerical failure: use ARPACK below
+            pass
+    v0 = rng.standard_normal(n)
+    vals, vecs = eigsh(m, k=k, which="LA", v0=v0, tol=1e-6)
+    return vecs[:, np.argsort(-vals)].astype(np.float32)
+
+
+def spectral(features: np.ndarray, n_clusters: int, *, n_neighbors: int = 10, seed: int = 0,
+             n_components: int | None = None, n_init: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised spectral clustering on the symmetrised cosine kNN graph of ``features``.
+
+    kNN graph -> top ``n_components`` eigenvectors of D^-1/2 W D^-1/2 (default 2K: measured on
+    instance-discrimination features of MNIST-test, 2K eigenvectors gave ACC 0.93-0.95 where K gave
+    0.81, see README) -> rows L2-normalised -> k-means (``n_init`` restarts). Returns (labels,
+    spectral embedding)."""
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[0]
+    _check_k(n, n_clusters)
+    if not np.isfinite(x).all():
+        raise ConfigError("features contain NaN or infinite values")
+    if n_clusters == 1:
+        return np.zeros(n, dtype=np.int64), np.ones((n, 1), np.float32)
+    nn = min(n_neighbors, n - 1)
+    graph = knn_graph(x, nn)
+    comps = min(n_components or 2 * n_clusters, n - 1)
+    emb = spectral_embedding(graph, comps, seed=seed)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    labels, _, _ = kmeans(emb, n_clusters, seed=seed, n_init=n_init)
+    return labels, emb
