@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -150,10 +151,13 @@ def compute_metrics(cfg: Config, images: ImageSet, backbone: np.ndarray, embeddi
         pred = head.predict(feats)
     head_seconds = time.perf_counter() - t0
     collapse = collapse_report(pred, k)
+    sizes = collapse.pop("sizes")
+    if collapse["collapsed"]:
+        print(f"deepclust: warning: the clustering collapsed: {collapse['warning']}", file=sys.stderr)
     m: dict[str, Any] = {
         "n_images": len(images), "n_clusters": k, "cluster_head": cfg.cluster.head,
         "cluster_features": cfg.cluster.features, "head_seconds": round(head_seconds, 3),
-        "cluster_sizes": collapse["sizes"], "collapse": collapse,
+        "cluster_sizes": sizes, "collapse": collapse,
     }
     if images.labels is not None:
         m.update(clustering_scores(images.labels, pred))
