@@ -109,7 +109,7 @@ def load_torchvision(name: str, spec: str, root: str | None, download: bool, res
     if found is None:
         try:
             found = _train_test(name, root_path, download)
-        except RuntimeError as e:
+        except (RuntimeError, FileNotFoundError) as e:
             if download:
                 raise DataError(f"dataset '{name}' could not be downloaded or read under {root_path}: "
                                 f"{str(e).splitlines()[0]}") from None
