@@ -54,6 +54,23 @@ def test_fit_writes_the_run_and_evaluate_recomputes_it(tmp_path, small_npz):
     again = json.loads(ev.stdout)
     for key in ("acc", "nmi", "ari", "knn_top1"):
         assert again[key] == pytest.approx(m[key], abs=1e-6), key
+    # evaluate with another head and feature layer writes metrics_evaluate.json, not metrics.json
+    ev2 = run_cli("evaluate", "--run", str(out), "--cluster-head", "kmeans", "--cluster-features", "embedding")
+    assert ev2.returncode == 0, ev2.stderr
+    assert json.loads(ev2.stdout)["cluster_head"] == "kmeans"
+    assert (out / "metrics_evaluate.json").exists()
+    assert json.loads((out / "metrics.json").read_text()) == m
+    # predict: the run's own images get the run's own clusters back
+    pred = run_cli("predict", "--run", str(out), "--data", f"npz:{small_npz}", "--out", str(tmp_path / "p.npy"))
+    assert pred.returncode == 0, pred.stderr
+    assert (np.load(tmp_path / "p.npy") == labels).mean() > 0.9
+    pred_csv = run_cli("predict", "--run", str(out), "--data", "digits", "--out", str(tmp_path / "p.csv"))
+    assert pred_csv.returncode == 0, pred_csv.stderr
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "name,cluster"
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1798
+    wrong = run_cli("predict", "--run", str(out), "--data", f"npz:{ROOT.parent / 'shared/data/usps.npz'}",
+                    "--out", str(tmp_path / "q.npy"))
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     # the saved configuration is reusable as --config
     out2 = tmp_path / "run2"
     proc2 = run_cli("fit", "--config", str(out / "config.yaml"), "--out", str(out2), "--no-progress")
@@ -81,6 +98,7 @@ def test_existing_run_is_not_clobbered(tmp_path, small_npz):
         (["--n-clusters", "5000"], "larger than the number of images"),
         (["--set", "optim.lrr=3"], "unknown option"),
         (["--config", "/no/such.yaml"], "config file not found"),
+        (["--cluster-features", "conv9"], "unknown layer"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path, args, fragment):

@@ -3,6 +3,7 @@
     deepclust fit --method M --data SPEC [--epochs N] [--n-clusters K] [--backbone B]
                   [--batch-size B] [--config FILE] [--seed S] [--devices D] [--out DIR] ...
     deepclust evaluate --run DIR [--data SPEC] [--cluster-head H] [--cluster-features F]
+    deepclust predict --run DIR --data SPEC --out FILE.csv|FILE.npy
 
 Every option is parsed as text and converted and checked by ``deepclust.config`` (the one place
 options are validated). User mistakes print one line on stderr and exit with status 2.
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n-clusters", help="number of clusters K")
     e.add_argument("--cluster-head", help="auto | kmeans | spectral")
     e.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
+    pr = sub.add_parser("predict", help="assign new images to the clusters of a finished run")
+    pr.add_argument("--run", required=True, help="run directory written by fit")
+    pr.add_argument("--data", required=True, help="the images to assign (same size and channels as the run's)")
+    pr.add_argument("--split", default="all", help="train | test | all")
+    pr.add_argument("--out", required=True, help="output file: .csv (name,cluster) or .npy (int64 clusters)")
     return p
 
 
@@ -149,6 +155,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import DataError
+    from .runs import predict_run, save_array, save_text
+
+    out = Path(args.out)
+    if out.suffix not in (".csv", ".npy"):
+        raise DataError(f"--out must end in .csv or .npy, got {out}")
+    if not out.parent.exists():
+        raise DataError(f"no such directory: {out.parent}")
+    clusters, images = predict_run(args.run, args.data, split=args.split)
+    if out.suffix == ".npy":
+        save_array(out, clusters.astype(np.int64))
+    else:
+        names = images.names or [str(i) for i in range(len(images))]
+        save_text(out, "name,cluster\n" + "".join(f"{n},{c}\n" for n, c in zip(names, clusters.tolist())))
+    sizes = np.bincount(clusters).tolist()
+    print(json.dumps({"n_images": len(clusters), "cluster_sizes": sizes, "out": str(out)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -157,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", module="lightning")
     try:
-        return {"fit": cmd_fit, "evaluate": cmd_evaluate}[args.command](args)
+        return {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command](args)
     except DeepclustError as e:
         print(f"deepclust: error: {e}", file=sys.stderr)
         return 2

@@ -2,10 +2,11 @@
 
 ``kmeans`` (faiss; the papers' protocol) or ``spectral`` (normalised spectral clustering on the
 sparse kNN graph). Features are L2-normalised first (both heads work on cosine geometry: the
-memory-bank methods train cosine similarities). Either head keeps the centroid of each cluster in
-that normalised feature space, and assigns a new image to the nearest centroid; for the spectral
-head that is its out-of-sample rule (the spectral embedding itself has no closed form for new
-points). Nothing here reads labels.
+memory-bank methods train cosine similarities). Out-of-sample rules, saved with the run:
+k-means assigns a new image to the nearest centroid; spectral clusters are not convex, so the
+spectral head keeps (up to 200,000) training features with their clusters and assigns a new image by
+a similarity-weighted vote of its 10 nearest training images (the same kNN graph rule the clustering
+was built on). Nothing here reads labels.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import numpy as np
 
 from .errors import ConfigError
 from .structure.clustering import assign_to_centroids, kmeans, spectral
+from .structure.knn import topk_cosine
 
 HEADS = ("kmeans", "spectral")
+MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
+VOTE_K = 10
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -32,22 +36,37 @@ class ClusterHead:
     n_clusters: int
     centroids: np.ndarray  # (K, D) in the L2-normalised feature space
     labels_: np.ndarray | None = None
+    reference: np.ndarray | None = None  # (M, D) float16 normalised training features (spectral)
+    reference_labels: np.ndarray | None = None
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        return assign_to_centroids(normalise(features), self.centroids)
+        x = normalise(features)
+        if self.reference is None:
+            return assign_to_centroids(x, self.centroids)
+        ref = self.reference.astype(np.float32)
+        k = min(VOTE_K, len(ref))
+        sims, idx = topk_cosine(x, ref, k)
+        votes = np.zeros((len(x), self.n_clusters))
+        np.add.at(votes, (np.repeat(np.arange(len(x)), k), self.reference_labels[idx].ravel()),
+                  np.maximum(sims, 0).ravel() + 1e-6)
+        return votes.argmax(1).astype(np.int64)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
+        empty = np.zeros(0, np.int64)
         np.savez(tmp, kind=np.array(self.kind), n_clusters=np.array(self.n_clusters), centroids=self.centroids,
-                 labels=self.labels_ if self.labels_ is not None else np.zeros(0, np.int64))
+                 labels=self.labels_ if self.labels_ is not None else empty,
+                 reference=self.reference if self.reference is not None else np.zeros((0, 0), np.float16),
+                 reference_labels=self.reference_labels if self.reference_labels is not None else empty)
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterHead":
         with np.load(path, allow_pickle=False) as z:
-            labels = z["labels"]
-            return cls(str(z["kind"]), int(z["n_clusters"]), z["centroids"], labels if labels.size else None)
+            labels, ref = z["labels"], z["reference"]
+            return cls(str(z["kind"]), int(z["n_clusters"]), z["centroids"], labels if labels.size else None,
+                       ref if ref.size else None, z["reference_labels"] if ref.size else None)
 
 
 def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10) -> ClusterHead:
@@ -62,4 +81,8 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
         np.add.at(sums, labels, x)
         counts = np.bincount(labels, minlength=n_clusters)[:, None]
         centroids = (sums / np.maximum(counts, 1)).astype(np.float32)
+        keep = np.arange(len(x))
+        if len(x) > MAX_REFERENCE:
+            keep = np.sort(np.random.default_rng(seed).choice(len(x), MAX_REFERENCE, replace=False))
+        return ClusterHead(kind, n_clusters, centroids, labels, x[keep].astype(np.float16), labels[keep])
     return ClusterHead(kind, n_clusters, centroids, labels)

@@ -67,6 +67,13 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
         cl["head"] = "spectral"
     if cl["features"] == "auto":
         cl["features"] = "backbone"
+    if cl["features"] not in ("backbone", "embedding"):
+        from .nets import EmbeddingNet
+
+        names = EmbeddingNet(raw["net"]["backbone"], images.channels, images.image_size, dim=cfg.net.dim).layer_names()
+        if cl["features"] not in names:
+            raise ConfigError(f"cluster.features: unknown layer '{cl['features']}'; this network has: "
+                              f"{', '.join(names)}")
     if raw["optim"]["batch_size"] > n:
         raw["optim"]["batch_size"] = n - n % (cfg.train.devices * cfg.train.num_nodes)
     if cfg.method == "and" and cfg.options.neighbours >= n:
@@ -124,13 +131,10 @@ def save_text(path: Path, text: str) -> None:
 # Features -> clusters -> metrics
 
 
-def pick_features(cfg: Config, backbone: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-    return embedding if cfg.cluster.features == "embedding" else backbone
-
-
-def compute_metrics(cfg: Config, images: ImageSet, backbone: np.ndarray, embedding: np.ndarray,
+def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embedding: np.ndarray,
                     *, head=None) -> tuple[dict[str, Any], Any]:
-    """Cluster with the configured head (labels never enter it), then score against labels if any.
+    """Cluster ``features`` (the layer ``cluster.features`` names) with the configured head (labels
+    never enter it), then score against labels if any.
 
     Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
     head_seconds; with labels: acc, nmi, nmi_geometric, ari (the chosen head), kmeans_embedding_acc /
@@ -142,7 +146,7 @@ def compute_metrics(cfg: Config, images: ImageSet, backbone: np.ndarray, embeddi
     from .structure import kmeans
 
     k = cfg.cluster.n_clusters
-    feats = pick_features(cfg, backbone, embedding)
+    feats = features
     t0 = time.perf_counter()
     if head is None:
         head = fit_head(feats, cfg.cluster.head, k, seed=cfg.train.seed, n_neighbors=cfg.cluster.n_neighbors)
@@ -177,8 +181,8 @@ def compute_metrics(cfg: Config, images: ImageSet, backbone: np.ndarray, embeddi
         if cfg.eval.linear_probe and split is not None and (split == 0).any() and (split == 1).any():
             from .evaluate import linear_probe
 
-            m["linear_probe_top1"] = linear_probe(backbone[split == 0], images.labels[split == 0],
-                                                  backbone[split == 1], images.labels[split == 1],
+            m["linear_probe_top1"] = linear_probe(features[split == 0], images.labels[split == 0],
+                                                  features[split == 1], images.labels[split == 1],
                                                   seed=cfg.train.seed)
     for key, v in list(m.items()):
         if isinstance(v, (np.floating, np.integer)):
@@ -232,8 +236,9 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     result = trainer.fit(resume=resume)
     if fabric.global_rank != 0:
         return {}
-    backbone, embedding = extract_features(result.net, result.views, images.images, device=fabric.device)
-    metrics, head = compute_metrics(cfg, images, backbone, embedding)
+    features, embedding = extract_features(result.net, result.views, images.images, device=fabric.device,
+                                           layer=cfg.cluster.features)
+    metrics, head = compute_metrics(cfg, images, features, embedding)
     save_model(out, result.net)
     head.save(out / "head.npz")
     save_array(out / "embeddings.npy", embedding.astype(np.float32))
@@ -293,11 +298,11 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     cfg = build_config(read_run_config(run), overrides or {})
     images = load_data(cfg, data)
     net, views = load_network(run, cfg, images)
-    backbone, embedding = extract_features(net, views, images.images)
+    features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)
     if cfg.cluster.n_clusters > len(images):
         raise ConfigError(f"n_clusters (K={cfg.cluster.n_clusters}) is larger than the number of images "
                           f"(N={len(images)})")
-    metrics, head = compute_metrics(cfg, images, backbone, embedding)
+    metrics, head = compute_metrics(cfg, images, features, embedding)
     metrics = {"method": cfg.method, "data": data or cfg.data.spec, **metrics}
     prior = run / "metrics.json"
     if prior.exists():
@@ -305,9 +310,8 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
         for key in ("epochs", "train_seconds", "images_per_second"):
             if key in old:
                 metrics.setdefault(key, old[key])
-    if write:
-        name = "metrics.json" if data is None and not overrides else "metrics_evaluate.json"
-        save_json(run / name, metrics)
+    if write:  # beside, never over, the run's own metrics.json
+        save_json(run / "metrics_evaluate.json", metrics)
     return metrics
 
 
@@ -321,12 +325,33 @@ def compare_heads(run: str | Path, combos=(("kmeans", "embedding"), ("kmeans", "
     cfg = build_config(read_run_config(run))
     images = load_data(cfg)
     net, views = load_network(run, cfg, images)
-    backbone, embedding = extract_features(net, views, images.images)
+    cache: dict[str, np.ndarray] = {}
     rows = []
     for head, features in combos:
+        if features not in cache:
+            cache[features], embedding = extract_features(net, views, images.images, layer=features)
         c = build_config(cfg.to_dict(), {"cluster": {"head": head, "features": features}})
-        m, _ = compute_metrics(c, images, backbone, embedding)
+        m, _ = compute_metrics(c, images, cache[features], embedding)
         rows.append({"head": head, "features": features,
                      **{k: m.get(k) for k in ("acc", "nmi", "ari", "head_seconds")},
                      "collapsed": m["collapse"]["collapsed"]})
     return rows
+
+
+def predict_run(run: str | Path, data: str, *, split: str = "all") -> tuple[np.ndarray, ImageSet]:
+    """Assign new images to a finished run's clusters (its saved head: nearest centroid in the
+    head's feature space). Returns (cluster per image, the images)."""
+    from .heads import ClusterHead
+    from .train import extract_features
+
+    run = Path(run)
+    if not run.is_dir():
+        raise DataError(f"no such run directory: {run}")
+    cfg = build_config(read_run_config(run), {"data": {"split": split}})
+    images = load_data(cfg, data)
+    net, views = load_network(run, cfg, images)
+    head_path = run / "head.npz"
+    if not head_path.exists():
+        raise DataError(f"run {run} has no head.npz (did training finish?)")
+    features, _ = extract_features(net, views, images.images, layer=cfg.cluster.features)
+    return ClusterHead.load(head_path).predict(features), images

@@ -331,8 +331,15 @@ def bank_knn_top1(bank: Tensor, labels: np.ndarray, cfg: Config) -> float:
 
 @torch.no_grad()
 def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | Tensor, *,
-                     batch_size: int = 512, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(backbone features, L2-normalised embeddings) of un-augmented images, float32, dataset order."""
+                     batch_size: int = 512, device: str | torch.device = "cpu",
+                     layer: str = "backbone") -> tuple[np.ndarray, np.ndarray]:
+    """(features of ``layer``, L2-normalised embeddings) of un-augmented images, float32, dataset
+    order. ``layer``: "backbone" (the layer before the head), "embedding", or a stage name of the
+    backbone (``net.layer_names()``, e.g. "conv5" of AlexNet)."""
+    from .errors import ConfigError
+
+    if layer not in net.layer_names():
+        raise ConfigError(f"unknown feature layer '{layer}'; this network has: {', '.join(net.layer_names())}")
     data = images if isinstance(images, Tensor) else images_to_tensor(images)
     was_training = net.training
     net.eval()
@@ -340,6 +347,10 @@ def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | 
     for start in range(0, data.shape[0], batch_size):
         x = views.plain(data[start:start + batch_size].to(device))
         f, e = net.forward_features(x)
+        if layer == "embedding":
+            f = e
+        elif layer != "backbone":
+            f = net.features_at(x, layer)
         feats.append(f.float().cpu())
         embs.append(e.float().cpu())
     net.train(was_training)
