@@ -54,6 +54,20 @@ def main() -> None:
             other.append(r)
     lines = [START, "", "Accuracy (mean ± std over seeds; `python benchmarks/accuracy.py ...`, command in each "
              "JSON file under `benchmarks/results/`):", "", *accuracy_table(accuracy), ""]
+    heads = next((r for r in other if r["benchmark"] == "cluster_heads"), None)
+    if heads:
+        lines += ["Reading clusters off the features (`python benchmarks/cluster_heads.py`; mean over seeds of "
+                  "the same trained networks; seconds per head and as a share of training time):", "",
+                  "| data | method | head | features | ACC | NMI | ARI | head s | share of training |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = sorted(heads["rows"], key=lambda x: (DATA_ORDER.index(x["data"]) if x["data"] in DATA_ORDER else 99,
+                                                    x["method"], x["head"], x["features"]))
+        for x in rows:
+            share = x["head_fraction_of_training"].get("mean")
+            lines.append(f"| {x['data']} | {x['method']} | {x['head']} | {x['features']} | {fmt(x, 'acc')} | "
+                         f"{fmt(x, 'nmi')} | {fmt(x, 'ari')} | {fmt(x, 'head_seconds')} | "
+                         f"{'-' if share is None else f'{share:.1%}'} |")
+        lines.append("")
     for r in other:
         if r["benchmark"].startswith("throughput"):
             lines.append(f"- Throughput ({r['benchmark']}): **{r['images_per_second']} images/s** end to end "
@@ -61,8 +75,8 @@ def main() -> None:
                          f"views `{r['views']}`, full softmax over {r['n_images']} bank rows); raw forward+backward "
                          f"{r['raw_forward_backward_images_per_second']} images/s; {r['machine']['cores']} cores.")
         elif r["benchmark"].startswith("spectral"):
-            lines.append(f"- Spectral head at scale: N = {r.get('n')} in {r.get('seconds')} s "
-                         f"(ACC {r.get('acc')}) — `benchmarks/spectral_scale.py`.")
+            lines.append(f"- Spectral head at scale: N = {r.get('n')} x {r.get('dim')} ({r.get('features')}) in "
+                         f"{r.get('seconds')} s, ACC {r.get('acc')} (`{r['command']}`).")
     lines += ["", END]
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -18,4 +18,6 @@ for pair in "digits digits" "mnist-test mnist" "usps usps" "fashion-mnist fashio
   done
 done
 $PY spectral_scale.py
+$PY spectral_scale.py --features fashion-mnist
+$PY cluster_heads.py
 $PY report.py

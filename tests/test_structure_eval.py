@@ -152,3 +152,10 @@ def test_collapse_report_flags_giant_and_empty_clusters():
     assert giant["collapsed"] and giant["empty"] == 1
     assert "empty" in giant["warning"] and "90%" in giant["warning"]
     assert giant["largest_fraction"] == pytest.approx(0.9)
+
+
+def test_spectral_head_on_a_subsample_assigns_the_rest():
+    x, y = _blobs(1)
+    head = fit_head(x, "spectral", 4, seed=0, max_spectral_fit=80)
+    assert head.labels_.shape == (200,) and len(head.reference) == 80
+    assert cluster_acc(y, head.labels_) > 0.95

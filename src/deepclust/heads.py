@@ -22,6 +22,7 @@ from .structure.knn import topk_cosine
 
 HEADS = ("kmeans", "spectral")
 MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
+MAX_SPECTRAL_FIT = 200_000  # above this, spectral is fitted on a random subsample, the rest voted in
 VOTE_K = 10
 
 
@@ -69,12 +70,25 @@ class ClusterHead:
                        ref if ref.size else None, z["reference_labels"] if ref.size else None)
 
 
-def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10) -> ClusterHead:
+def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
+             max_spectral_fit: int = MAX_SPECTRAL_FIT) -> ClusterHead:
+    """Fit a head on features (never labels). The path to N = 1.28M: k-means is faiss (linear in N);
+    spectral above ``max_spectral_fit`` images is fitted on a random subsample of that size and the
+    other images are assigned by the head's own out-of-sample rule (kNN vote), so the graph and the
+    eigensolver stay bounded."""
     if kind not in HEADS:
         raise ConfigError(f"unknown cluster head '{kind}'; known: {', '.join(HEADS)}")
     x = normalise(features)
     if kind == "kmeans":
         labels, centroids, _ = kmeans(x, n_clusters, seed=seed, n_init=3)
+    elif len(x) > max_spectral_fit:
+        sample = np.sort(np.random.default_rng(seed).choice(len(x), max_spectral_fit, replace=False))
+        head = fit_head(x[sample], kind, n_clusters, seed=seed, n_neighbors=n_neighbors,
+                        max_spectral_fit=max_spectral_fit)
+        labels = head.predict(x)
+        labels[sample] = head.labels_  # the subsample keeps its own spectral clusters
+        head.labels_ = labels
+        return head
     else:
         labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed)
         sums = np.zeros((n_clusters, x.shape[1]), np.float64)
