@@ -29,7 +29,7 @@ def main() -> None:
                 by_head[(h["head"], h["features"])].append({**h, "train_seconds": run["train_seconds"]})
         for (head, features), rows in sorted(by_head.items()):
             table.append({
-                "method": r["method"], "data": r["data"], "source": path.name, "head": head, "features": features,
+                "method": r["method"], "data": r["data"] + (f"-{r['split']}" if r.get("split", "all") != "all" else ""), "source": path.name, "head": head, "features": features,
                 "seeds": len(rows),
                 **{k: mean_std([x[k] for x in rows]) for k in ("acc", "nmi", "ari", "head_seconds")},
                 "head_fraction_of_training": mean_std([x["head_seconds"] / x["train_seconds"] for x in rows]),

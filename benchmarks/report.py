@@ -25,7 +25,9 @@ def accuracy_table(results: list[dict]) -> list[str]:
     rows = ["| data | method | seeds | epochs | head (features) | ACC | NMI | ARI | kNN top-1 | "
             "k-means on embedding ACC / NMI | train s |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    results = sorted(results, key=lambda r: (DATA_ORDER.index(r["data"]) if r["data"] in DATA_ORDER else 99,
+    for r in results:
+        r["data_name"] = r["data"] + (f"-{r['split']}" if r.get("split", "all") != "all" else "")
+    results = sorted(results, key=lambda r: (DATA_ORDER.index(r["data_name"]) if r["data_name"] in DATA_ORDER else 99,
                                              r["method"], r.get("tag", "")))
     for r in results:
         s = r["summary"]
@@ -35,8 +37,8 @@ def accuracy_table(results: list[dict]) -> list[str]:
         km = (f"{fmt(s, 'kmeans_embedding_acc')} / {fmt(s, 'kmeans_embedding_nmi')}"
               if "kmeans_embedding_acc" in s else "-")
         secs = fmt(s, "train_seconds") if "train_seconds" in s else fmt(s, "seconds")
-        name = r["method"] + (f" ({r['tag']})" if r.get("tag") else "")
-        rows.append(f"| {r['data']} | {name} | {len(r['seeds'])} | {epochs} | {head} | {fmt(s, 'acc')} | "
+        name = r["method"] + (f" ({r['tag']})" if r.get("tag") and r["tag"] != r.get("split") else "")
+        rows.append(f"| {r['data_name']} | {name} | {len(r['seeds'])} | {epochs} | {head} | {fmt(s, 'acc')} | "
                     f"{fmt(s, 'nmi')} | {fmt(s, 'ari')} | {fmt(s, 'knn_top1')} | {km} | {secs} |")
     return rows
 
