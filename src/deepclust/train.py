@@ -110,7 +110,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    random.setstate(state["python"])
 
 
 @dataclass
