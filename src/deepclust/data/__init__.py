@@ -1,50 +1,87 @@
-"""Image sources behind one interface: ``load_images(spec) -> ImageSet`` (uint8 images, optional
-labels, train/test split, file names and class names).
+"""Image sources behind one call: ``load_images(spec) -> ImageSet``.
 
-Specs: ``digits`` (scikit-learn's bundled 8x8 digits, the built-in default), ``npz:PATH[,PATH...]``,
-``folder:PATH``, and torchvision sets (``mnist``, ``fashion-mnist``, ``usps``, ``cifar10``, ``cifar100``,
-``cifar100-20``, ``svhn``, ``stl10``) downloaded only when asked. A bare existing path works too
-(a directory is a folder, a ``.npz`` file an npz source).
+An :class:`ImageSet` holds uint8 images, ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB, with optional
+labels (int64, for evaluation only), train/test split (int8, 0 train / 1 test), file names and class
+names. Specs (names are case-insensitive):
+
+- ``digits`` — scikit-learn's bundled 1,797 8x8 digits, the built-in default; no split.
+- ``npz:PATH[,PATH...]`` — arrays ``images`` (+ optional ``labels``, ``split``, ``names``, ``classes``);
+  several files are concatenated.
+- ``folder:PATH`` — every image file under PATH, recursively; first-level sub-folders are classes.
+  A folder mixing grayscale and colour images is loaded all RGB.
+- ``mnist``, ``fashion-mnist``, ``usps``, ``cifar10``, ``cifar100``, ``cifar100-20`` (the 20 coarse
+  super-classes), ``svhn``, ``stl10`` (labelled train + test) — torchvision datasets kept under ``root``
+  (default ``~/.cache/deepclust``), downloaded only with ``download=True``.
+- a bare existing path: a directory is read as ``folder:``, a ``.npz`` file as ``npz:``.
+
+Every user mistake raises :class:`~deepclust.errors.DataError` with one line.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import DataError
-from .imageset import ImageSet, finalise
-from .sources import load_digits, load_folder, load_npz
+from .sources import ImageSet, check_resize, finalise, load_digits, load_folder, load_npz
 from .torchvision_sets import TORCHVISION_SETS, load_torchvision
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "npz:PATH", "folder:PATH", *TORCHVISION_SETS)
+SPLITS: tuple[str, ...] = ("all", "train", "test")
+
+# torchvision set names are matched ignoring case, '-' and '_' (fashion_mnist, CIFAR-10, stl-10 ...)
+_CANONICAL = {name.replace("-", ""): name for name in TORCHVISION_SETS}
+
+
+def _known() -> str:
+    return ", ".join(DATASET_NAMES)
 
 
 def load_images(spec: str, split: str = "all", root: str | None = None, download: bool = False,
                 resize: int | None = None) -> ImageSet:
-    """Load the images named by ``spec``; ``split`` is train, test or all."""
-    if split not in ("train", "test", "all"):
+    """Load the images named by ``spec``.
+
+    ``split``: "all" (default; train followed by test where a source has both), "train" or "test";
+    sources without split information accept only "all". ``root``: download/cache directory of the
+    torchvision sets (default ``~/.cache/deepclust``). ``download``: fetch missing torchvision sets.
+    ``resize``: resize every image to ``resize x resize`` (Pillow, bilinear) — needed for folders of
+    mixed sizes.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"no data given; use one of: {_known()}")
+    split_l = str(split).strip().lower()
+    if split_l not in SPLITS:
         raise DataError(f"split must be train, test or all, got '{split}'")
+    resize = check_resize(resize)
     spec = spec.strip()
-    kind, _, arg = spec.partition(":")
-    kind_l = kind.lower()
-    if kind_l == "npz" and arg:
-        images = load_npz(arg, spec, resize)
-    elif kind_l == "folder" and arg:
-        images = load_folder(arg, spec, resize)
-    elif kind_l == "digits" and not arg:
+    kind, sep, arg = spec.partition(":")
+    kind_l = kind.strip().lower()
+    key = spec.lower().replace("_", "").replace("-", "")
+    if sep and kind_l in ("npz", "folder"):
+        if not arg.strip():
+            raise DataError(f"'{spec}' names no path; use {kind_l}:PATH")
+        images = load_npz(arg, spec, resize) if kind_l == "npz" else load_folder(arg.strip(), spec, resize)
+    elif spec.lower() == "digits":
         images = load_digits(spec, resize)
-    elif kind_l in TORCHVISION_SETS and not arg:
-        images = load_torchvision(kind_l, spec, root, download, resize)
-    elif Path(spec).expanduser().is_dir():
-        images = load_folder(spec, spec, resize)
-    elif spec.lower().endswith(".npz") and Path(spec).expanduser().is_file():
-        images = load_npz(spec, spec, resize)
+    elif key in _CANONICAL:
+        # only the requested part is read; the split array says which part each image came from
+        images = load_torchvision(_CANONICAL[key], spec, root, download, resize, split_l)
     else:
-        raise DataError(f"unknown dataset '{spec}'; known: {', '.join(DATASET_NAMES)}")
-    return select_split(finalise(images), split)
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            images = load_folder(spec, spec, resize)
+        elif path.is_file() and path.suffix.lower() == ".npz":
+            images = load_npz(spec, spec, resize)
+        elif path.suffix.lower() == ".npz" or os.sep in spec or "/" in spec:
+            raise DataError(f"no such file or directory: {path}" if not path.exists()
+                            else f"cannot read '{spec}': expected a directory or an .npz file")
+        else:
+            raise DataError(f"unknown dataset '{spec}'; known: {_known()}")
+    return select_split(finalise(images), split_l)
 
 
 def select_split(images: ImageSet, split: str) -> ImageSet:
+    """The train or test part of ``images`` (all of it for "all"); DataError if it has no split."""
     if split == "all":
         return images
     if images.split is None:
@@ -55,4 +92,4 @@ def select_split(images: ImageSet, split: str) -> ImageSet:
     return part
 
 
-__all__ = ["DATASET_NAMES", "ImageSet", "load_images", "select_split"]
+__all__ = ["DATASET_NAMES", "SPLITS", "TORCHVISION_SETS", "ImageSet", "load_images", "select_split"]

@@ -1,124 +1,340 @@
-"""Local sources: scikit-learn's digits, .npz arrays, and folders of image files."""
+"""The :class:`ImageSet` every source returns, and the local sources: scikit-learn's digits, ``.npz``
+arrays and folders of image files.
+
+Conventions shared by every source (the torchvision-backed ones in :mod:`.torchvision_sets` too):
+images are ``uint8``, shaped ``(N, H, W)`` for grayscale or ``(N, H, W, 3)`` for RGB, C-contiguous;
+``labels`` int64 ``(N,)``; ``split`` int8 ``(N,)`` with 0 = train and 1 = test. Every user mistake
+raises :class:`~deepclust.errors.DataError` with a one-line message.
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import DataError
-from .imageset import ImageSet, normalise_layout, resize_all, to_uint8
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+MAX_LISTED = 20  # unreadable files named in the folder warning before "and N more"
 
 
-def load_digits(spec: str, resize: int | None) -> ImageSet:
-    """scikit-learn's bundled 1,797 8x8 digits (values 0..16 scaled to 0..255). No split."""
-    from sklearn.datasets import load_digits as sk_digits
+@dataclass
+class ImageSet:
+    """Images with whatever the source knows about them; all per-image fields are aligned."""
 
-    d = sk_digits()
+    images: np.ndarray  # uint8, (N, H, W) grayscale or (N, H, W, 3) RGB, C-contiguous
+    labels: np.ndarray | None = None  # int64 (N,): true classes, for evaluation only
+    split: np.ndarray | None = None  # int8 (N,): 0 train, 1 test
+    names: list[str] | None = None  # file names / ids where they exist (folder: path relative to root)
+    classes: list[str] | None = None  # class names where known, indexed by label
+    spec: str = ""  # the spec string it was loaded from
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def channels(self) -> int:
+        """1 for grayscale, 3 for RGB."""
+        return 1 if self.images.ndim == 3 else int(self.images.shape[3])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    def subset(self, mask_or_index: np.ndarray | list | slice | int) -> "ImageSet":
+        """The images picked by a boolean mask, integer indices or a slice; every field stays aligned
+        (``classes`` and ``spec`` are shared)."""
+        if isinstance(mask_or_index, slice):
+            index = np.arange(len(self))[mask_or_index]
+        else:
+            index = np.atleast_1d(np.asarray(mask_or_index))
+            if index.dtype == bool:
+                if index.shape != (len(self),):
+                    raise IndexError(f"boolean mask of length {index.shape[0]} for {len(self)} images")
+                index = np.flatnonzero(index)
+            elif index.size == 0:
+                index = index.astype(np.int64)
+        return ImageSet(
+            images=np.ascontiguousarray(self.images[index]),
+            labels=None if self.labels is None else self.labels[index],
+            split=None if self.split is None else self.split[index],
+            names=None if self.names is None else [self.names[i] for i in index.tolist()],
+            classes=self.classes,
+            spec=self.spec,
+        )
+
+
+# -- helpers shared by the sources ---------------------------------------------------------------
+
+def to_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 as is; bool as 0/255; other integers in [0, 255] cast; floats in [0, 1] scaled to 0..255
+    (floats in [0, 255] rounded). NaN and other ranges are refused."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype == bool:
+        return images.astype(np.uint8) * 255
+    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{where}: images must be numbers, got dtype {images.dtype}")
+    if images.size == 0:
+        return images.astype(np.uint8)
+    x = images.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: images contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255:
+        raise DataError(f"{where}: image values must lie in [0, 1] or [0, 255], found [{lo:g}, {hi:g}]")
+    if np.issubdtype(images.dtype, np.floating) and hi <= 1.0:
+        x = x * 255.0
+    return np.round(x).astype(np.uint8)
+
+
+def normalise_layout(images: np.ndarray, where: str) -> np.ndarray:
+    """(N,H,W) stays; (N,H,W,1) is squeezed; (N,H,W,4) loses its alpha; anything else is refused."""
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    elif images.ndim == 4 and images.shape[3] == 4:
+        images = images[..., :3]
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+        raise DataError(f"{where}: expected images shaped (N,H,W) or (N,H,W,3), got {tuple(images.shape)}")
+    return images
+
+
+def check_resize(resize: int | None) -> int | None:
+    """``resize`` must be None or a positive integer side."""
+    if resize is None:
+        return None
+    if isinstance(resize, bool) or not isinstance(resize, (int, np.integer)) or resize < 1:
+        raise DataError(f"resize must be a positive integer side, got {resize!r}")
+    return int(resize)
+
+
+def resize_all(images: np.ndarray | list[np.ndarray], side: int) -> np.ndarray:
+    """Bilinear resize of every image to side x side (Pillow); returns the stacked uint8 array."""
+    out = [np.asarray(Image.fromarray(im).resize((side, side), Image.BILINEAR)) for im in images]
+    return np.stack(out)
+
+
+def finalise(images: ImageSet) -> ImageSet:
+    """Checks every source's result must pass: non-empty, uint8, C-contiguous, aligned fields."""
+    n = len(images)
+    if n == 0:
+        raise DataError(f"no images found in '{images.spec}'")
+    images.images = np.ascontiguousarray(images.images, dtype=np.uint8)
+    if images.labels is not None:
+        images.labels = np.asarray(images.labels).astype(np.int64).reshape(-1)
+        if len(images.labels) != n:
+            raise DataError(f"data '{images.spec}': {len(images.labels)} labels for {n} images")
+    if images.split is not None:
+        images.split = np.asarray(images.split).astype(np.int8).reshape(-1)
+        if len(images.split) != n:
+            raise DataError(f"data '{images.spec}': {len(images.split)} split entries for {n} images")
+        if not np.isin(images.split, (0, 1)).all():
+            raise DataError(f"data '{images.spec}': split values must be 0 (train) or 1 (test)")
+    if images.names is not None and len(images.names) != n:
+        raise DataError(f"data '{images.spec}': {len(images.names)} names for {n} images")
+    return images
+
+
+# -- scikit-learn digits --------------------------------------------------------------------------
+
+def load_digits(spec: str, resize: int | None = None) -> ImageSet:
+    """scikit-learn's bundled 1,797 8x8 digits; grey levels 0..16 become 0..255. No split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    d = sklearn_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
     if resize:
         images = resize_all(images, resize)
     return ImageSet(images, d.target.astype(np.int64), None, None, [str(i) for i in range(10)], spec)
 
 
-def load_npz(paths: str, spec: str, resize: int | None) -> ImageSet:
-    """Arrays ``images`` (uint8 N,H,W[,3]; floats in [0,1] are scaled), optional ``labels``, ``split``
-    (0 train, 1 test), ``names``. Several comma-separated files are concatenated."""
-    parts = []
-    for raw in [p for p in paths.split(",") if p.strip()]:
-        path = Path(raw.strip()).expanduser()
-        if not path.is_file():
-            raise DataError(f"no such file: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "images" not in z.files:
-                    raise DataError(f"npz file {path} has no 'images' array (found: {', '.join(z.files)})")
-                images = normalise_layout(to_uint8(z["images"], str(path)), str(path))
-                labels = z["labels"] if "labels" in z.files else None
-                split = z["split"] if "split" in z.files else None
-                names = [str(s) for s in z["names"]] if "names" in z.files else None
-        except DataError:
-            raise
-        except Exception as e:  # zipfile / pickle / format errors
-            raise DataError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-        if resize:
-            images = resize_all(images, resize)
-        parts.append((path, images, labels, split, names))
-    if not parts:
-        raise DataError(f"no npz files named in '{spec}'")
-    shapes = {p[1].shape[1:] for p in parts}
-    if len(shapes) > 1:
-        raise DataError(f"npz files disagree on image shape ({', '.join(str(s) for s in sorted(shapes))}); "
-                        "pass resize=SIDE")
-    def cat(i):
-        vals = [p[i] for p in parts]
-        if any(v is None for v in vals):
+# -- .npz files -----------------------------------------------------------------------------------
+
+def _read_npz(path: Path, resize: int | None) -> dict:
+    """One npz file's arrays, checked and converted (images uint8 in ImageSet layout)."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not an npz file; use folder:{path} for a folder of images")
+    if not path.is_file():
+        raise DataError(f"no such file or directory: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # not a zip / not an npz: numpy raises several kinds
+        raise DataError(f"cannot read npz file {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if not hasattr(z, "files"):  # np.load of a plain .npy returns an array
+        raise DataError(f"{path} is not an npz archive (np.savez) but a single array")
+    with z:
+        if "images" not in z.files:
+            raise DataError(f"npz file {path} has no 'images' array (found: {', '.join(z.files) or 'nothing'})")
+        out = {}
+        for key in ("images", "labels", "split", "names", "classes"):
+            if key not in z.files:
+                out[key] = None
+                continue
+            try:
+                out[key] = z[key]
+            except ValueError:  # object arrays need pickle, which is never enabled for data files
+                raise DataError(f"npz file {path}: array '{key}' is an object array; save it as numbers or "
+                                "as a str array (np.array(..., dtype=str))") from None
+            except Exception as e:  # a damaged member
+                raise DataError(f"cannot read '{key}' from npz file {path}: {type(e).__name__}: {e}"
+                                .splitlines()[0]) from None
+    images = normalise_layout(to_uint8(out["images"], f"npz file {path}"), f"npz file {path}")
+    n = images.shape[0]
+    for key in ("labels", "split", "names"):
+        if out[key] is not None and out[key].reshape(-1).shape[0] != n:
+            raise DataError(f"npz file {path}: '{key}' has {out[key].reshape(-1).shape[0]} entries for {n} images")
+    if out["labels"] is not None and not np.issubdtype(out["labels"].dtype, np.integer):
+        labels = out["labels"].reshape(-1)
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+            raise DataError(f"npz file {path}: 'labels' must be integers, got dtype {labels.dtype}")
+    if out["split"] is not None and not np.isin(out["split"], (0, 1)).all():
+        raise DataError(f"npz file {path}: 'split' values must be 0 (train) or 1 (test)")
+    out["images"] = resize_all(images, resize) if resize else images
+    out["names"] = None if out["names"] is None else [str(s) for s in out["names"].reshape(-1)]
+    out["classes"] = None if out["classes"] is None else [str(s) for s in out["classes"].reshape(-1)]
+    return out
+
+
+def load_npz(paths: str, spec: str, resize: int | None = None) -> ImageSet:
+    """Arrays ``images`` (uint8 N,H,W or N,H,W,3; N,H,W,1 squeezed; floats in [0, 1] scaled to 0..255),
+    optional ``labels``, ``split`` (0 train, 1 test), ``names`` and ``classes``. Several comma-separated
+    files are concatenated in order; they must agree on image size and channels. A field that only
+    some of the files have is dropped (with a warning)."""
+    files = [Path(p.strip()).expanduser() for p in paths.split(",") if p.strip()]
+    if not files:
+        raise DataError(f"no npz file named in '{spec}'; use npz:PATH[,PATH...]")
+    parts = [_read_npz(f, resize) for f in files]
+    layouts = {p["images"].shape[1:] for p in parts}
+    if len(layouts) > 1:
+        def show(shape: tuple) -> str:
+            return f"{shape[0]}x{shape[1]}" + ("x3" if len(shape) == 3 else "")
+        listed = ", ".join(sorted(show(s) for s in layouts))
+        channels = {len(s) for s in layouts}
+        hint = ("; they mix grayscale and RGB images" if len(channels) > 1
+                else "; pass resize=SIDE (--resize SIDE) to resize them all")
+        raise DataError(f"npz files in '{spec}' disagree on image shape ({listed}){hint}")
+
+    def joined(key: str):
+        have = [p[key] is not None for p in parts]
+        if not any(have):
             return None
-        return np.concatenate([np.asarray(v) for v in vals])
-    names = None
-    if all(p[4] is not None for p in parts):
-        names = [n for p in parts for n in p[4]]
-    return ImageSet(np.concatenate([p[1] for p in parts]), cat(2), cat(3), names, None, spec)
+        if not all(have):
+            missing = [str(f) for f, h in zip(files, have) if not h]
+            warnings.warn(f"'{key}' dropped: not in {', '.join(missing)}", UserWarning, stacklevel=4)
+            return None
+        if key == "names":
+            return [name for p in parts for name in p[key]]
+        return np.concatenate([p[key].reshape(-1) for p in parts])
+
+    classes = [tuple(p["classes"]) for p in parts if p["classes"] is not None]
+    return ImageSet(
+        images=np.concatenate([p["images"] for p in parts]),
+        labels=joined("labels"),
+        split=joined("split"),
+        names=joined("names"),
+        classes=list(classes[0]) if classes and len(set(classes)) == 1 else None,
+        spec=spec,
+    )
 
 
-def _read_image(path: Path) -> np.ndarray:
+# -- folders of image files -----------------------------------------------------------------------
+
+def _to_uint8_gray(arr: np.ndarray) -> np.ndarray:
+    """16-bit / 32-bit / float grayscale to 0..255: [0, 1] floats are scaled by 255, values up to 255
+    kept, up to 65535 divided by 257; anything else min-max scaled per image."""
+    x = arr.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0 and hi <= 1.0 and np.issubdtype(arr.dtype, np.floating):
+        x = x * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        x = x / 257.0
+    else:
+        x = (x - lo) * (255.0 / max(hi - lo, 1e-12))
+    return np.round(np.clip(x, 0, 255)).astype(np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file as uint8 (H, W) for grayscale modes ('1', 'L', 'LA', 'I;16', 'I', 'F', 'P' with
+    a grey palette) or (H, W, 3) for colour ones (RGB, RGBA, CMYK, YCbCr, 'P' with colours...).
+    Alpha is dropped. Multi-frame files give their first frame. Raises on unreadable files."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            return np.round(arr * 255.0 / max(arr.max(), 1.0)).astype(np.uint8)
-        if im.mode in ("L", "1", "LA") or (im.mode == "P" and _palette_is_gray(im)):
+        mode = im.mode
+        if mode.startswith("I") or mode == "F":
+            return _to_uint8_gray(np.asarray(im))
+        if mode in ("1", "L", "LA", "La"):
             return np.asarray(im.convert("L"))
-        return np.asarray(im.convert("RGB"))
+        rgb = np.asarray(im.convert("RGB"))
+        if mode in ("P", "PA") and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            return np.ascontiguousarray(rgb[..., 0])  # a palette image using only greys
+        return rgb
 
 
-def _palette_is_gray(im: Image.Image) -> bool:
-    pal = im.getpalette()
-    if not pal:
-        return True
-    rgb = np.asarray(pal[: 3 * 256]).reshape(-1, 3)
-    return bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
+def _image_files(base: Path) -> list[str]:
+    """Relative POSIX paths of the image files under ``base`` (recursive; hidden files and folders,
+    such as .ipynb_checkpoints, are skipped), sorted by path components for a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(base)
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append((rel / name).as_posix())
+    return sorted(found, key=lambda p: tuple(p.split("/")))
 
 
-def load_folder(root: str, spec: str, resize: int | None) -> ImageSet:
-    """Every image file under ``root`` (recursive, sorted). First-level sub-folders are classes when
-    images live in them. Unreadable files are skipped and listed in one warning. Grayscale and
-    colour mixed: all become RGB."""
+def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
+    """Every image file under ``root`` (extensions png jpg jpeg bmp gif tif tiff webp, any case),
+    sorted by relative path. When every image sits in a sub-folder, the first-level sub-folder name is
+    its class (labels index the sorted class names); images at the top level mean no labels.
+    Unreadable or truncated files are skipped and named in one UserWarning. If any image is colour,
+    all become RGB (grayscale ones repeated over 3 channels). Mixed sizes need ``resize``."""
     base = Path(root).expanduser()
     if not base.exists():
-        raise DataError(f"no such directory: {base}")
+        raise DataError(f"no such file or directory: {base}")
     if not base.is_dir():
         raise DataError(f"not a directory: {base}")
-    files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    images, rel_names, bad = [], [], []
-    for p in files:
+    images: list[np.ndarray] = []
+    names: list[str] = []
+    bad: list[str] = []
+    for rel in _image_files(base):
         try:
-            images.append(_read_image(p))
-            rel_names.append(p.relative_to(base).as_posix())
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-            bad.append(p.relative_to(base).as_posix())
+            images.append(read_image(base / rel))
+            names.append(rel)
+        except Exception:  # truncated, corrupt, unsupported: skipped and reported below, never a crash
+            bad.append(rel)
     if bad:
-        shown = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+        shown = ", ".join(bad[:MAX_LISTED]) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {base}: {shown}", UserWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     if not images:
         raise DataError(f"no images found under {base}")
     if any(im.ndim == 3 for im in images):
         images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
     if resize:
-        images = [np.asarray(Image.fromarray(im).resize((resize, resize), Image.BILINEAR)) for im in images]
-    sizes = sorted({im.shape[:2] for im in images})
-    if len(sizes) > 1:
-        listed = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
-        raise DataError(f"images under {base} have mixed sizes ({listed}); pass --resize SIDE to resize them all")
+        stacked = resize_all(images, resize)
+    else:
+        sizes = sorted({im.shape[:2] for im in images})
+        if len(sizes) > 1:
+            listed = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
+            raise DataError(f"images under {base} have mixed sizes ({listed}); pass resize=SIDE (--resize SIDE) "
+                            "to resize them all")
+        stacked = np.stack(images)
     labels = classes = None
-    tops = [n.split("/")[0] if "/" in n else None for n in rel_names]
-    if all(t is not None for t in tops):
+    tops = [n.split("/", 1)[0] for n in names if "/" in n]
+    if len(tops) == len(names):
         classes = sorted(set(tops))
         lookup = {c: i for i, c in enumerate(classes)}
         labels = np.array([lookup[t] for t in tops], dtype=np.int64)
-    return ImageSet(np.stack(images), labels, None, rel_names, classes, spec)
+    elif tops:
+        warnings.warn(f"{len(names) - len(tops)} image(s) sit directly under {base}, outside class sub-folders; "
+                      "sub-folder names are not used as labels", UserWarning, stacklevel=3)
+    return ImageSet(stacked, labels, None, names, classes, spec)

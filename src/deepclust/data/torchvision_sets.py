@@ -1,8 +1,14 @@
-"""torchvision-backed datasets, read straight from the dataset objects' arrays (no per-image PIL).
+"""torchvision-backed datasets: mnist, fashion-mnist, usps, cifar10, cifar100, cifar100-20, svhn, stl10.
 
-Files are fetched only with ``download=True``; without them a one-line DataError says so.
-Fashion-MNIST is also read from Debian's ``dataset-fashion-mnist`` package (idx files under
-``/usr/share/datasets/fashion-mnist``, overridable with ``DEEPCLUST_FASHION_MNIST_DIR``) when present.
+torchvision's dataset classes find, check and (only with ``download=True``) fetch the files under
+``root``; their ``.data`` / ``.targets`` / ``.labels`` arrays are read directly (no per-image PIL
+transform) and put into the :class:`~deepclust.data.sources.ImageSet` layout. ``split="all"`` is train
+followed by test, with the split array set. Missing or corrupt files without ``download`` give a
+one-line DataError that suggests ``--download``.
+
+Fashion-MNIST is first looked for in the idx files of Debian's ``dataset-fashion-mnist`` package
+(``/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``); the directory
+is :data:`DEBIAN_FASHION_MNIST_DIR`, overridden by the environment variable ``DEEPCLUST_FASHION_MNIST_DIR``.
 """
 
 from __future__ import annotations
@@ -15,113 +21,144 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .imageset import ImageSet, resize_all
+from .sources import ImageSet, resize_all
 
-TORCHVISION_SETS = ("mnist", "fashion-mnist", "usps", "cifar10", "cifar100", "cifar100-20", "svhn", "stl10")
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-FASHION_ENV = "DEEPCLUST_FASHION_MNIST_DIR"
+TORCHVISION_SETS: tuple[str, ...] = ("mnist", "fashion-mnist", "usps", "cifar10", "cifar100", "cifar100-20",
+                                     "svhn", "stl10")
 DEFAULT_ROOT = "~/.cache/deepclust"
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_ENV = "DEEPCLUST_FASHION_MNIST_DIR"
+
+DIGIT_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+PARTS = {"train": ("train",), "test": ("test",), "all": ("train", "test")}
+
+# idx type codes -> numpy dtypes; multi-byte values are big-endian
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """An idx file (MNIST format), plain or gzipped: magic (0, 0, dtype code, ndim), big-endian dims."""
+    """An idx file (the MNIST format), plain or gzipped (``.gz``): bytes 0-1 are zero, byte 2 the type
+    code, byte 3 the number of dimensions, then one big-endian int32 per dimension, then the data."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # missing, unreadable, bad gzip
+        raise DataError(f"cannot read idx file {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an idx file")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if raw[2] not in dtypes:
-        raise DataError(f"{path}: unknown idx data type 0x{raw[2]:02x}")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
-    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
+    ndim, dtype = raw[3], _IDX_DTYPES[raw[2]]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
         raise DataError(f"{path}: truncated idx file")
-    return data.reshape(tuple(int(d) for d in dims))
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(dims)) * dtype.itemsize:
+        raise DataError(f"{path}: idx file size does not match its dimensions {dims}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _find_idx(directory: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        if (directory / name).is_file():
-            return directory / name
-    return None
+def _idx_pair(directory: Path, prefix: str) -> tuple[Path, Path] | None:
+    """``{prefix}-images-idx3-ubyte`` and ``{prefix}-labels-idx1-ubyte``, each plain or ``.gz``."""
+    found = []
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        path = next((directory / n for n in (stem, stem + ".gz") if (directory / n).is_file()), None)
+        if path is None:
+            return None
+        found.append(path)
+    return found[0], found[1]
 
 
-def load_idx_pair(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
-    images = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
-    labels = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
-    if images is None or labels is None:
+def fashion_mnist_dir() -> Path:
+    """Where Debian's dataset-fashion-mnist idx files are looked for."""
+    return Path(os.environ.get(FASHION_ENV) or DEBIAN_FASHION_MNIST_DIR).expanduser()
+
+
+def _debian_fashion_mnist(parts: tuple[str, ...]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """(images, labels) per part from the Debian idx files, or None when they are not all there."""
+    directory = fashion_mnist_dir()
+    pairs = [_idx_pair(directory, "train" if p == "train" else "t10k") for p in parts]
+    if not directory.is_dir() or any(p is None for p in pairs):
         return None
-    return read_idx(images).astype(np.uint8), read_idx(labels).astype(np.int64)
+    out = []
+    for images_path, labels_path in pairs:
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.shape != (images.shape[0],):
+            raise DataError(f"idx files {images_path} and {labels_path} do not hold N images and N labels")
+        out.append((images.astype(np.uint8), labels.astype(np.int64)))
+    return out
 
 
-def _debian_fashion_mnist() -> tuple[np.ndarray, ...] | None:
-    directory = Path(os.environ.get(FASHION_ENV, DEBIAN_FASHION_MNIST))
-    if not directory.is_dir():
-        return None
-    train = load_idx_pair(directory, "train")
-    test = load_idx_pair(directory, "t10k")
-    if train is None or test is None:
-        return None
-    return train[0], train[1], test[0], test[1]
-
-
-def _train_test(name: str, root: str, download: bool):
-    """(train images, train labels, test images, test labels) in ImageSet layout."""
+def _read_parts(name: str, root: str, download: bool, parts: tuple[str, ...]):
+    """[(images, labels) per part], class names — straight from torchvision's dataset objects."""
     import torchvision.datasets as tvd
 
+    train = {"train": True, "test": False}
     if name in ("mnist", "fashion-mnist"):
         cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-        parts = [cls(root, train=t, download=download) for t in (True, False)]
-        return [x for p in parts for x in (p.data.numpy(), p.targets.numpy())]
-    if name == "usps":
-        parts = [tvd.USPS(root, train=t, download=download) for t in (True, False)]
-        return [x for p in parts for x in (np.asarray(p.data, np.uint8), np.asarray(p.targets))]
-    if name == "cifar10":
-        parts = [tvd.CIFAR10(root, train=t, download=download) for t in (True, False)]
-        return [x for p in parts for x in (p.data, np.asarray(p.targets))]
-    if name in ("cifar100", "cifar100-20"):
-        parts = [tvd.CIFAR100(root, train=t, download=download) for t in (True, False)]
-        if name == "cifar100":
-            return [x for p in parts for x in (p.data, np.asarray(p.targets))]
-        # torchvision exposes only the 100 fine labels: read the 20 coarse super-classes (DCCM) from
-        # the same pickled batches it read.
+        sets = [cls(root, train=train[p], download=download) for p in parts]
+        return ([(s.data.numpy(), s.targets.numpy()) for s in sets],
+                DIGIT_CLASSES if name == "mnist" else list(cls.classes))
+    if name == "usps":  # data already (N, 16, 16) uint8: torchvision maps the file's [-1, 1] to 0..255
+        sets = [tvd.USPS(root, train=train[p], download=download) for p in parts]
+        return [(np.asarray(s.data, np.uint8), np.asarray(s.targets)) for s in sets], DIGIT_CLASSES
+    if name == "cifar10":  # data already (N, 32, 32, 3)
+        sets = [tvd.CIFAR10(root, train=train[p], download=download) for p in parts]
+        return [(s.data, np.asarray(s.targets)) for s in sets], list(sets[0].classes)
+    if name == "cifar100":  # targets are the 100 fine labels
+        sets = [tvd.CIFAR100(root, train=train[p], download=download) for p in parts]
+        return [(s.data, np.asarray(s.targets)) for s in sets], list(sets[0].classes)
+    if name == "cifar100-20":
+        # torchvision exposes only the fine labels: the 20 coarse super-classes (as used by DCCM) are read
+        # from the same pickled files ('train' / 'test' in cifar-100-python), in the same order.
+        sets = [tvd.CIFAR100(root, train=train[p], download=download) for p in parts]
+        folder = Path(root) / tvd.CIFAR100.base_folder
         out = []
-        for p, part in zip(parts, ("train", "test")):
-            with open(Path(root) / p.base_folder / part, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            out += [p.data, np.asarray(entry["coarse_labels"])]
-        return out
-    if name == "svhn":
-        parts = [tvd.SVHN(root, split=s, download=download) for s in ("train", "test")]
-        return [x for p in parts for x in (p.data.transpose(0, 2, 3, 1), np.asarray(p.labels))]
-    if name == "stl10":
-        parts = [tvd.STL10(root, split=s, download=download) for s in ("train", "test")]
-        return [x for p in parts for x in (p.data.transpose(0, 2, 3, 1), np.asarray(p.labels))]
-    raise DataError(f"unknown dataset '{name}'")
+        for s, p in zip(sets, parts):
+            with open(folder / p, "rb") as f:
+                coarse = np.asarray(pickle.load(f, encoding="latin1")["coarse_labels"])
+            out.append((s.data, coarse))
+        with open(folder / tvd.CIFAR100.meta["filename"], "rb") as f:
+            names = pickle.load(f, encoding="latin1").get("coarse_label_names")
+        return out, (list(names) if names else None)
+    if name == "svhn":  # data (N, 3, H, W) -> (N, H, W, 3); torchvision already maps label 10 to digit 0
+        sets = [tvd.SVHN(root, split=p, download=download) for p in parts]
+        return [(s.data.transpose(0, 2, 3, 1), np.asarray(s.labels)) for s in sets], DIGIT_CLASSES
+    if name == "stl10":  # labelled train + test only; (N, 3, H, W) -> (N, H, W, 3); labels already 0-based
+        sets = [tvd.STL10(root, split=p, download=download) for p in parts]
+        return ([(s.data.transpose(0, 2, 3, 1), np.asarray(s.labels)) for s in sets],
+                list(getattr(sets[0], "classes", None) or []) or None)
+    raise DataError(f"unknown dataset '{name}'")  # unreachable from load_images
 
 
-def load_torchvision(name: str, spec: str, root: str | None, download: bool, resize: int | None) -> ImageSet:
+def load_torchvision(name: str, spec: str, root: str | None = None, download: bool = False,
+                     resize: int | None = None, split: str = "all") -> ImageSet:
+    """One of :data:`TORCHVISION_SETS`; only the parts ``split`` asks for are read."""
     root_path = str(Path(root or DEFAULT_ROOT).expanduser())
-    found = _debian_fashion_mnist() if name == "fashion-mnist" else None
+    parts = PARTS[split]
+    found = _debian_fashion_mnist(parts) if name == "fashion-mnist" else None
+    classes: list[str] | None = FASHION_CLASSES
     if found is None:
         try:
-            found = _train_test(name, root_path, download)
+            found, classes = _read_parts(name, root_path, download, parts)
+        except DataError:
+            raise
         except (RuntimeError, FileNotFoundError) as e:
+            # torchvision: "Dataset not found or corrupted. You can use download=True ..."; USPS opens the
+            # file directly; download failures are RuntimeError (MNIST mirrors) or URLError (an OSError).
             if download:
-                raise DataError(f"dataset '{name}' could not be downloaded or read under {root_path}: "
-                                f"{str(e).splitlines()[0]}") from None
+                raise DataError(f"dataset '{name}' could not be downloaded into {root_path}: "
+                                f"{type(e).__name__}: {e}".splitlines()[0]) from None
             raise DataError(f"dataset '{name}' not found under {root_path}; pass --download to fetch it "
                             "(needs internet)") from None
-        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
-            raise DataError(f"dataset '{name}' under {root_path} is unreadable: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    xtr, ytr, xte, yte = found
-    images = np.ascontiguousarray(np.concatenate([xtr, xte]).astype(np.uint8))
+        except (OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as e:
+            what = "could not be downloaded into" if download else "is unreadable under"
+            raise DataError(f"dataset '{name}' {what} {root_path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    images = np.concatenate([np.asarray(x) for x, _ in found]).astype(np.uint8, copy=False)
     if resize:
         images = resize_all(images, resize)
-    labels = np.concatenate([ytr, yte]).astype(np.int64)
-    split = np.concatenate([np.zeros(len(xtr), np.int8), np.ones(len(xte), np.int8)])
-    return ImageSet(images, labels, split, None, None, spec)
+    labels = np.concatenate([np.asarray(y).reshape(-1) for _, y in found]).astype(np.int64)
+    split_ids = np.concatenate([np.full(len(x), 0 if p == "train" else 1, np.int8) for (x, _), p in zip(found, parts)])
+    return ImageSet(np.ascontiguousarray(images), labels, split_ids, None, classes, spec)
