@@ -1,13 +1,20 @@
-"""Accuracy benchmark: fit + evaluate a method over several seeds, record mean and std.
+"""Accuracy benchmark: fit + evaluate a method over several seeds, record every seed and the summary
+(mean, std, median, min, max).
 
-    python benchmarks/accuracy.py --method instance --data digits [--seeds 0 1 2] [--quick]
+    python benchmarks/accuracy.py --method and --data usps --config and-usps --chosen-on digits,usps
     python benchmarks/accuracy.py --method kmeans-pixels --data mnist-test     # baselines on raw pixels
     python benchmarks/accuracy.py --method spectral-pixels --data usps
 
+--chosen-on names the data the settings (preset, options, views, head) were chosen on, e.g.
+"digits,usps" (development data), and is required for a trained method; the pixel baselines tune
+nothing and record "n/a (no tuned settings)" unless it is given.
+
 --data takes any deepclust data spec, or a short name: mnist-test, usps, cifar10-test (the files in
 ../shared/data) and fashion-mnist. Extra options go to the run's configuration: --config FILE,
---epochs N, --set KEY=VALUE. The result is saved as benchmarks/results/accuracy-METHOD-DATA[-TAG].json
-and printed as the last line.
+--epochs N, --set KEY=VALUE. The result is saved as RESULTS/accuracy-METHOD-DATA[-TAG].json and printed
+as the last line; RESULTS is benchmarks/results/ or $DEEPCLUST_RESULTS_DIR. Each run records its full
+resolved configuration and, when the data has labels, the scores of every cluster head. The script
+refuses to start (exit 2) while a deepclust fit or another benchmark runs on the machine.
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ import argparse
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from common import data_spec, mean_std, save_result
+from common import NOT_TUNED, data_spec, exclusive, fail, mean_std, save_result
 
 SCORES = ("acc", "nmi", "ari", "knn_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
+RUN_KEYS = (*SCORES, "epochs", "n_images", "n_clusters", "cluster_head", "cluster_features", "cluster_sizes")
+PIXEL_BASELINES = ("kmeans-pixels", "spectral-pixels")
 
 
 def pixel_baseline(kind: str, spec: str, seeds: list[int], split: str) -> dict:
@@ -32,6 +42,8 @@ def pixel_baseline(kind: str, spec: str, seeds: list[int], split: str) -> dict:
     from deepclust.structure import kmeans, spectral
 
     images = load_images(spec, split=split)
+    if images.labels is None:
+        fail(f"data '{spec}' has no labels to score against")
     x = images.images.reshape(len(images), -1).astype(np.float32) / 255.0
     k = len(np.unique(images.labels))
     runs = []
@@ -41,70 +53,114 @@ def pixel_baseline(kind: str, spec: str, seeds: list[int], split: str) -> dict:
             pred, _, _ = kmeans(x, k, seed=seed, n_init=10 if len(x) < 20000 else 3)
         else:
             pred, _ = spectral(x, k, seed=seed)
-        runs.append({**clustering_scores(images.labels, pred), "seconds": time.perf_counter() - t0})
+        runs.append({"seed": seed, **clustering_scores(images.labels, pred),
+                     "seconds": time.perf_counter() - t0})
     return {"runs": runs, "n_images": len(images), "n_clusters": k}
 
 
-def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
+def seed_config(method: str, spec: str, seed: int, args, out: str):
+    """The configuration of one seed's run: preset/--config, then the benchmark's own layer."""
     from deepclust.config import build_config, read_yaml, set_dotted
-    from deepclust.runs import compare_heads, fit_run
+
+    layer: dict = {"method": method, "data": {"spec": spec, "split": args.split},
+                   "train": {"seed": seed, "progress": False}, "out": out}
+    if args.epochs is not None:
+        layer["train"]["epochs"] = args.epochs
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set takes KEY=VALUE, got '{item}'")
+        set_dotted(layer, key, value)
+    layers = [read_yaml(args.config)] if args.config else []
+    return build_config(*layers, layer)
+
+
+def run_heads(metrics: dict, out: str, wanted: bool) -> list[dict] | None:
+    """Per-head scores: metrics.json's ``heads`` when the run wrote them, else recomputed
+    (runs.compare_heads) on the run directory; None without labels or when not wanted."""
+    if not wanted or metrics.get("acc") is None:
+        return None
+    if metrics.get("heads"):
+        return metrics["heads"]
+    from deepclust.runs import compare_heads
+
+    return compare_heads(out)
+
+
+def resolved_config(out: str, cfg) -> dict:
+    """The run's own config.yaml (everything resolved from the data), else the config given."""
+    from deepclust.config import read_yaml
+
+    path = Path(out) / "config.yaml"
+    return read_yaml(str(path)) if path.exists() else cfg.to_dict()
+
+
+def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
+    from deepclust.runs import fit_run
 
     runs = []
     for seed in seeds:
-        layer: dict = {"method": method, "data": {"spec": spec, "split": args.split},
-                       "train": {"seed": seed, "progress": False}}
-        if args.epochs is not None:
-            layer["train"]["epochs"] = args.epochs
-        for item in args.set:
-            key, value = item.split("=", 1)
-            set_dotted(layer, key, value)
-        layers = [read_yaml(args.config)] if args.config else []
         out = tempfile.mkdtemp(prefix="deepclust-bench-")
-        layer["out"] = out
-        cfg = build_config(*layers, layer)
+        cfg = seed_config(method, spec, seed, args, out)
         try:
             m = fit_run(cfg)
-            heads = compare_heads(out) if args.heads and m.get("acc") is not None else None
+            heads = run_heads(m, out, args.heads)
+            config = resolved_config(out, cfg)
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        runs.append({k: m.get(k) for k in (*SCORES, "epochs", "n_images", "n_clusters", "cluster_head",
-                                            "cluster_features", "cluster_sizes")})
+        run = {"seed": seed, **{k: m.get(k) for k in RUN_KEYS}, "config": config}
         if heads is not None:
-            runs[-1]["heads"] = heads
-        print({k: runs[-1][k] for k in ("acc", "nmi", "knn_top1", "kmeans_embedding_acc", "train_seconds")},
+            run["heads"] = heads
+        runs.append(run)
+        print({k: run[k] for k in ("seed", "acc", "nmi", "knn_top1", "kmeans_embedding_acc", "train_seconds")},
               flush=True)
-    return {"runs": runs, "config": cfg.to_dict()}
+    return {"runs": runs}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True)
-    p.add_argument("--data", default="digits")
-    p.add_argument("--split", default="all")
+    p.add_argument("--method", required=True, help="a deepclust method, or kmeans-pixels / spectral-pixels")
+    p.add_argument("--data", default="digits", help="data spec or short name (default digits)")
+    p.add_argument("--split", default="all", help="all | train | test (default all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--config")
+    p.add_argument("--chosen-on", help="the data the settings were chosen on, e.g. digits,usps "
+                                       "(required for a trained method)")
+    p.add_argument("--config", help="a preset name or a YAML file, under the benchmark's own options")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--tag", default="")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tag", default="", help="suffix of the result's name")
     p.add_argument("--no-heads", dest="heads", action="store_false",
                    help="skip scoring k-means / spectral on embedding / backbone features per run")
     p.add_argument("--quick", action="store_true", help="one seed, 2 epochs: a smoke test of the script")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.method in PIXEL_BASELINES:
+        args.chosen_on = args.chosen_on or NOT_TUNED
+    elif not (args.chosen_on or "").strip():
+        fail("--chosen-on DATA is required: name the data the settings were chosen on (e.g. digits,usps)")
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     spec = data_spec(args.data)
-    t0 = time.perf_counter()
-    if args.method in ("kmeans-pixels", "spectral-pixels"):
-        out = pixel_baseline(args.method, spec, args.seeds, args.split)
-        keys = ("acc", "nmi", "ari", "seconds")
-    else:
-        out = deep_method(args.method, spec, args.seeds, args)
-        keys = SCORES
-    summary = {k: mean_std([r.get(k) for r in out["runs"]]) for k in keys if any(r.get(k) is not None for r in out["runs"])}
-    name = f"accuracy-{args.method}-{args.data}" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
-    save_result(name, {"method": args.method, "data": args.data, "spec": spec, "split": args.split,
-                       "seeds": args.seeds, "quick": args.quick, "summary": summary,
-                       "wall_seconds": round(time.perf_counter() - t0, 1), **out})
+    name = (f"accuracy-{args.method}-{args.data}" + (f"-{args.tag}" if args.tag else "")
+            + ("-quick" if args.quick else ""))
+    with exclusive(name):
+        t0 = time.perf_counter()
+        if args.method in PIXEL_BASELINES:
+            out = pixel_baseline(args.method, spec, args.seeds, args.split)
+            keys: tuple[str, ...] = ("acc", "nmi", "ari", "seconds")
+        else:
+            out = deep_method(args.method, spec, args.seeds, args)
+            keys = SCORES
+        summary = {k: mean_std([r.get(k) for r in out["runs"]]) for k in keys
+                   if any(r.get(k) is not None for r in out["runs"])}
+        save_result(name, {"method": args.method, "data": args.data, "spec": spec, "split": args.split,
+                           "seeds": args.seeds, "quick": args.quick, "summary": summary,
+                           "wall_seconds": round(time.perf_counter() - t0, 1), **out},
+                    chosen_on=args.chosen_on)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,31 @@
-"""Shared helpers of the benchmark scripts: machine description, result saving, seed statistics."""
+"""Shared helpers of the benchmark scripts: machine description, provenance, result saving, seed
+statistics, the machine lock.
+
+Environment:
+  DEEPCLUST_RESULTS_DIR  where results are written and read (default benchmarks/results/); smoke runs
+                         and tests point it at a temporary directory so the real results stay untouched.
+  DEEPCLUST_LOCK_DIR     where the machine-activity lock lives (deepclust.locks; default the system's
+                         temporary directory).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+NOT_TUNED = "n/a (no tuned settings)"
+UNRECORDED = "not recorded (the script gave no chosen_on)"
 
 # Short names for the data sets the benchmarks use (the shared .npz files and Debian's Fashion-MNIST).
 DATA_ALIASES = {
@@ -26,8 +37,67 @@ DATA_ALIASES = {
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def results_dir() -> Path:
+    """benchmarks/results/, or $DEEPCLUST_RESULTS_DIR when set."""
+    env = os.environ.get("DEEPCLUST_RESULTS_DIR")
+    return Path(env).expanduser() if env else ROOT / "benchmarks" / "results"
+
+
+RESULTS = results_dir()  # as resolved at import (older scripts import the constant)
+
+
 def data_spec(name: str) -> str:
     return DATA_ALIASES.get(name, name)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr, then exit (2: bad input or a busy machine)."""
+    prog = Path(sys.argv[0]).name or "benchmark"
+    print(f"{prog}: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def exclusive(name: str) -> Iterator[None]:
+    """The machine to this benchmark alone (deepclust.locks.exclusive_machine). A fit or another
+    benchmark already running, or any other one-line deepclust error raised inside, ends the script
+    with that line on stderr and exit status 2."""
+    from deepclust.errors import DeepclustError
+    from deepclust.locks import exclusive_machine
+
+    try:
+        with exclusive_machine(f"benchmark {name}"):
+            yield
+    except DeepclustError as e:
+        fail(str(e))
+
+
+def load_labelled(name: str, split: str = "all", limit: int | None = None):
+    """The images named by a short name or spec (deepclust.data.load_images), the first ``limit``
+    of them when given."""
+    import numpy as np
+
+    from deepclust.data import load_images
+
+    images = load_images(data_spec(name), split=split)
+    if limit is not None:
+        if limit < 2:
+            fail(f"--limit must be at least 2, got {limit}")
+        images = images.subset(np.arange(min(limit, len(images))))
+    return images
+
+
+def write_npz(images, path: Path) -> str:
+    """Save an ImageSet as an npz file deepclust reads back bit for bit; returns its data spec."""
+    import numpy as np
+
+    arrays = {"images": images.images}
+    if images.labels is not None:
+        arrays["labels"] = images.labels
+    if images.split is not None:
+        arrays["split"] = images.split
+    np.savez(path, **arrays)
+    return f"npz:{path}"
 
 
 def machine() -> dict[str, Any]:
@@ -48,24 +118,59 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_state(root: Path = ROOT) -> dict[str, Any]:
+    """{"commit": HEAD's hash, "dirty": whether tracked files differ from it}; None values when git
+    or the repository is unavailable."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
+    """mean, std (sample), median, min, max and n of the non-None values ({} when there are none)."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return {}
     return {"mean": round(statistics.fmean(vals), 4),
-            "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0, "n": len(vals)}
+            "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0, "n": len(vals),
+            "median": round(statistics.median(vals), 4), "min": round(min(vals), 4),
+            "max": round(max(vals), 4)}
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def save_result(name: str, result: dict[str, Any]) -> Path:
-    """Write benchmarks/results/NAME.json and print the result as the last line of output."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), **result}
-    path = RESULTS / f"{slug(name)}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+def provenance(chosen_on: str) -> dict[str, Any]:
+    """What every result records about where it came from (see save_result)."""
+    import torch
+
+    return {**git_state(), "torch_threads": torch.get_num_threads(), "chosen_on": chosen_on}
+
+
+def save_result(name: str, result: dict[str, Any], chosen_on: str | None = None) -> Path:
+    """Write RESULTS/NAME.json and print the result as the last line of output.
+
+    Every result records its provenance at the top level: ``commit`` and ``dirty`` (git), torch's
+    ``torch_threads`` and ``chosen_on``, the data the benchmark's settings were chosen on
+    (``NOT_TUNED`` for benchmarks that tune nothing). ``chosen_on`` may also come in ``result``.
+    """
+    chosen = chosen_on or result.pop("chosen_on", None) or UNRECORDED
+    out_dir = results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **provenance(chosen),
+              "machine": machine(), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              **result}
+    path = out_dir / f"{slug(name)}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
     print(json.dumps(result))
     return path

@@ -1,0 +1,326 @@
+"""The benchmark infrastructure (benchmarks/*.py): provenance, seed statistics, the machine lock,
+required arguments, the README checks and generated prose. No training: fits are faked or refused.
+
+``test_readme_prose_matches_results`` checks the real README.md against benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import report  # noqa: E402
+
+
+@pytest.fixture
+def private_dirs(tmp_path, monkeypatch):
+    """Results and the machine lock in temporary directories (never the real ones)."""
+    results, locks = tmp_path / "results", tmp_path / "locks"
+    monkeypatch.setenv("DEEPCLUST_RESULTS_DIR", str(results))
+    monkeypatch.setenv("DEEPCLUST_LOCK_DIR", str(locks))
+    return results, locks
+
+
+def run_script(script: str, *args: str, env_dirs=None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ)
+    if env_dirs:
+        env["DEEPCLUST_RESULTS_DIR"], env["DEEPCLUST_LOCK_DIR"] = map(str, env_dirs)
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------------
+# common.py
+
+
+def test_mean_std_reports_median_and_range_beside_mean():
+    s = common.mean_std([382.0, 232.0, 138.0, None])
+    assert s["n"] == 3 and s["median"] == 232.0 and s["min"] == 138.0 and s["max"] == 382.0
+    assert s["mean"] == pytest.approx(250.6667, abs=1e-4) and s["std"] == pytest.approx(123.1, abs=0.1)
+    assert common.mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "median": 0.5, "min": 0.5, "max": 0.5}
+    assert common.mean_std([None]) == {}
+
+
+def test_save_result_records_provenance_in_the_private_results_dir(private_dirs):
+    results, _ = private_dirs
+    path = common.save_result("unit-test", {"x": 1}, chosen_on="digits,usps")
+    assert path.parent == results
+    r = json.loads(path.read_text())
+    assert r["chosen_on"] == "digits,usps" and r["x"] == 1
+    assert isinstance(r["torch_threads"], int) and r["torch_threads"] >= 1
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert r["commit"] == (head.stdout.strip() or None)
+    assert r["dirty"] in (True, False) if r["commit"] else r["dirty"] is None
+    assert not (BENCH / "results" / "unit-test.json").exists()
+
+
+def test_save_result_without_chosen_on_says_it_is_unrecorded(private_dirs):
+    r = json.loads(common.save_result("unit-test-2", {}).read_text())
+    assert r["chosen_on"] == common.UNRECORDED
+
+
+# ------------------------------------------------------------------------------------------------
+# accuracy.py: required --chosen-on, the lock, every seed's config
+
+
+def test_accuracy_refuses_a_trained_method_without_chosen_on(tmp_path):
+    p = run_script("accuracy.py", "--method", "and", "--data", "digits",
+                   env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1 and "--chosen-on" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_benchmark_refuses_to_start_while_a_fit_holds_the_machine(tmp_path, monkeypatch):
+    from deepclust.locks import machine_activity
+
+    monkeypatch.setenv("DEEPCLUST_LOCK_DIR", str(tmp_path / "l"))
+    with machine_activity():  # what every fit holds, shared
+        p = run_script("accuracy.py", "--method", "kmeans-pixels", "--data", "digits",
+                       env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "refusing to start" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_accuracy_records_each_seeds_config_and_heads(private_dirs, monkeypatch):
+    import accuracy
+    import deepclust.runs as runs
+
+    def fake_fit(cfg):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.yaml").write_text(cfg.to_yaml())
+        seed = cfg.train.seed
+        m = {"acc": 0.9 + seed / 100, "nmi": 0.8, "ari": 0.7, "train_seconds": 10.0 + seed, "epochs": 2}
+        if seed == 0:  # a run that wrote its heads; the other seeds fall back to compare_heads
+            m["heads"] = [{"head": "spectral", "features": "backbone", "acc": 0.9, "nmi": 0.8, "ari": 0.7,
+                           "head_seconds": 0.1}]
+        return m
+
+    compared = []
+    monkeypatch.setattr(runs, "fit_run", fake_fit)
+    monkeypatch.setattr(runs, "compare_heads", lambda out: compared.append(out) or [{"head": "kmeans"}])
+    accuracy.main(["--method", "instance", "--data", "digits", "--seeds", "0", "1", "2", "--epochs", "2",
+                   "--chosen-on", "digits"])
+    r = json.loads((private_dirs[0] / "accuracy-instance-digits.json").read_text())
+    assert r["chosen_on"] == "digits" and "commit" in r and "torch_threads" in r
+    assert [run["config"]["train"]["seed"] for run in r["runs"]] == [0, 1, 2]
+    assert all(run["config"]["train"]["epochs"] == 2 for run in r["runs"])
+    assert r["runs"][0]["heads"][0]["head"] == "spectral" and r["runs"][1]["heads"] == [{"head": "kmeans"}]
+    assert len(compared) == 2
+    assert r["summary"]["acc"]["median"] == pytest.approx(0.91) and r["summary"]["train_seconds"]["max"] == 12.0
+
+
+# ------------------------------------------------------------------------------------------------
+# peers.py and throughput.py: argument checks (no training)
+
+
+def test_peers_without_clustpy_says_so_in_one_line(monkeypatch, capsys):
+    import peers
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setitem(sys.modules, "clustpy", None)
+    monkeypatch.setitem(sys.modules, "clustpy.deep", None)
+    with pytest.raises(SystemExit) as e:
+        peers.main(["--data", "usps"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ClustPy is not installed" in err[0]
+
+
+def test_peers_needs_chosen_on_for_tuned_deepclust_settings(capsys):
+    import peers
+
+    with pytest.raises(SystemExit) as e:
+        peers.parse_args(["--data", "usps", "--deepclust-config", "and-usps"])
+    assert e.value.code == 2 and "--chosen-on" in capsys.readouterr().err
+    args = peers.parse_args(["--data", "usps"])
+    assert args.chosen_on == common.NOT_TUNED and args.peers == ["n2d", "dec"]
+    assert peers.N2D_MANIFOLD == {"n_components": 2}
+
+
+def test_throughput_iterates_over_the_method_registry(capsys):
+    import throughput
+    from deepclust.methods import METHODS
+
+    assert throughput.parse_args([]).methods == list(METHODS)
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(["--methods", "no-such-method"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset,channels", [("digits", 1), ("natural", 3), ("dccm", 3)])
+def test_plain_loop_views_are_torchvision_per_image_transforms(preset, channels):
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    import throughput
+    from deepclust.views import VIEW_PRESETS
+
+    spec = VIEW_PRESETS[preset]
+    t = throughput.torchvision_views(spec, channels, (28, 28))
+    kinds = {type(s) for s in t.transforms}
+    assert (v2.RandomResizedCrop in kinds) == spec.crop
+    assert (v2.RandomAffine in kinds) == (spec.rotation > 0 or spec.shift > 0)
+    assert (v2.ColorJitter in kinds) == (spec.color_jitter > 0)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (28, 28) if channels == 1 else (28, 28, 3), dtype=np.uint8))
+    data = throughput.PlainImages(np.asarray(img)[None], t, n_views=2)
+    *views, idx = data[0]
+    assert idx == 0 and len(views) == 2
+    assert views[0].shape == (channels, 28, 28) and views[0].dtype.is_floating_point
+    assert views[0].min() >= -1.0 - 1e-6 and views[0].max() <= 1.0 + 1e-6
+
+
+def test_run_all_gives_every_trained_accuracy_run_its_chosen_on():
+    text = (BENCH / "run_all.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(BENCH / "run_all.sh")]).returncode == 0
+    calls = [line for line in text.splitlines() if "accuracy.py" in line and not line.lstrip().startswith("#")]
+    trained = [line for line in calls if "pixels" not in line]
+    assert trained and all("--chosen-on" in line for line in trained)
+    for script in ("throughput.py", "peers.py --data usps", "peers.py --data mnist-test",
+                   "peers.py --data fashion-mnist", "report.py"):
+        assert script in text
+
+
+# ------------------------------------------------------------------------------------------------
+# report.py: tables, generated sentences, the prose check
+
+
+def acc_result(method: str, data: str, accs: list[float], nmis: list[float], secs: list[float]) -> dict:
+    runs = [{"seed": i, "acc": a, "nmi": n, "ari": 0.5, "train_seconds": s, "epochs": 40,
+             "cluster_head": "spectral", "cluster_features": "backbone"}
+            for i, (a, n, s) in enumerate(zip(accs, nmis, secs))]
+    summary = {k: common.mean_std([r[k] for r in runs]) for k in ("acc", "nmi", "ari", "train_seconds")}
+    return {"benchmark": f"accuracy-{method}-{data}", "method": method, "data": data, "split": "all",
+            "seeds": list(range(len(runs))), "quick": False, "chosen_on": "digits,usps", "summary": summary,
+            "runs": runs}
+
+
+@pytest.fixture
+def fake_results(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    files = {
+        # usps: ACC clearly ahead (0.960 vs 0.900, std 0.002 / 0.010); NMI a tie (0.900 vs 0.889, std 0.04)
+        "accuracy-and-usps.json": acc_result("and", "usps", [0.9596, 0.9580, 0.9620], [0.86, 0.90, 0.94],
+                                             [382.0, 232.0, 138.0]),
+        "accuracy-instance-usps.json": acc_result("instance", "usps", [0.89, 0.90, 0.91], [0.859, 0.889, 0.919],
+                                                  [120.0, 130.0, 145.0]),
+        "accuracy-and-digits.json": acc_result("and", "digits", [0.70, 0.71, 0.72], [0.60, 0.61, 0.62],
+                                               [5.0, 6.0, 7.0]),
+    }
+    for name, r in files.items():
+        (d / name).write_text(json.dumps(r))
+    heads = {"benchmark": "cluster_heads", "rows": [
+        {"method": m, "data": data, "head": "kmeans", "features": "embedding", "acc": {"mean": a, "std": 0.01, "n": 3},
+         "nmi": {"mean": 0.3, "std": 0.01, "n": 3}, "ari": {"mean": 0.2, "std": 0.01, "n": 3},
+         "head_seconds": {"mean": 0.1, "std": 0.0, "n": 3}, "head_fraction_of_training": {"mean": f, "std": 0.0, "n": 3}}
+        for m, data, a, f in (("and", "usps", 0.581, 0.002), ("instance", "usps", 0.6246, 0.003),
+                              ("and", "digits", 0.340, 0.033))]}
+    (d / "cluster_heads.json").write_text(json.dumps(heads))
+    return d
+
+
+README = """# project
+
+Intro with 3.14 seconds that is not in the Results section.
+
+## Results
+
+Measured on 2 cores with k = 200 in 2026, torch 2.14.1, T = 0.07 (not measurements).
+
+```bash
+python benchmarks/accuracy.py --seeds 0 1 2   # 9.99 s inside a code block
+```
+
+{prose}
+
+<!-- results:start (generated by benchmarks/report.py) -->
+| 7.777 | 123 s |
+<!-- results:end -->
+
+## Layout
+
+Not checked: 0.123.
+"""
+
+
+def problems(fake_results, prose: str) -> list[str]:
+    return report.check_prose(README.replace("{prose}", prose), fake_results)
+
+
+def test_prose_check_passes_figures_found_at_their_printed_precision(fake_results):
+    ok = ("- On USPS AND reaches ACC 0.960 (also 0.96) and NMI 0.900 in 232 s (median; 138-382 s), "
+          "`0.111` in code. On digits k-means on the embedding gives ACC 0.34 and costs 3.3% of training.")
+    assert problems(fake_results, ok) == []
+
+
+def test_prose_check_flags_figures_missing_from_the_results(fake_results):
+    found = problems(fake_results, "- On USPS AND reaches ACC 0.961 in about 140 s, 2.5 minutes, 10x faster.")
+    assert len(found) == 4, found
+    assert any("'0.961'" in p for p in found) and any("'140 s'" in p for p in found)
+    assert any("'2.5 minutes'" in p for p in found) and any("'10x'" in p for p in found)
+
+
+def test_prose_check_reads_only_the_results_section_outside_code_and_generated_blocks(fake_results):
+    assert problems(fake_results, "") == []  # 3.14, 9.99, 7.777, 123 s and 0.123 are all skipped
+
+
+def test_prose_check_numbers_of_a_named_data_set_come_from_its_results(fake_results):
+    assert problems(fake_results, "- On digits AND reaches ACC 0.71.") == []
+    found = problems(fake_results, "- On digits AND reaches ACC 0.960.")  # a USPS figure
+    assert len(found) == 1 and "results on digits" in found[0]
+
+
+def test_prose_check_ranges_must_be_the_extremes_of_one_measure(fake_results):
+    assert problems(fake_results, "- k-means on the embedding: ACC 0.34-0.62 everywhere.") == []
+    assert problems(fake_results, "- On USPS k-means on the embedding gives ACC 0.58-0.62.") == []
+    assert problems(fake_results, "- The head costs 0.2-3.3% of training time.") == []
+    found = problems(fake_results, "- k-means on the embedding is the worst everywhere (ACC 0.34-0.43).")
+    assert len(found) == 1 and "range '0.34-0.43'" in found[0]
+
+
+def test_prose_check_a_difference_within_noise_must_be_called_a_tie(fake_results):
+    found = problems(fake_results, "- AND is ahead on USPS (ACC 0.960 vs 0.900, NMI 0.900 vs 0.889).")
+    assert len(found) == 1 and "'0.900 vs 0.889'" in found[0] and "tie" in found[0]
+    assert problems(fake_results, "- On USPS: ACC 0.960 vs 0.900; NMI 0.900 vs 0.889 (a tie).") == []
+
+
+def test_report_generates_tables_with_medians_and_sentences_with_ties(fake_results, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPCLUST_RESULTS_DIR", str(fake_results))
+    readme = tmp_path / "README.md"
+    readme.write_text(README.replace("{prose}", "Hand-written prose."))
+    report.main(["--readme", str(readme)])
+    text = readme.read_text()
+    assert text.index(report.PROSE_START) < text.index(report.START) < text.index("## Layout")
+    assert "| usps | AND | digits,usps | 3 | 40 | spectral (backbone) | 0.960 ± 0.002 | 0.960 (0.958-0.962) |" in text
+    assert "232.0 (138.0-382.0)" in text  # training seconds: median (min-max)
+    prose = text[text.index(report.PROSE_START):text.index(report.PROSE_END)]
+    assert "AND vs instance discrimination on usps (3 seeds): ACC 0.960 vs 0.900 (ahead), NMI 0.900 vs 0.889 (tie)" in prose
+    assert "training 232 s vs 130 s (medians)" in prose
+    assert "k-means on the embedding layer: ACC 0.340-0.625 over 3 (data, method) pairs" in prose
+    report.main(["--readme", str(readme)])  # idempotent: the blocks are replaced, not added again
+    assert readme.read_text() == text
+    # every generated figure passes the check, as if it had been typed outside the block
+    typed = text.replace(report.PROSE_START, "").replace(report.PROSE_END, "")
+    assert report.check_prose(typed, fake_results) == []
+
+
+def test_readme_prose_matches_results():
+    """Every figure in the README's hand-written Results prose is in benchmarks/results/."""
+    found = report.check_prose((ROOT / "README.md").read_text(), BENCH / "results")
+    assert not found, "README prose figures not in benchmarks/results/ (regenerate with " \
+                      "`python benchmarks/report.py`, or fix the sentence):\n" + "\n".join(found)
