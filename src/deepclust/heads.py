@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .structure.clustering import assign_to_centroids, kmeans, spectral
 from .structure.knn import topk_cosine
 
@@ -24,6 +24,7 @@ HEADS = ("kmeans", "spectral")
 MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
 MAX_SPECTRAL_FIT = 200_000  # above this, spectral is fitted on a random subsample, the rest voted in
 VOTE_K = 10
+_HEAD_KEYS = ("kind", "n_clusters", "centroids", "labels", "reference", "reference_labels")
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -64,10 +65,59 @@ class ClusterHead:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterHead":
-        with np.load(path, allow_pickle=False) as z:
-            labels, ref = z["labels"], z["reference"]
-            return cls(str(z["kind"]), int(z["n_clusters"]), z["centroids"], labels if labels.size else None,
-                       ref if ref.size else None, z["reference_labels"] if ref.size else None)
+        """Read a head written by :meth:`save`. Guarantee: the head returned has what :meth:`predict`
+        needs (a known kind, K >= 1, finite float (K, D) centroids, integer cluster labels in [0, K),
+        finite float (M, D) reference features with M labels); any other file -- missing, not an npz,
+        a corrupt or truncated zip, pickled object arrays (never unpickled), missing keys, wrong
+        dtypes, shapes or ranges -- raises :class:`DataError` with one line."""
+        try:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("an .npy array, not an .npz archive")
+            with z:
+                missing = [k for k in _HEAD_KEYS if k not in z.files]
+                if missing:
+                    raise DataError(f"cluster head {path} lacks {', '.join(missing)}; not a head.npz")
+                a = {k: z[k] for k in _HEAD_KEYS}
+        except DataError:
+            raise
+        except Exception as e:  # whatever a crafted or damaged file makes the reader raise
+            reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+            raise DataError(f"cannot read cluster head {path}: {reason}") from None
+        return cls._from_arrays(a, path)
+
+    @classmethod
+    def _from_arrays(cls, a: dict[str, np.ndarray], path) -> "ClusterHead":
+        def bad(what: str) -> DataError:
+            return DataError(f"cluster head {path} is invalid: {what}")
+
+        def integers(x: np.ndarray, name: str, n_clusters: int) -> np.ndarray:
+            if x.ndim != 1 or x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() >= n_clusters)):
+                raise bad(f"{name} must be integers in [0, {n_clusters}) in one dimension")
+            return x.astype(np.int64)
+
+        def floats(x: np.ndarray, name: str) -> np.ndarray:
+            if x.ndim != 2 or x.dtype.kind != "f" or not np.isfinite(x).all():
+                raise bad(f"{name} must be a finite float matrix, got {x.dtype} of shape {x.shape}")
+            return x
+
+        kind, k = a["kind"], a["n_clusters"]
+        if kind.ndim != 0 or kind.dtype.kind != "U" or str(kind) not in HEADS:
+            raise bad(f"kind must be one of {', '.join(HEADS)}")
+        if k.ndim != 0 or k.dtype.kind not in "iu" or int(k) < 1:
+            raise bad("n_clusters must be an integer >= 1")
+        k = int(k)
+        centroids, ref = floats(a["centroids"], "centroids"), floats(a["reference"], "reference")
+        if centroids.shape[0] != k or centroids.shape[1] < 1:
+            raise bad(f"centroids have shape {centroids.shape} for {k} clusters")
+        labels = integers(a["labels"], "labels", k)
+        if not ref.size:
+            return cls(str(kind), k, centroids, labels if labels.size else None)
+        ref_labels = integers(a["reference_labels"], "reference_labels", k)
+        if ref.shape[1] != centroids.shape[1] or len(ref_labels) != len(ref):
+            raise bad(f"reference {ref.shape} and its {len(ref_labels)} labels do not match "
+                      f"centroids {centroids.shape}")
+        return cls(str(kind), k, centroids, labels if labels.size else None, ref, ref_labels)
 
 
 def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,

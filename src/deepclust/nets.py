@@ -378,3 +378,139 @@ class EmbeddingNet(nn.Module):
         if layer == "embedding":
             return self.forward(x)
         return self.backbone.features_at(x, layer, flatten=flatten)
+
+
+# -------------------------------------------------------------------------------------------------
+# BatchNorm over all processes (DDP)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``, differentiable: the gradient of each process's input is
+    the sum of the gradients that reach the output on every process (each process backpropagates its
+    own loss; the objective is the sum of those losses, which DDP's gradient average divides by the
+    world size)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are those of the global batch: the concatenation of the local
+    batches of every process of ``process_group`` (the default group when None). Works on any device
+    and backend, gloo on CPU included (torch's ``nn.SyncBatchNorm`` is CUDA-only).
+
+    Guarantee, in training mode with an initialised process group of more than one process: each
+    channel is normalised with the mean and biased variance of all its values on all processes; the
+    outputs, the gradients (of the sum of the processes' losses, with the statistics differentiated
+    through the all-reduce) and ``running_mean`` / ``running_var`` (unbiased variance, ``momentum``
+    or the cumulative average when it is None) / ``num_batches_tracked`` equal those of one
+    ``nn.BatchNorm`` given the whole global batch, up to float rounding. Local batches may differ in
+    size, even be empty. Statistics are combined in float64 from each process's (mean, biased
+    variance, count), so a large mean does not cancel the variance away.
+
+    Otherwise -- eval mode with running statistics, no process group, or a group of one process --
+    ``forward`` is ``nn.BatchNorm``'s own code: bit-identical outputs and running statistics. Inputs
+    are (N, C) or (N, C, *) of any number of dimensions.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}")
+
+    def _world_size(self) -> int:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not batch_stats or self._world_size() == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+        dims = [0, *range(2, x.dim())]
+        count = x.numel() // max(x.shape[1], 1)
+        if count:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+        else:
+            var = mean = x.new_zeros(x.shape[1]) + 0 * x.sum()  # keeps the graph for the backward all-reduce
+        mean64, var64 = mean.double(), var.double()
+        local = torch.cat([count * mean64, count * (var64 + mean64 * mean64), mean64.new_full((1,), count)])
+        total = _AllReduceSum.apply(local, self.process_group)
+        c = self.num_features
+        n = int(total[-1].item())
+        if n <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got {n} over all processes")
+        g_mean = total[:c] / n
+        g_var = (total[c:2 * c] / n - g_mean * g_mean).clamp_min(0)
+        self._update_running_stats(g_mean.detach(), g_var.detach(), n)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(g_var + self.eps).to(x.dtype)
+        if self.weight is not None:
+            scale = scale * self.weight.to(x.dtype)
+        y = (x - g_mean.to(x.dtype).view(shape)) * scale.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).view(shape)
+        return y.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """As ``nn.BatchNorm`` in training: counter + 1, then an exponential (or, with ``momentum``
+        None, cumulative) average of the batch mean and of the unbiased batch variance."""
+        if not (self.training and self.track_running_stats):
+            return
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        if self.running_mean is not None:
+            self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_((var * (n / (n - 1))).to(self.running_var.dtype), alpha=factor)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device | str | None = None, process_group=None) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm1d/2d/3d`` replaced by a BatchNorm over all processes, so
+    that a DDP run equals one process on the global batch (see :class:`GlobalBatchNorm`).
+
+    CUDA (``device``, else the device of the module's first parameter or buffer) gets torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``; any other device gets :class:`GlobalBatchNorm`. The
+    replacements keep the same parameter objects (an optimizer built before stays valid), buffers,
+    ``eps``, ``momentum``, ``affine``, ``track_running_stats`` and training mode. Returns the
+    converted module (``module`` itself converted in place, unless it is a BatchNorm itself).
+    """
+    if device is None:
+        first = next(iter([*module.parameters(), *module.buffers()]), None)
+        device = first.device if first is not None else "cpu"
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _to_global_batchnorm(module, process_group)
+
+
+def _to_global_batchnorm(module: nn.Module, process_group) -> nn.Module:
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, process_group)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        if hasattr(module, "qconfig"):
+            new.qconfig = module.qconfig
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _to_global_batchnorm(child, process_group))
+    return module

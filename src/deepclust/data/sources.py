@@ -9,6 +9,7 @@ raises :class:`~deepclust.errors.DataError` with a one-line message.
 
 from __future__ import annotations
 
+import heapq
 import os
 import warnings
 from dataclasses import dataclass
@@ -280,15 +281,44 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def _image_files(base: Path) -> list[str]:
     """Relative POSIX paths of the image files under ``base`` (recursive; hidden files and folders,
-    such as .ipynb_checkpoints, are skipped), sorted by path components for a stable order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(base)
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append((rel / name).as_posix())
-    return sorted(found, key=lambda p: tuple(p.split("/")))
+    such as .ipynb_checkpoints, are skipped), sorted by path components for a stable order.
+
+    Symbolic links are followed (a folder of linked class folders is a common layout), but every real
+    file is listed once and every real directory is entered once, so link loops (``c0/up -> ..``) and
+    duplicate links cannot multiply the data. A link to ``base`` itself or to one of its ancestors is
+    a loop and is never followed. Where one real file (or directory) is reached by several paths, the
+    path kept -- and so the file's name and label (its first component) -- is the one crossing the
+    fewest symbolic links, then the one with the fewest components, then the first in sorted order:
+    files in a real class folder keep that folder's label whatever links point at them. Links to
+    files or folders outside ``base`` count like files inside it; a broken link with an image
+    extension is listed (and then reported unreadable). Unreadable directories are skipped.
+    """
+    root = os.path.realpath(base)
+    best: dict[str, tuple[int, int, tuple[str, ...]]] = {}  # real file -> (links, depth, parts) kept
+    entered: set[str] = set()
+    heap: list[tuple[int, int, tuple[str, ...], str]] = [(0, 0, (), root)]
+    while heap:  # best-first: (links crossed, depth, parts) never decreases along a path
+        links, depth, parts, real = heapq.heappop(heap)
+        if real in entered:
+            continue
+        entered.add(real)
+        try:
+            entries = list(os.scandir(real))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            is_link = entry.is_symlink()
+            target = os.path.realpath(entry.path) if is_link else entry.path
+            key = (links + is_link, depth + 1, parts + (entry.name,))
+            if entry.is_dir():
+                if target not in entered and os.path.commonpath([target, root]) != target:
+                    heapq.heappush(heap, (*key, target))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                if target not in best or key < best[target]:
+                    best[target] = key
+    return sorted(("/".join(parts) for _, _, parts in best.values()), key=lambda p: tuple(p.split("/")))
 
 
 def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
