@@ -10,13 +10,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def run_cli(*args: str, cwd=None, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    """Run `python -m deepclust ...` in a fresh process, as a user would."""
+def run_cli(*args: str, cwd=None, timeout: int = 300, env=None, isolated: bool = False) -> subprocess.CompletedProcess:
+    """Run `deepclust ...` and return its exit code, stdout and stderr. In this process (the same
+    ``main`` a user's command calls, with stdout / stderr captured and the environment restored)
+    unless ``isolated`` (or a ``cwd`` / ``env`` is given): then in a fresh `python -m deepclust`."""
+    if not (isolated or cwd or env):
+        return _run_in_process(list(args))
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "deepclust", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=e)
+
+
+def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from deepclust.cli import main
+
+    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["deepclust", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +55,23 @@ def small_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "digits300.npz"
     np.savez(path, images=images, labels=d.target[idx].astype(np.int64), split=split)
     return path
+
+
+# The smallest configuration of every registered method that still exercises its structure
+# discovery (a method added to deepclust.methods.METHODS must add a line here; a test checks it).
+# Shared by the contract tests run for every method (DDP equality, kill + resume, shuffled labels).
+METHOD_SMOKE: dict[str, dict] = {
+    "instance": {"train": {"epochs": 2}},
+    "and": {"train": {"epochs": 1}, "options": {"rounds": 1}},
+    "pcp": {"train": {"epochs": 3}, "options": {"history": 1, "vote_from": 0.3}},  # clusters from epoch 1, votes at 2
+    "deepcluster": {"train": {"epochs": 2}, "options": {"clusters": 20}},
+}
+
+
+def smoke_layer(method: str, data: str, out, **extra) -> dict:
+    """A full configuration layer for a quick run of ``method`` on ``data`` (CPU, no progress bar)."""
+    from deepclust.config import _merge
+
+    layer = {"method": method, "out": str(out), "data": {"spec": data},
+             "optim": {"batch_size": 64}, "train": {"seed": 3, "progress": False, "accelerator": "cpu"}}
+    return _merge(_merge(layer, METHOD_SMOKE[method]), extra)

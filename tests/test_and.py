@@ -140,7 +140,7 @@ def test_autograd_gradients_match_eq_9_to_11(selected):
 def test_round_structure_and_schedule():
     from deepclust.config import build_config
     from deepclust.memory import MemoryBank
-    from deepclust.methods import build_method
+    from deepclust.methods import DiscoveryContext, Step, build_method
 
     cfg = build_config({"method": "and", "train": {"epochs": 3}, "options": {"rounds": 4}})
     m = build_method(cfg, 50)
@@ -148,11 +148,13 @@ def test_round_structure_and_schedule():
     assert [m.round_of(e) for e in (0, 2, 3, 5, 6, 14)] == [(0, 0), (0, 2), (1, 0), (1, 2), (2, 0), (4, 2)]
     assert [e for e in range(15) if m.needs_discovery(e)] == [3, 6, 9, 12]
     bank = MemoryBank(50, 8, seed=0)
-    s = m.discover(6, bank)  # round 2 of 4: half the anchors
+    s = m.discover(DiscoveryContext(epoch=6, n_images=50, seed=0, device=torch.device("cpu"), bank=bank))
+    # round 2 of 4: half the anchors
     assert int(s["selected"].sum()) == 25 and s["neighbours"].shape == (50, 1)
     m.set_structure(s)
     emb = F.normalize(torch.randn(4, 8), dim=1)
     idx = torch.tensor([0, 1, 2, 3])
     expected = neighbourhood_loss(bank.logits(emb), idx, s["neighbours"][idx], s["selected"][idx])
-    assert torch.allclose(m.batch_loss([emb], idx, bank), expected)
+    step = Step(epoch=6, step=0, idx=idx, gidx=idx, positions=idx, outputs=[{"embedding": emb}], bank=bank)
+    assert torch.allclose(m.batch_loss(step), expected)
     assert math.isfinite(float(expected.sum()))

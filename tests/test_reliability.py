@@ -79,7 +79,7 @@ def test_predict_csv_round_trips_any_file_name(tmp_path, monkeypatch, capsys):
              " lead and trail .png", "semi;colon\t.png", "\udcff-latin1-byte.png"]
     clusters = np.arange(len(names)) % 3
     images = ImageSet(np.zeros((len(names), 2, 2), np.uint8), names=names)
-    monkeypatch.setattr(deepclust.runs, "predict_run", lambda run, data, split="all": (clusters, images))
+    monkeypatch.setattr(deepclust.runs, "predict_run", lambda run, data, split="all", resize=None: (clusters, images))
     out = tmp_path / "pred.csv"
     assert main(["predict", "--run", str(tmp_path), "--data", "digits", "--out", str(out)]) == 0
     capsys.readouterr()

@@ -36,7 +36,7 @@ FIT_FLAGS = {
     "cluster_features": "cluster.features", "rounds": "options.rounds",
     "neighbours": "options.neighbours", "curriculum": "options.curriculum", "out": "out",
 }
-EVAL_FLAGS = {"n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head",
+EVAL_FLAGS = {"n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head", "resize": "data.resize",
               "cluster_features": "cluster.features", "split": "data.split"}
 
 
@@ -91,13 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory written by fit")
     e.add_argument("--data", help="evaluate on other data (default: the run's)")
     e.add_argument("--split", help="train | test | all")
+    e.add_argument("--resize", help="resize every image to SIDE x SIDE (to the run's image size)")
     e.add_argument("--n-clusters", help="number of clusters K")
     e.add_argument("--cluster-head", help="auto | kmeans | spectral")
     e.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
     pr = sub.add_parser("predict", help="assign new images to the clusters of a finished run")
     pr.add_argument("--run", required=True, help="run directory written by fit")
-    pr.add_argument("--data", required=True, help="the images to assign (same size and channels as the run's)")
+    pr.add_argument("--data", required=True, help="the images to assign (same size and channels as the run's; "
+                                                  "see --resize)")
     pr.add_argument("--split", default="all", help="train | test | all")
+    pr.add_argument("--resize", help="resize every image to SIDE x SIDE (to the run's image size)")
     pr.add_argument("--out", required=True, help="output file: .csv (name,cluster) or .npy (int64 clusters)")
     return p
 
@@ -124,7 +127,7 @@ def _default_out(method: str, data: str) -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .config import build_config, read_yaml
+    from .config import _merge, build_config, read_yaml
     from .runs import fit_run
 
     layers = []
@@ -136,11 +139,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.no_progress:
         layer.setdefault("train", {})["progress"] = False
     layers.append(layer)
-    cfg = build_config(*layers)
-    if args.out is None:
+    given: dict = {}
+    for part in layers:
+        given = _merge(given, part)
+    if args.resume:  # the run's own configuration wins; fit_run refuses flags that contradict it
+        if args.out is None and not os.environ.get(OUT_ENV):
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        keep = {"out": given.get("out", os.environ.get(OUT_ENV)),
+                "train": {k: v for k, v in given.get("train", {}).items() if k in ("progress", "threads")}}
+        cfg = build_config(keep)
+    else:
+        cfg = build_config(*layers)
+    if args.out is None and not args.resume:
         cfg.out = os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec)
-        os.environ[OUT_ENV] = cfg.out
-    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    os.environ[OUT_ENV] = cfg.out
+    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given)
     if metrics:
         print(json.dumps(metrics | {"out": cfg.out}, indent=2))
     return 0
@@ -159,19 +172,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .errors import DataError
-    from .runs import predict_run, save_array, save_text
+    from .io import save_array, save_text
+    from .runs import predict_run
 
     out = Path(args.out)
     if out.suffix not in (".csv", ".npy"):
         raise DataError(f"--out must end in .csv or .npy, got {out}")
     if not out.parent.exists():
         raise DataError(f"no such directory: {out.parent}")
-    clusters, images = predict_run(args.run, args.data, split=args.split)
+    clusters, images = predict_run(args.run, args.data, split=args.split, resize=args.resize)
     if out.suffix == ".npy":
         save_array(out, clusters.astype(np.int64))
-    else:
+    else:  # RFC 4180 (CRLF rows, so fields holding \r or \n are quoted too): any name reads back intact
+        import csv
+        import io
+
         names = images.names or [str(i) for i in range(len(images))]
-        save_text(out, "name,cluster\n" + "".join(f"{n},{c}\n" for n, c in zip(names, clusters.tolist())))
+        # file names that are not valid UTF-8 (surrogate-escaped by Python) get \xNN escapes
+        names = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names]
+        buf = io.StringIO(newline="")
+        writer = csv.writer(buf)
+        writer.writerow(["name", "cluster"])
+        writer.writerows(zip(names, clusters.tolist()))
+        save_text(out, buf.getvalue())
     sizes = np.bincount(clusters).tolist()
     print(json.dumps({"n_images": len(clusters), "cluster_sizes": sizes, "out": str(out)}))
     return 0

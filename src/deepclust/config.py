@@ -3,16 +3,19 @@
 A run is described by one :class:`Config`. It is built from, in increasing precedence:
 the defaults below, a method's preset (``configs/<name>.yaml`` shipped with the package or any
 YAML file given with ``--config``), and command-line flags (``--epochs 5`` or ``--set optim.lr=0.1``).
-:func:`validate` checks every field's type and range; it is the only place that does. The resolved
-configuration (``auto`` values filled in from the data) is written to ``RUN/config.yaml`` and can be
-read back with ``--config``.
+The resolved configuration (``auto`` values filled in from the data) is written to
+``RUN/config.yaml`` and can be read back with ``--config``.
 
-Method options live here too (one dataclass per method), so that a method file only composes parts.
+Validation, in one place (:func:`validate`): every field is declared with :func:`option`, which
+states its range or choices; the validator checks every field of every section, and of the method's
+own ``Options`` dataclass (declared in the method's file, registered by ``deepclust.methods``), the
+same way. Numbers must be finite. Rules across fields are a section's ``check()`` method.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,104 +30,160 @@ SPLITS = ("train", "test", "all")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-CLUSTER_HEADS = ("auto", "kmeans", "spectral")
+CLUSTER_HEADS = ("auto", "kmeans", "spectral", "method")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
+
+# Method name -> its Options dataclass. Filled by ``deepclust.methods`` (imported by the package),
+# so a new method registers its options in its own file's registry line, not here.
+METHOD_OPTIONS: dict[str, type] = {}
+
+
+def register_options(name: str, options_cls: type) -> None:
+    METHOD_OPTIONS[name] = options_cls
+
+
+def option(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, choices: tuple | None = None) -> Any:
+    """A configuration field with its rule: numbers within [low, high] (``low_open`` / ``high_open``
+    make a bound strict), or one of ``choices``. Lists are checked item by item; None (for Optional
+    fields) always passes. A list default is copied per instance."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _range_text(m: dict) -> str:
+    lo = "" if m["low"] is None else f"{'>' if m['low_open'] else '>='} {m['low']:g}"
+    hi = "" if m["high"] is None else f"{'<' if m['high_open'] else '<='} {m['high']:g}"
+    return " and ".join(p for p in (lo, hi) if p)
+
+
+def _check_value(value: Any, m: dict, where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, list):
+        for v in value:
+            _check_value(v, m, where)
+        return
+    if m.get("choices") is not None:
+        _check(value in m["choices"], f"{where}: '{value}' is not one of {', '.join(map(str, m['choices']))}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    _check(math.isfinite(value), f"{where}: must be a finite number, got {value}")
+    lo, hi = m.get("low"), m.get("high")
+    ok = (lo is None or (value > lo if m["low_open"] else value >= lo)) and \
+         (hi is None or (value < hi if m["high_open"] else value <= hi))
+    _check(ok, f"{where}: must be {_range_text(m)}, got {value:g}")
+
+
+def check_fields(obj: Any, where: str) -> None:
+    """Every field's rule (``option`` metadata), recursively, then each section's ``check()``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key)
+        elif f.metadata:
+            _check_value(value, dict(f.metadata), key)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check()
+
+
+def _pair(v: list[float] | None, where: str, high: float | None = None) -> None:
+    _check(v is None or (len(v) == 2 and 0 < v[0] <= v[1] and (high is None or v[1] <= high)),
+           f"{where}: expected two numbers 0 < low <= high" + (f" <= {high:g}" if high is not None else ""))
 
 
 @dataclass
 class DataConfig:
     spec: str = "digits"  # digits | npz:PATH[,PATH] | folder:PATH | mnist | fashion-mnist | ...
-    split: str = "all"  # images loaded: the clustering papers train and evaluate on all images
-    train_on: str = "all"  # all | train: train only on the train split, evaluate on everything
-                           # loaded (the AND / Instance protocol: kNN of test against train)
+    split: str = option("all", choices=SPLITS)  # images loaded: the clustering papers use all images
+    train_on: str = option("all", choices=("all", "train"))  # train: train only on the train split,
+                           # evaluate on everything loaded (the AND / Instance protocol: kNN test vs train)
     root: str = "~/.cache/deepclust"  # where torchvision datasets are kept / downloaded
     download: bool = False
-    resize: int | None = None  # resize every image to a square side (needed for mixed sizes)
+    resize: int | None = option(None, low=4)  # resize every image to a square side (mixed sizes)
 
 
 @dataclass
 class ViewsConfig:
-    preset: str = "auto"  # auto: "digits" for grayscale, "natural" for colour (AND reference code)
-    crop_scale: list[float] | None = None  # each None field takes the preset's value
+    preset: str = option("auto", choices=VIEW_PRESET_NAMES)  # auto: "digits" grey, "natural" colour
+    crop_scale: list[float] | None = option(None, low=0, high=1, low_open=True)  # None: the preset's
     flip: bool | None = None
-    rotation: float | None = None
-    shift: float | None = None
-    rescale: list[float] | None = None
-    color_jitter: float | None = None
-    grayscale_p: float | None = None
+    rotation: float | None = option(None, low=0, high=180)
+    shift: float | None = option(None, low=0, high=1)
+    rescale: list[float] | None = option(None, low=0, high=10, low_open=True)
+    color_jitter: float | None = option(None, low=0, high=1)
+    grayscale_p: float | None = option(None, low=0, high=1)
+
+    def check(self) -> None:
+        _pair(self.crop_scale, "views.crop_scale", 1.0)
+        _pair(self.rescale, "views.rescale")
 
 
 @dataclass
 class NetConfig:
-    backbone: str = "auto"  # auto: chosen from image size and channels (nets.default_backbone)
-    dim: int = 128  # embedding dimension (all papers: 128)
+    backbone: str = option("auto", choices=BACKBONE_NAMES)  # auto: from image size and channels
+    dim: int = option(128, low=2)  # embedding dimension (all papers: 128)
+    sobel: bool = False  # DeepCluster: a fixed Sobel filter on grey input before the backbone
+    input_shape: list[int] | None = option(None, low=1)  # (C, H, W) the network was built for (auto)
 
 
 @dataclass
 class MemoryConfig:
-    temperature: float = 0.1  # AND / Instance reference code
-    eta: float = 0.5  # AND Eq 8 / PAD Eq 6: memory = (1 - eta) * memory + eta * feature
-    nce_k: int = 0  # 0: full softmax over the bank (AND); > 0: NCE with this many noise samples
+    temperature: float = option(0.1, low=0, high=10, low_open=True)  # AND / Instance reference code
+    eta: float = option(0.5, low=0, high=1, low_open=True)  # AND Eq 8 / PAD Eq 6: (1-eta) m + eta x
+    nce_k: int = option(0, low=0)  # 0: full softmax over the bank (AND); > 0: NCE noise samples
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"
-    lr: float = 0.03
-    momentum: float = 0.9
+    optimizer: str = option("sgd", choices=OPTIMIZERS)
+    lr: float = option(0.03, low=0, high=10, low_open=True)
+    momentum: float = option(0.9, low=0, high=1, high_open=True)
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    batch_size: int = 128  # the global batch, split over devices
-    milestones: list[int] = field(default_factory=lambda: [80, 120, 160])  # epochs (per round)
-    gamma: float = 0.1
-    warmup_epochs: int = 0
+    weight_decay: float = option(5e-4, low=0, high=1)
+    batch_size: int = option(128, low=2)  # the global batch, split over devices
+    milestones: list[int] = option([80, 120, 160], low=1)  # epochs (per round)
+    gamma: float = option(0.1, low=0, high=1, low_open=True)
+    warmup_epochs: int = option(0, low=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15  # epochs of training; for AND, epochs per round (round 0 included)
-    seed: int = 0
-    devices: int = 1
-    num_nodes: int = 1
-    accelerator: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    epochs: int = option(15, low=0)  # epochs of training; for AND, epochs per round (round 0 included)
+    seed: int = option(0, low=0)
+    devices: int = option(1, low=1)
+    num_nodes: int = option(1, low=1)
+    accelerator: str = option("auto", choices=ACCELERATORS)
+    precision: str = option("auto", choices=PRECISIONS)  # auto: bf16-mixed on GPU, 32-true on CPU
+    threads: int = option(0, low=0)  # torch intra-op threads on CPU; 0 keeps torch's default
+    sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch
     progress: bool = True
     checkpoint: bool = True
 
 
 @dataclass
 class ClusterConfig:
-    n_clusters: int | None = None  # None: the number of classes when labels exist, else 10
-    head: str = "auto"  # auto: spectral (see README: best on the CPU datasets)
+    n_clusters: int | None = option(None, low=1)  # None: number of classes when labels exist, else 10
+    head: str = option("auto", choices=CLUSTER_HEADS)  # auto: see runs.resolve
     features: str = "auto"  # auto: backbone | embedding | a layer name of the network
-    n_neighbors: int = 10  # kNN graph of the spectral head
+    n_neighbors: int = option(10, low=1)  # kNN graph of the spectral head
 
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 200  # Wu et al. 2018 / AND
-    knn_temperature: float | None = None  # None: the memory bank's temperature (AND reference code)
+    knn_k: int = option(200, low=1)  # Wu et al. 2018 / AND
+    knn_temperature: float | None = option(None, low=0, high=10, low_open=True)  # None: the bank's T
     linear_probe: bool = False
-
-
-@dataclass
-class InstanceOptions:
-    """Instance discrimination (Wu et al. 2018): no options beyond the shared ones."""
-
-
-@dataclass
-class AndOptions:
-    """AND (Huang et al., ICML 2019)."""
-
-    rounds: int = 4  # R of Eq 6; round 0 (instance discrimination) comes on top
-    neighbours: int = 1  # k of Eq 1
-    curriculum: str = "linear"  # linear: S = r/R (Eq 6); one-off: S = 1 from round 1 (Table 6)
-    round0_epochs: int | None = None  # epochs of round 0; None: the same as every other round
-
-
-METHOD_OPTIONS: dict[str, type] = {"instance": InstanceOptions, "and": AndOptions}
 
 
 @dataclass
@@ -139,7 +198,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    options: Any = None  # the method's own options dataclass (METHOD_OPTIONS[method])
+    options: Any = None  # the method's own options dataclass (its ``Options``)
+
+    def check(self) -> None:
+        world = self.train.devices * self.train.num_nodes
+        _check(self.optim.batch_size % world == 0,
+               "optim.batch_size: the global batch must divide evenly over devices x nodes")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -265,19 +329,40 @@ def preset_path(name: str) -> Path:
 
 
 def read_yaml(path_or_preset: str) -> dict:
-    """Read a YAML file, or a preset shipped with the package (``and-mnist`` etc.)."""
+    """Read a YAML file, or a preset shipped with the package (``and-mnist`` etc.), as a mapping (an
+    empty file is ``{}``). Anything else -- a missing path, a directory or other non-regular file, an
+    unreadable, oversized (> 16 MiB), binary or non-UTF-8 file, a YAML syntax error, a top level that
+    is not a mapping -- raises :class:`ConfigError` with one line."""
     path = Path(path_or_preset).expanduser()
-    if not path.exists():
-        preset = preset_path(path_or_preset)
-        if preset.exists():
-            path = preset
-        else:
-            raise ConfigError(f"config file not found: {path_or_preset}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.exists():
+            preset = preset_path(path_or_preset)
+            if preset.exists():
+                path = preset
+            else:
+                raise ConfigError(f"config file not found: {path_or_preset}")
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a directory, not a YAML file")
+        if not path.is_file():
+            raise ConfigError(f"config {path} is not a regular file")
+        if path.stat().st_size > 16 << 20:
+            raise ConfigError(f"config {path} is {path.stat().st_size} bytes, too large for a YAML config")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); "
+                          "expected a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise ConfigError(f"cannot parse {path}: {first}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot parse {path}: nested too deeply") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -295,7 +380,7 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
 
 
 def build_config(*layers: dict) -> Config:
-    """Merge dicts (later wins), build the typed Config and validate it."""
+    """Merge dicts (later wins), build the typed Config (with the method's own options) and validate it."""
     merged: dict = {}
     for layer in layers:
         merged = _merge(merged, layer or {})
@@ -303,77 +388,17 @@ def build_config(*layers: dict) -> Config:
     cfg = _build(Config, merged, "")
     cls = METHOD_OPTIONS.get(cfg.method)
     if cls is None:
-        raise ConfigError(f"unknown method '{cfg.method}'; known: {', '.join(METHOD_OPTIONS)}")
+        raise ConfigError(f"unknown method '{cfg.method}'; known: {', '.join(sorted(METHOD_OPTIONS))}")
     cfg.options = _build(cls, options, "options")
-    validate(cfg)
-    return cfg
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _one_of(value: str, allowed: tuple[str, ...], where: str) -> None:
-    _check(value in allowed, f"{where}: '{value}' is not one of {', '.join(allowed)}")
+    return validate(cfg)
 
 
 def validate(cfg: Config) -> Config:
-    """Every range and choice check of every option, in one place."""
-    _one_of(cfg.method, tuple(METHOD_OPTIONS), "method")
-    _one_of(cfg.data.split, SPLITS, "data.split")
-    _one_of(cfg.data.train_on, ("all", "train"), "data.train_on")
-    _check(cfg.data.resize is None or cfg.data.resize >= 4, "data.resize: must be >= 4 pixels")
-    _one_of(cfg.views.preset, VIEW_PRESET_NAMES, "views.preset")
-    for name in ("crop_scale", "rescale"):
-        v = getattr(cfg.views, name)
-        _check(
-            v is None or (len(v) == 2 and 0 < v[0] <= v[1]),
-            f"views.{name}: expected two numbers 0 < low <= high",
-        )
-    _check(cfg.views.crop_scale is None or cfg.views.crop_scale[1] <= 1, "views.crop_scale: high <= 1")
-    for name in ("grayscale_p",):
-        v = getattr(cfg.views, name)
-        _check(v is None or 0 <= v <= 1, f"views.{name}: must be within [0, 1]")
-    for name in ("rotation", "shift", "color_jitter"):
-        v = getattr(cfg.views, name)
-        _check(v is None or v >= 0, f"views.{name}: must be >= 0")
-    _check(cfg.net.backbone in BACKBONE_NAMES, f"net.backbone: '{cfg.net.backbone}' is not one of "
-           f"{', '.join(BACKBONE_NAMES)}")
-    _check(cfg.net.dim >= 2, "net.dim: must be >= 2")
-    _check(cfg.memory.temperature > 0, "memory.temperature: must be > 0")
-    _check(0 < cfg.memory.eta <= 1, "memory.eta: must be within (0, 1]")
-    _check(cfg.memory.nce_k >= 0, "memory.nce_k: must be >= 0")
-    _one_of(cfg.optim.optimizer, OPTIMIZERS, "optim.optimizer")
-    _check(cfg.optim.lr > 0, "optim.lr: must be > 0")
-    _check(cfg.optim.momentum >= 0, "optim.momentum: must be >= 0")
-    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0")
-    _check(cfg.optim.batch_size >= 2, "optim.batch_size: must be >= 2")
-    _check(all(m > 0 for m in cfg.optim.milestones), "optim.milestones: must be positive epochs")
-    _check(0 < cfg.optim.gamma <= 1, "optim.gamma: must be within (0, 1]")
-    _check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs: must be >= 0")
-    _check(cfg.train.epochs >= 0, "train.epochs: must be >= 0")
-    _check(cfg.train.seed >= 0, "train.seed: must be >= 0")
-    _check(cfg.train.devices >= 1, "train.devices: must be >= 1")
-    _check(cfg.train.num_nodes >= 1, "train.num_nodes: must be >= 1")
-    _check(
-        cfg.optim.batch_size % (cfg.train.devices * cfg.train.num_nodes) == 0,
-        "optim.batch_size: the global batch must divide evenly over devices x nodes",
-    )
-    _one_of(cfg.train.accelerator, ACCELERATORS, "train.accelerator")
-    _one_of(cfg.train.precision, PRECISIONS, "train.precision")
-    _check(cfg.train.threads >= 0, "train.threads: must be >= 0")
-    _check(cfg.cluster.n_clusters is None or cfg.cluster.n_clusters >= 1, "cluster.n_clusters: must be >= 1")
-    _one_of(cfg.cluster.head, CLUSTER_HEADS, "cluster.head")
-    _check(cfg.cluster.n_neighbors >= 1, "cluster.n_neighbors: must be >= 1")
-    _check(cfg.eval.knn_k >= 1, "eval.knn_k: must be >= 1")
-    _check(cfg.eval.knn_temperature is None or cfg.eval.knn_temperature > 0, "eval.knn_temperature: must be > 0")
-    if isinstance(cfg.options, AndOptions):
-        o = cfg.options
-        _check(o.rounds >= 1, "options.rounds: must be >= 1")
-        _check(o.neighbours >= 1, "options.neighbours: must be >= 1")
-        _one_of(o.curriculum, ("linear", "one-off"), "options.curriculum")
-        _check(o.round0_epochs is None or o.round0_epochs >= 0, "options.round0_epochs: must be >= 0")
+    """Every range and choice of every option, the method's included, in one place."""
+    _check(cfg.method in METHOD_OPTIONS,
+           f"unknown method '{cfg.method}'; known: {', '.join(sorted(METHOD_OPTIONS))}")
+    _check(isinstance(cfg.options, METHOD_OPTIONS[cfg.method]), f"options do not belong to method {cfg.method}")
+    check_fields(cfg, "")
     return cfg
 
 

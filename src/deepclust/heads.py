@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .io import save_npz
 from .structure.clustering import assign_to_centroids, kmeans, spectral
 from .structure.knn import topk_cosine
 
-HEADS = ("kmeans", "spectral")
+HEADS = ("kmeans", "spectral")  # heads fitted here
+KINDS = (*HEADS, "method")  # kinds a saved head may have ("method": a method's own clusters)
 MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
 MAX_SPECTRAL_FIT = 200_000  # above this, spectral is fitted on a random subsample, the rest voted in
 VOTE_K = 10
@@ -54,14 +56,11 @@ class ClusterHead:
         return votes.argmax(1).astype(np.int64)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
         empty = np.zeros(0, np.int64)
-        np.savez(tmp, kind=np.array(self.kind), n_clusters=np.array(self.n_clusters), centroids=self.centroids,
+        save_npz(path, kind=np.array(self.kind), n_clusters=np.array(self.n_clusters), centroids=self.centroids,
                  labels=self.labels_ if self.labels_ is not None else empty,
                  reference=self.reference if self.reference is not None else np.zeros((0, 0), np.float16),
                  reference_labels=self.reference_labels if self.reference_labels is not None else empty)
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterHead":
@@ -102,8 +101,8 @@ class ClusterHead:
             return x
 
         kind, k = a["kind"], a["n_clusters"]
-        if kind.ndim != 0 or kind.dtype.kind != "U" or str(kind) not in HEADS:
-            raise bad(f"kind must be one of {', '.join(HEADS)}")
+        if kind.ndim != 0 or kind.dtype.kind != "U" or str(kind) not in KINDS:
+            raise bad(f"kind must be one of {', '.join(KINDS)}")
         if k.ndim != 0 or k.dtype.kind not in "iu" or int(k) < 1:
             raise bad("n_clusters must be an integer >= 1")
         k = int(k)
@@ -141,12 +140,22 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
         return head
     else:
         labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed)
-        sums = np.zeros((n_clusters, x.shape[1]), np.float64)
-        np.add.at(sums, labels, x)
-        counts = np.bincount(labels, minlength=n_clusters)[:, None]
-        centroids = (sums / np.maximum(counts, 1)).astype(np.float32)
-        keep = np.arange(len(x))
-        if len(x) > MAX_REFERENCE:
-            keep = np.sort(np.random.default_rng(seed).choice(len(x), MAX_REFERENCE, replace=False))
-        return ClusterHead(kind, n_clusters, centroids, labels, x[keep].astype(np.float16), labels[keep])
+        return head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
     return ClusterHead(kind, n_clusters, centroids, labels)
+
+
+def head_from_labels(features: np.ndarray, labels: np.ndarray, n_clusters: int, *, kind: str = "method",
+                     seed: int = 0) -> ClusterHead:
+    """A head for clusters found by other means (spectral clustering, a method's own clusters):
+    mean directions as centroids, and (up to ``MAX_REFERENCE``) training features with their
+    clusters for the kNN-vote rule that assigns new images."""
+    x = normalise(features)
+    labels = np.asarray(labels, dtype=np.int64)
+    sums = np.zeros((n_clusters, x.shape[1]), np.float64)
+    np.add.at(sums, labels, x)
+    counts = np.bincount(labels, minlength=n_clusters)[:, None]
+    centroids = (sums / np.maximum(counts, 1)).astype(np.float32)
+    keep = np.arange(len(x))
+    if len(x) > MAX_REFERENCE:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), MAX_REFERENCE, replace=False))
+    return ClusterHead(kind, n_clusters, centroids, labels, x[keep].astype(np.float16), labels[keep])

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["BACKBONES", "Backbone", "EmbeddingNet", "build_backbone", "default_backbone", "jule_plan"]
+__all__ = ["BACKBONES", "Backbone", "EmbeddingNet", "Sobel", "build_backbone", "default_backbone", "jule_plan"]
 
 BACKBONES: tuple[str, ...] = ("mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
 
@@ -337,47 +337,89 @@ def default_backbone(channels: int, image_size: ImageSize | int) -> str:
     return "jule_cnn" if side < 32 else "resnet18"
 
 
+class Sobel(nn.Module):
+    """DeepCluster (Caron et al. 2018, Sec 4 / its code): a fixed filter in front of the network:
+    colour to grey, then horizontal and vertical Sobel gradients (2 output channels), so the
+    clustering cannot latch onto colour. No parameters; the same on every device."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        grey = torch.full((1, in_channels, 1, 1), 1.0 / in_channels)
+        sobel = torch.tensor([[[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], [[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]]])
+        self.register_buffer("grey", grey, persistent=False)
+        self.register_buffer("sobel", sobel[:, None], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.conv2d(x, self.grey), self.sobel, padding=1)
+
+
 class EmbeddingNet(nn.Module):
-    """Backbone -> head -> L2 normalisation: the papers' normalised (default 128-d) embedding.
+    """[Sobel] -> backbone -> head -> L2 normalisation: the papers' normalised (default 128-d) embedding.
 
     ``head`` is Linear(feature_dim, dim), or Linear(feature_dim, head_hidden) -> ReLU ->
     Linear(head_hidden, dim) when ``head_hidden`` is given; its output is normalised in ``forward``.
+    ``sobel`` puts DeepCluster's fixed Sobel filter in front (see :class:`Sobel`). ``head=False``
+    (methods that train no projection, e.g. DeepCluster): the embedding is the L2-normalised backbone
+    output itself (``dim`` = the backbone's feature dimension).
     """
 
     def __init__(self, backbone: str, in_channels: int, image_size: ImageSize | int, dim: int = 128,
-                 head_hidden: int | None = None):
+                 head_hidden: int | None = None, sobel: bool = False, head: bool = True):
         super().__init__()
         if dim < 1:
             raise ConfigError(f"embedding dim must be >= 1, got {dim}")
         self.backbone_name = backbone
-        self.backbone, self.feature_dim = build_backbone(backbone, in_channels, image_size)
-        self.dim = dim
-        if head_hidden:
+        self.input_shape = (in_channels, *_size(image_size))
+        self.sobel = Sobel(in_channels) if sobel else None
+        self.backbone, self.feature_dim = build_backbone(backbone, 2 if sobel else in_channels, image_size)
+        self.dim = dim if head else self.feature_dim
+        if not head:
+            self.head: nn.Module = nn.Identity()
+        elif head_hidden:
             self.head: nn.Module = nn.Sequential(nn.Linear(self.feature_dim, head_hidden), nn.ReLU(inplace=True),
                                                  nn.Linear(head_hidden, dim))
         else:
             self.head = nn.Linear(self.feature_dim, dim)
 
+    def _input(self, x: Tensor) -> Tensor:
+        return self.sobel(x) if self.sobel is not None else x
+
     def forward(self, x: Tensor) -> Tensor:
         """(B, dim) L2-normalised embedding."""
-        return F.normalize(self.head(self.backbone(x)), dim=1)
+        return F.normalize(self.head(self.backbone(self._input(x))), dim=1)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(backbone features (B, feature_dim), L2-normalised embedding (B, dim)) in one pass."""
-        f = self.backbone(x)
+        f = self.backbone(self._input(x))
         return f, F.normalize(self.head(f), dim=1)
 
     def layer_names(self) -> list[str]:
         """The backbone's stages, then ``"backbone"`` (= its output) and ``"embedding"``."""
         return self.backbone.layer_names() + ["backbone", "embedding"]
 
+    def taps(self, x: Tensor, names: tuple[str, ...] | list[str]) -> dict[str, Tensor]:
+        """Several named outputs in one pass: backbone stages (their own shape, e.g. (B, C, H, W)),
+        ``backbone`` (flat features) and ``embedding`` (L2-normalised)."""
+        unknown = [n for n in names if n not in self.layer_names()]
+        if unknown:
+            raise ConfigError(f"unknown feature tap '{unknown[0]}'; this network has: {', '.join(self.layer_names())}")
+        out: dict[str, Tensor] = {}
+        h = self._input(x)
+        for stage_name, stage in self.backbone.named_children():
+            h = stage(h)
+            if stage_name in names:
+                out[stage_name] = h
+        f = h.flatten(1)
+        if "backbone" in names:
+            out["backbone"] = f
+        if "embedding" in names:
+            out["embedding"] = F.normalize(self.head(f), dim=1)
+        return out
+
     def features_at(self, x: Tensor, layer: str, *, flatten: bool = True) -> Tensor:
         """Output of a named layer (see :meth:`layer_names`), flattened to (B, -1) by default."""
-        if layer == "backbone":
-            return self.backbone(x)
-        if layer == "embedding":
-            return self.forward(x)
-        return self.backbone.features_at(x, layer, flatten=flatten)
+        t = self.taps(x, (layer,))[layer]
+        return t.flatten(1) if flatten else t
 
 
 # -------------------------------------------------------------------------------------------------

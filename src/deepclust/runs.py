@@ -1,18 +1,18 @@
-"""A run from end to end: resolve the configuration against the data, train, read clusters off the
-features, evaluate, and write the run directory.
+"""A run end to end: resolve the configuration from the data, train, read clusters off the features,
+evaluate, and write the run directory.
 
-    RUN/config.yaml        the full resolved configuration (reusable with --config)
-    RUN/checkpoints/last.pt full training state, written atomically every epoch (--resume)
-    RUN/log.jsonl          one JSON record per epoch
-    RUN/model.safetensors  the network's weights
-    RUN/head.npz           the fitted cluster head (centroids in its feature space), for predict
-    RUN/embeddings.npy     float32 (N, D), dataset order
-    RUN/labels.npy         int64 cluster of every image
-    RUN/metrics.json       see ``compute_metrics``
-
-Nothing is written before the configuration and the data have been checked, and every file is
-written to a temporary name first and renamed, so a failure never leaves a half-written file or
-destroys an earlier one.
+What a run directory guarantees:
+ - **One writer.** ``fit`` claims the directory (an exclusive lock beside it, ``locks.claim_run_dir``)
+   before anything is written; a second ``fit`` on the same ``--out`` gets one line and exits.
+ - **Atomic files.** Every file is written to a unique temporary name and renamed over (``io``); a
+   reader sees an old or a new file, never half of one.
+ - **Nothing lost.** An existing run is refused unless ``--resume`` or ``--overwrite``; with
+   ``--overwrite`` the new run is built beside the old one (``OUT.partial``) and swapped in only when
+   it has finished, so a failed or killed overwrite leaves the old run whole.
+ - **Resume** restores everything training depends on (``train.py``) and gives the same result as an
+   uninterrupted run; the log is rewritten from the checkpoint's history (no duplicate records), time
+   is cumulative, resuming a finished run changes nothing and says so, and flags that contradict the
+   run being resumed are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,11 @@ import numpy as np
 from .config import Config, build_config
 from .data import ImageSet, load_images
 from .errors import ConfigError, DataError
+from .io import save_array, save_json, save_text
 
 DEFAULT_VIEW_PRESET = {1: "digits", 3: "natural"}
+ALL_HEADS = (("kmeans", "embedding"), ("kmeans", "backbone"), ("spectral", "embedding"), ("spectral", "backbone"))
+RESUME_MAY_CHANGE = ("train.progress", "train.threads", "out")  # flags that --resume accepts
 
 
 def load_data(cfg: Config, spec: str | None = None) -> ImageSet:
@@ -41,7 +45,8 @@ def load_data(cfg: Config, spec: str | None = None) -> ImageSet:
 
 def resolve(cfg: Config, images: ImageSet) -> Config:
     """Fill every ``auto`` / ``None`` from the data, check what depends on it, and return a new Config."""
-    from .nets import default_backbone
+    from .methods import method_class
+    from .nets import EmbeddingNet, default_backbone
     from .views import VIEW_PRESETS
 
     n = len(images)
@@ -50,6 +55,7 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     raw = cfg.to_dict()
     if cfg.net.backbone == "auto":
         raw["net"]["backbone"] = default_backbone(images.channels, images.image_size)
+    raw["net"]["input_shape"] = [images.channels, *images.image_size]
     views = raw["views"]
     if views["preset"] == "auto":
         views["preset"] = DEFAULT_VIEW_PRESET[images.channels]
@@ -68,16 +74,14 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     if cl["features"] == "auto":
         cl["features"] = "backbone"
     if cl["features"] not in ("backbone", "embedding"):
-        from .nets import EmbeddingNet
-
-        names = EmbeddingNet(raw["net"]["backbone"], images.channels, images.image_size, dim=cfg.net.dim).layer_names()
+        names = EmbeddingNet(raw["net"]["backbone"], images.channels, images.image_size, dim=cfg.net.dim,
+                             sobel=cfg.net.sobel).layer_names()
         if cl["features"] not in names:
             raise ConfigError(f"cluster.features: unknown layer '{cl['features']}'; this network has: "
                               f"{', '.join(names)}")
     if raw["optim"]["batch_size"] > n:
         raw["optim"]["batch_size"] = n - n % (cfg.train.devices * cfg.train.num_nodes)
-    if cfg.method == "and" and cfg.options.neighbours >= n:
-        raise ConfigError(f"options.neighbours (k={cfg.options.neighbours}) must be smaller than N={n}")
+    method_class(cfg.method).check_data(cfg.options, n)
     return build_config(raw)
 
 
@@ -102,161 +106,292 @@ def view_spec(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_array(path: Path, array: np.ndarray) -> None:
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _atomic_write(path, w)
-
-
-def save_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def save_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-# ----------------------------------------------------------------------------------------------
 # Features -> clusters -> metrics
 
 
+def fit_cluster_head(cfg: Config, features: np.ndarray, kind: str, method_labels: np.ndarray | None = None,
+                     trained_rows: np.ndarray | None = None):
+    """A head read off ``features`` (never labels): k-means, spectral, or the method's own clusters
+    (``method``: kept for the rows it was trained on, other rows by the head's kNN vote)."""
+    from .heads import fit_head, head_from_labels
+
+    k = cfg.cluster.n_clusters
+    if kind != "method":
+        return fit_head(features, kind, k, seed=cfg.train.seed, n_neighbors=cfg.cluster.n_neighbors)
+    if method_labels is None:
+        raise ConfigError(f"cluster.head: method '{cfg.method}' has no clusters of its own; use kmeans or spectral")
+    rows = np.arange(len(features)) if trained_rows is None else trained_rows
+    head = head_from_labels(features[rows], method_labels, max(k, int(method_labels.max()) + 1), kind="method")
+    labels = head.predict(features)
+    labels[rows] = method_labels
+    head.labels_ = labels
+    return head
+
+
+def _scores(images: ImageSet, pred: np.ndarray) -> dict[str, Any]:
+    from .evaluate import clustering_scores
+
+    return clustering_scores(images.labels, pred) if images.labels is not None else {}
+
+
+def _knn_scores(cfg: Config, images: ImageSet, embedding: np.ndarray, features: np.ndarray) -> dict[str, Any]:
+    from .evaluate import knn_top1, linear_probe
+
+    m: dict[str, Any] = {}
+    t = cfg.eval.knn_temperature or cfg.memory.temperature
+    kk = min(cfg.eval.knn_k, len(images) - 1)
+    split = images.split
+    both = split is not None and bool((split == 0).any()) and bool((split == 1).any())
+    if both:
+        tr, te = split == 0, split == 1
+        m["knn_top1"] = knn_top1(embedding[tr], images.labels[tr], embedding[te], images.labels[te],
+                                 k=min(kk, int(tr.sum())), temperature=t)
+        m["knn_protocol"] = "test split against train split"
+    else:
+        m["knn_top1"] = knn_top1(embedding, images.labels, k=kk, temperature=t)
+        m["knn_protocol"] = "leave-one-out"
+    if cfg.eval.linear_probe and both:
+        m["linear_probe_top1"] = linear_probe(features[split == 0], images.labels[split == 0],
+                                              features[split == 1], images.labels[split == 1], seed=cfg.train.seed)
+    return m
+
+
 def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embedding: np.ndarray,
-                    *, head=None) -> tuple[dict[str, Any], Any]:
+                    *, head=None, method_labels: np.ndarray | None = None, trained_rows=None,
+                    layers: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], Any]:
     """Cluster ``features`` (the layer ``cluster.features`` names) with the configured head (labels
     never enter it), then score against labels if any.
 
     Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
-    head_seconds; with labels: acc, nmi, nmi_geometric, ari (the chosen head), kmeans_embedding_acc /
-    _nmi / _ari (the papers' protocol: k-means on the embedding), knn_top1 (test split against train
-    split when both exist, else leave-one-out), knn_protocol.
+    head_seconds; with labels: acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every
+    post-hoc head on the backbone and embedding layers, and the method's own clusters when it has
+    them: acc / nmi / ari / seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
+    knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
     """
-    from .evaluate import clustering_scores, collapse_report, knn_top1
-    from .heads import fit_head
-    from .structure import kmeans
+    from .evaluate import collapse_report
 
     k = cfg.cluster.n_clusters
-    feats = features
     t0 = time.perf_counter()
     if head is None:
-        head = fit_head(feats, cfg.cluster.head, k, seed=cfg.train.seed, n_neighbors=cfg.cluster.n_neighbors)
+        head = fit_cluster_head(cfg, features, cfg.cluster.head, method_labels, trained_rows)
         pred = head.labels_
     else:
-        pred = head.predict(feats)
+        pred = head.predict(features)
     head_seconds = time.perf_counter() - t0
-    collapse = collapse_report(pred, k)
+    collapse = collapse_report(pred, max(k, int(pred.max()) + 1))
     sizes = collapse.pop("sizes")
     if collapse["collapsed"]:
         print(f"deepclust: warning: the clustering collapsed: {collapse['warning']}", file=sys.stderr)
-    m: dict[str, Any] = {
-        "n_images": len(images), "n_clusters": k, "cluster_head": cfg.cluster.head,
-        "cluster_features": cfg.cluster.features, "head_seconds": round(head_seconds, 3),
-        "cluster_sizes": sizes, "collapse": collapse,
-    }
+    m: dict[str, Any] = {"n_images": len(images), "n_clusters": k, "cluster_head": cfg.cluster.head,
+                         "cluster_features": cfg.cluster.features, "head_seconds": round(head_seconds, 3),
+                         "cluster_sizes": sizes, "collapse": collapse, **_scores(images, pred)}
     if images.labels is not None:
-        m.update(clustering_scores(images.labels, pred))
-        km_labels, _, _ = kmeans(embedding, k, seed=cfg.train.seed)
-        m.update({f"kmeans_embedding_{key}": v for key, v in clustering_scores(images.labels, km_labels).items()})
-        t = cfg.eval.knn_temperature or cfg.memory.temperature
-        kk = min(cfg.eval.knn_k, len(images) - 1)
-        split = images.split
-        if split is not None and (split == 0).any() and (split == 1).any():
-            tr, te = split == 0, split == 1
-            m["knn_top1"] = knn_top1(embedding[tr], images.labels[tr], embedding[te], images.labels[te],
-                                     k=min(kk, int(tr.sum())), temperature=t)
-            m["knn_protocol"] = "test split against train split"
-        else:
-            m["knn_top1"] = knn_top1(embedding, images.labels, k=kk, temperature=t)
-            m["knn_protocol"] = "leave-one-out"
-        if cfg.eval.linear_probe and split is not None and (split == 0).any() and (split == 1).any():
-            from .evaluate import linear_probe
+        layers = dict(layers or {})
+        layers.setdefault(cfg.cluster.features, features)
+        layers.setdefault("embedding", embedding)
+        m["heads"] = score_heads(cfg, images, layers, method_labels, trained_rows,
+                                 known={(cfg.cluster.head, cfg.cluster.features): (m, head_seconds)})
+        km = next(h for h in m["heads"] if (h["head"], h["features"]) == ("kmeans", "embedding"))
+        m.update({f"kmeans_embedding_{key}": km[key] for key in ("acc", "nmi", "ari")})
+        m.update(_knn_scores(cfg, images, embedding, features))
+    return _plain(m), head
 
-            m["linear_probe_top1"] = linear_probe(features[split == 0], images.labels[split == 0],
-                                                  features[split == 1], images.labels[split == 1],
-                                                  seed=cfg.train.seed)
+
+def score_heads(cfg: Config, images: ImageSet, layers: dict[str, np.ndarray], method_labels=None,
+                trained_rows=None, known: dict | None = None) -> list[dict[str, Any]]:
+    """Scores of every post-hoc head on every given layer (and of the method's own clusters)."""
+    combos = [c for c in ALL_HEADS if c[1] in layers]
+    if method_labels is not None:
+        combos.append(("method", cfg.cluster.features if cfg.cluster.features in layers else "embedding"))
+    rows = []
+    for kind, layer in combos:
+        if known and (kind, layer) in known:
+            m, seconds = known[(kind, layer)]
+            scores = {key: m[key] for key in ("acc", "nmi", "ari")}
+        else:
+            t0 = time.perf_counter()
+            head = fit_cluster_head(cfg, layers[layer], kind, method_labels, trained_rows)
+            seconds = time.perf_counter() - t0
+            scores = {key: v for key, v in _scores(images, head.labels_).items() if key in ("acc", "nmi", "ari")}
+        rows.append({"head": kind, "features": layer, **scores, "head_seconds": round(seconds, 3)})
+    return rows
+
+
+def _plain(m: dict[str, Any]) -> dict[str, Any]:
     for key, v in list(m.items()):
         if isinstance(v, (np.floating, np.integer)):
             m[key] = v.item()
-    return m, head
+    return m
 
 
 # ----------------------------------------------------------------------------------------------
-# fit / evaluate
+# fit
+
+
+def _is_launched_child() -> bool:
+    """True in the processes Fabric / torchrun start for ranks other than 0 (they write nothing)."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] != "0"
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def checkpoint_file(out: Path) -> Path:
+    return out / "checkpoints" / "last.pt"
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked to."""
+    """Refuse to clobber an earlier run unless asked to (called while holding the run's claim)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory")
-    has_run = (out / "config.yaml").exists() or (out / "checkpoints" / "last.pt").exists()
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out} is not writable")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; choose one")
+    has_run = (out / "config.yaml").exists() or checkpoint_file(out).exists()
     if resume:
-        if not (out / "checkpoints" / "last.pt").exists():
+        if not checkpoint_file(out).exists():
             raise DataError(f"nothing to resume: no checkpoint under {out / 'checkpoints'}")
     elif has_run and not overwrite:
         raise DataError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
-def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabric=None) -> dict[str, Any]:
-    """Train, cluster, evaluate and write the run directory. Returns metrics.json's content
-    (an empty dict on processes other than rank 0)."""
-    from .train import Trainer, extract_features, make_fabric
+def _resume_config(out: Path, cfg: Config, given: dict | None) -> Config:
+    """The run's own configuration; a flag given with --resume must not contradict it."""
+    from .config import set_dotted
+
+    run_cfg = build_config(read_run_config(out))
+    run = run_cfg.to_dict()
+    for key, value in _flatten(given or {}):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        probe: dict = {}
+        set_dotted(probe, key, value)
+        wanted = build_config(run, probe).to_dict()
+        if _lookup(wanted, key) != _lookup(run, key):
+            raise ConfigError(f"--resume continues the run as it was configured: {key} is "
+                              f"{_lookup(run, key)!r} there, not {value!r}; drop the flag or start a new run")
+    run_cfg.out, run_cfg.train.progress = str(out), cfg.train.progress
+    run_cfg.train.threads = cfg.train.threads or run_cfg.train.threads
+    return run_cfg
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabric=None,
+            given: dict | None = None) -> dict[str, Any]:
+    """Train, cluster, evaluate and write the run directory. Returns metrics.json's content (an empty
+    dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
+    against the run on ``resume``)."""
+    from .locks import claim_run_dir, machine_activity
 
     out = Path(cfg.out)
-    if resume:  # the run's own configuration wins
-        prepare_out_dir(out, resume, overwrite)
-        progress = cfg.train.progress
-        cfg = build_config(read_run_config(out))
-        cfg.out, cfg.train.progress = str(out), progress
+    primary = not _is_launched_child()
+    claim = claim_run_dir(out) if primary else None
+    try:
+        with machine_activity():
+            if primary:
+                prepare_out_dir(out, resume, overwrite)
+            if resume:
+                cfg = _resume_config(out, cfg, given)
+                if primary and (done := _finished_run(out)) is not None:
+                    print(f"deepclust: the run in {out} has finished; nothing to resume", file=sys.stderr)
+                    return done
+            return _fit(cfg, out, resume, overwrite, fabric, primary)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _finished_run(out: Path) -> dict[str, Any] | None:
+    """metrics.json of a run that completed (written last, after every other file), else None."""
+    path = out / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool) -> dict[str, Any]:
+    from .train import Trainer, make_fabric
+
     images = load_data(cfg)
     cfg = resolve(cfg, images)
+    work = out.with_name(out.name + ".partial") if overwrite else out
+    if primary:
+        if overwrite and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        save_text(work / "config.yaml", cfg.to_yaml())
     fabric = fabric or make_fabric(cfg)
     fabric.launch()
-    if fabric.global_rank == 0:
-        if not resume:
-            prepare_out_dir(out, resume, overwrite)
-            if overwrite:
-                for stale in ("log.jsonl", "checkpoints/last.pt", "metrics.json"):
-                    (out / stale).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        save_text(out / "config.yaml", cfg.to_yaml())
-    fabric.barrier()
     train_images = training_subset(cfg, images)
-    trainer = Trainer(cfg, train_images.images, out, fabric=fabric, labels=train_images.labels,
+    trainer = Trainer(cfg, train_images.images, work, fabric=fabric, labels=train_images.labels,
                       view_spec=view_spec(cfg))
     result = trainer.fit(resume=resume)
     if fabric.global_rank != 0:
         return {}
-    features, embedding = extract_features(result.net, result.views, images.images, device=fabric.device,
-                                           layer=cfg.cluster.features)
-    metrics, head = compute_metrics(cfg, images, features, embedding)
-    save_model(out, result.net)
-    head.save(out / "head.npz")
-    save_array(out / "embeddings.npy", embedding.astype(np.float32))
-    save_array(out / "labels.npy", head.labels_.astype(np.int64))
-    metrics = {
-        "method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
-        "train_seconds": round(result.train_seconds, 2),
-        "images_per_second": round(result.images_per_second, 1), **metrics,
-    }
-    save_json(out / "metrics.json", metrics)
+    metrics = _write_outputs(cfg, images, result, work, fabric.device)
+    if overwrite:
+        _swap_in(work, out)
     return metrics
 
 
+def _write_outputs(cfg: Config, images: ImageSet, result, work: Path, device) -> dict[str, Any]:
+    from .train import extract_features
+
+    layers = {}
+    for layer in dict.fromkeys((cfg.cluster.features, "backbone")):
+        layers[layer], embedding = extract_features(result.net, result.views, images.images, device=device,
+                                                    layer=layer)
+    features = layers[cfg.cluster.features]
+    trained = np.flatnonzero(images.split == 0) if cfg.data.train_on == "train" else None
+    metrics, head = compute_metrics(cfg, images, features, embedding, method_labels=result.method_clusters,
+                                    trained_rows=trained, layers=layers)
+    save_model(work, result.net)
+    head.save(work / "head.npz")
+    save_array(work / "embeddings.npy", embedding.astype(np.float32))
+    save_array(work / "labels.npy", head.labels_.astype(np.int64))
+    ips = result.images_per_second
+    metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
+               "train_seconds": round(result.train_seconds, 2),
+               "images_per_second": round(ips, 1) if ips is not None else None, **metrics}
+    save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
+    return metrics
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``work`` directory; the old run is removed only afterwards."""
+    trash = out.with_name(out.name + ".old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    if out.exists():
+        os.replace(out, trash)
+    os.replace(work, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_model(out: Path, net) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    from .io import save_bytes
+
+    save_bytes(out / "model.safetensors", save(state))
 
 
 def read_run_config(run: Path) -> dict:
@@ -274,16 +409,28 @@ def load_network(run: Path, cfg: Config, images: ImageSet):
     from .nets import EmbeddingNet
     from .views import BatchViews
 
-    net = EmbeddingNet(cfg.net.backbone, images.channels, images.image_size, dim=cfg.net.dim)
+    shape = [images.channels, *images.image_size]
+    if cfg.net.input_shape is not None and list(cfg.net.input_shape) != shape:
+        c, h, w = cfg.net.input_shape
+        raise DataError(f"data '{images.spec}' is {shape[1]}x{shape[2]} with {shape[0]} channel(s) but run {run} "
+                        f"was trained on {h}x{w} with {c}; pass --resize {h} (square images) or use matching images")
+    from .methods import method_class
+
+    net = EmbeddingNet(cfg.net.backbone, images.channels, images.image_size, dim=cfg.net.dim, sobel=cfg.net.sobel,
+                       head=method_class(cfg.method).embedding_head)
     path = run / "model.safetensors"
     if not path.exists():
         raise DataError(f"run {run} has no model.safetensors (did training finish?)")
     try:
         net.load_state_dict(load_file(str(path)))
-    except RuntimeError:
-        raise DataError(f"data '{images.spec}' ({images.channels} channel(s), {images.image_size[0]}x"
-                        f"{images.image_size[1]}) does not fit the network of run {run}") from None
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot load the network of run {run} for data '{images.spec}': "
+                        f"{str(e).splitlines()[0][:200]}") from None
     return net, BatchViews(view_spec(cfg), images.channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate / predict
 
 
 def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | None = None,
@@ -296,6 +443,9 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     if not run.is_dir():
         raise DataError(f"no such run directory: {run}")
     cfg = build_config(read_run_config(run), overrides or {})
+    if cfg.cluster.head == "method":
+        raise ConfigError("evaluate cannot re-run a method's own clustering; use the run's labels.npy, "
+                          "or --cluster-head kmeans|spectral")
     images = load_data(cfg, data)
     net, views = load_network(run, cfg, images)
     features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)
@@ -315,43 +465,39 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     return metrics
 
 
-def compare_heads(run: str | Path, combos=(("kmeans", "embedding"), ("kmeans", "backbone"),
-                                          ("spectral", "embedding"), ("spectral", "backbone"))) -> list[dict]:
+def compare_heads(run: str | Path, combos=ALL_HEADS) -> list[dict]:
     """Scores of several (head, features) choices on one finished run, features extracted once.
-    Used by the cluster-head benchmark; needs labels for the scores (the heads never see them)."""
+    Needs labels for the scores (the heads never see them)."""
     from .train import extract_features
 
     run = Path(run)
     cfg = build_config(read_run_config(run))
     images = load_data(cfg)
     net, views = load_network(run, cfg, images)
-    cache: dict[str, np.ndarray] = {}
-    rows = []
-    for head, features in combos:
-        if features not in cache:
-            cache[features], embedding = extract_features(net, views, images.images, layer=features)
-        c = build_config(cfg.to_dict(), {"cluster": {"head": head, "features": features}})
-        m, _ = compute_metrics(c, images, cache[features], embedding)
-        rows.append({"head": head, "features": features,
-                     **{k: m.get(k) for k in ("acc", "nmi", "ari", "head_seconds")},
-                     "collapsed": m["collapse"]["collapsed"]})
-    return rows
+    layers = {}
+    for layer in {f for _, f in combos}:
+        layers[layer], _ = extract_features(net, views, images.images, layer=layer)
+    return score_heads(cfg, images, layers)
 
 
-def predict_run(run: str | Path, data: str, *, split: str = "all") -> tuple[np.ndarray, ImageSet]:
-    """Assign new images to a finished run's clusters (its saved head: nearest centroid in the
-    head's feature space). Returns (cluster per image, the images)."""
+def predict_run(run: str | Path, data: str, *, split: str = "all",
+                resize: int | str | None = None) -> tuple[np.ndarray, ImageSet]:
+    """Assign new images to a finished run's clusters with its saved head (``resize``: to the run's
+    square image size). Size and channels must match the run's. Returns (cluster per image, the
+    images)."""
     from .heads import ClusterHead
     from .train import extract_features
 
     run = Path(run)
     if not run.is_dir():
         raise DataError(f"no such run directory: {run}")
-    cfg = build_config(read_run_config(run), {"data": {"split": split}})
+    data_layer = {"split": split} if resize is None else {"split": split, "resize": resize}
+    cfg = build_config(read_run_config(run), {"data": data_layer})
     images = load_data(cfg, data)
     net, views = load_network(run, cfg, images)
     head_path = run / "head.npz"
     if not head_path.exists():
         raise DataError(f"run {run} has no head.npz (did training finish?)")
+    head = ClusterHead.load(head_path)
     features, _ = extract_features(net, views, images.images, layer=cfg.cluster.features)
-    return ClusterHead.load(head_path).predict(features), images
+    return head.predict(features), images

@@ -1,18 +1,28 @@
-"""The training loop: per epoch, discover structure, then train on it.
+"""The training loop: per epoch, discover structure, then train on it (``methods/base.py`` has the
+contract every method fills in).
 
 Written out explicitly so the algorithm reads plainly; Lightning Fabric underneath handles devices,
 DDP launch, precision and collectives. One process per device; every process holds the whole
-dataset (uint8, on its device) and the whole memory bank.
+dataset (uint8, on its device) and, for memory-bank methods, the whole bank.
 
-Reproducibility: the epoch's sample order and every batch's augmentation parameters are drawn from
-generators seeded by (seed, epoch, step) for the *global* batch; each process takes its slice. So a
-run is the same on 1 or many processes (up to float rounding), and ``--resume`` after a kill gives
-the same result as an uninterrupted run.
+What one process equals N processes (``--devices N``), up to float rounding:
+ - the epoch's batches and every augmentation draw come from generators seeded by (seed, epoch,
+   step) for the *global* batch; each process takes its contiguous slice;
+ - losses are per-row terms summed and scaled by world size / global batch, so DDP's gradient
+   average is the one-process mean; pair and triplet terms are taken against the gathered batch;
+ - BatchNorm statistics are those of the global batch (``train.sync_batchnorm``, on by default:
+   torch's SyncBatchNorm on GPU, ``nets.GlobalBatchNorm`` on CPU); with it off, every process
+   normalises by its own slice (the usual DDP semantics) and only BN-free networks equal one process;
+ - memory-bank updates gather every process's rows in rank order; the banks are compared by SHA-256
+   each epoch (``bank_identical_across_ranks`` in the log);
+ - structure is discovered on rank 0 and broadcast.
+``--resume`` after a kill gives the same result as an uninterrupted run: the checkpoint (written
+atomically after each epoch) holds the network, optimiser, method state (structure, modules, bank),
+RNG states, the history of log records and the cumulative timings.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -23,15 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import Config
-from .memory import MemoryBank
-from .methods import Method, build_method
+from .errors import DataError
+from .io import save_text, save_torch
+from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
 from .nets import EmbeddingNet
 from .views import BatchViews, draw_generator
 
 CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_FORMAT = 2
+PASS_BATCH = 512  # images per forward in full feature passes
 
 
 def make_fabric(cfg: Config):
@@ -46,13 +59,8 @@ def make_fabric(cfg: Config):
         precision = "bf16-mixed" if accelerator in ("cuda", "gpu") else "32-true"
     world = cfg.train.devices * cfg.train.num_nodes
     strategy = "ddp" if world > 1 else "auto"
-    return Fabric(
-        accelerator=accelerator,
-        devices=cfg.train.devices,
-        num_nodes=cfg.train.num_nodes,
-        strategy=strategy,
-        precision=precision,
-    )
+    return Fabric(accelerator=accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
+                  strategy=strategy, precision=precision)
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -61,15 +69,6 @@ def images_to_tensor(images: np.ndarray) -> Tensor:
     if t.ndim == 3:
         return t[:, None]
     return t.permute(0, 3, 1, 2).contiguous()
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
-    """A fresh permutation split into ceil(N / B) near-equal global batches (every image once an
-    epoch, no tiny last batch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    steps = max(1, -(-n // batch_size))
-    return list(torch.tensor_split(perm, steps))
 
 
 def learning_rate(cfg: Config, schedule_epoch: int) -> float:
@@ -91,19 +90,11 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
+    return {"torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -113,21 +104,60 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's content, loaded with ``weights_only=True`` (tensors, numbers, strings, lists and
+    dicts only: a file carrying code is refused, never run). DataError in one line otherwise."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"no checkpoint at {path}") from None
+    except pickle.UnpicklingError:
+        raise DataError(f"refusing checkpoint {path}: it holds objects other than tensors and plain "
+                        "values (weights-only loading)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read checkpoint {path} (corrupt or truncated): {first[:200]}") from None
+    keys = ("format", "epoch", "model", "optimizer", "method", "rng", "config", "history", "timing")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or state["format"] != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is not a deepclust checkpoint of this version")
+    return state
+
+
+class TrainModule(nn.Module):
+    """The network and the method's own modules as one module (what the optimiser and Fabric see).
+    ``forward`` returns the method's taps of the network plus its modules' outputs."""
+
+    def __init__(self, net: EmbeddingNet, method: Method):
+        super().__init__()
+        self.net = net
+        self.method_modules = method.modules
+        self._method = method  # a plain attribute: the method object is not a module
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self._method.forward(self.net.taps(x, self._method.taps))
+
+
 @dataclass
 class TrainResult:
     net: EmbeddingNet
     views: BatchViews
-    bank: MemoryBank
     method: Method
     train_seconds: float
     step_seconds: float
     images_seen: int
     epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    method_clusters: np.ndarray | None = None
 
     @property
-    def images_per_second(self) -> float:
-        return self.images_seen / self.step_seconds if self.step_seconds > 0 else float("nan")
+    def bank(self):
+        return self.method.bank
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.images_seen / self.step_seconds if self.step_seconds > 0 else None
 
 
 class Trainer:
@@ -145,13 +175,23 @@ class Trainer:
         n, c, h, w = self.data_cpu.shape
         self.n = n
         torch.manual_seed(cfg.train.seed)
-        self.net = EmbeddingNet(cfg.net.backbone, c, (h, w), dim=cfg.net.dim)
+        self.net = EmbeddingNet(cfg.net.backbone, c, (h, w), dim=cfg.net.dim, sobel=cfg.net.sobel,
+                                head=method_class(cfg.method).embedding_head)
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
-        self.method = build_method(cfg, n)
-        self.bank = MemoryBank(n, cfg.net.dim, temperature=cfg.memory.temperature, eta=cfg.memory.eta,
-                               seed=cfg.train.seed)
+        self.method = build_method(cfg, n, tap_dims=self._tap_dims())
+        self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0}
 
-    # -- helpers -----------------------------------------------------------------------------
+    def _tap_dims(self) -> dict[str, int]:
+        """Flat size of every tap, for methods that size their own modules from it."""
+        with torch.no_grad():
+            was = self.net.training
+            self.net.eval()
+            x = torch.zeros(1, *self.data_cpu.shape[1:])
+            taps = self.net.taps(x, tuple(self.net.layer_names()))
+            self.net.train(was)
+        return {k: int(v[0].numel()) for k, v in taps.items()}
+
+    # -- collectives -----------------------------------------------------------------------------
     @property
     def rank(self) -> int:
         return self.fabric.global_rank
@@ -160,34 +200,44 @@ class Trainer:
     def world(self) -> int:
         return self.fabric.world_size
 
-    def _gather(self, idx: Tensor, feats: Tensor, global_size: int) -> tuple[Tensor, Tensor]:
-        """All processes' (idx, feats) in rank order; local slices may differ in size by one."""
-        if self.world == 1:
-            return idx, feats
-        size = feats.shape[0]
-        max_size = -(-global_size // self.world)
-        pad = max_size - size
-        idx_p = F.pad(idx, (0, pad), value=-1)
-        feats_p = F.pad(feats, (0, 0, 0, pad))
-        all_idx = self.fabric.all_gather(idx_p).reshape(-1)
-        all_feats = self.fabric.all_gather(feats_p).reshape(-1, feats.shape[1])
-        keep = all_idx >= 0
-        return all_idx[keep], all_feats[keep]
+    def _slices(self, length: int) -> list[Tensor]:
+        return list(torch.tensor_split(torch.arange(length), self.world))
 
-    def _broadcast_structure(self, structure):
+    def _gather_rows(self, t: Tensor, global_rows: int, grad: bool = False) -> Tensor:
+        """Rows of every process (contiguous slices of ``global_rows``) in rank order."""
         if self.world == 1:
-            return structure
-        return self.fabric.broadcast(structure, src=0)
+            return t
+        sizes = [len(s) for s in self._slices(global_rows)]
+        padded = F.pad(t, (0, 0) * (t.ndim - 1) + (0, max(sizes) - t.shape[0]))
+        if grad:
+            import torch.distributed.nn.functional as dist_nn
 
-    def _bank_identical(self) -> bool:
-        """Every replica's bank bit for bit the same (a SHA-256 of the bytes, compared across ranks)."""
+            parts = dist_nn.all_gather(padded)
+        else:
+            parts = list(self.fabric.all_gather(padded).unbind(0))
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    def _identical_across_ranks(self, tensors: list[Tensor]) -> bool:
+        """Every replica's tensors bit for bit the same (SHA-256 of their bytes, compared across ranks)."""
         import hashlib
 
-        digest = hashlib.sha256(self.bank.features.detach().cpu().numpy().tobytes()).hexdigest()
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
         digests = [None] * self.world
-        torch.distributed.all_gather_object(digests, digest)
+        torch.distributed.all_gather_object(digests, h.hexdigest())
         return len(set(digests)) == 1
 
+    def _replica_checks(self, record: dict[str, Any]) -> None:
+        if self.world == 1:
+            return
+        if self.method.bank is not None:
+            record["bank_identical_across_ranks"] = self._identical_across_ranks([self.method.bank.features])
+        if self.method.structure is not None:
+            parts = [self.method.structure[k] for k in sorted(self.method.structure)]
+            record["structure_identical_across_ranks"] = self._identical_across_ranks(parts)
+
+    # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
         return self.out_dir / "checkpoints" / CHECKPOINT_NAME
 
@@ -195,130 +245,211 @@ class Trainer:
         if self.rank == 0:
             path = self.checkpoint_path()
             path.parent.mkdir(parents=True, exist_ok=True)
-            state = {
-                "epoch": epoch,
-                "model": self.net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "bank": self.bank.state_dict(),
-                "method": self.method.state_dict(),
-                "rng": _rng_state(),
-                "config": self.cfg.to_dict(),
-                "history": history,
-            }
-            _atomic_torch_save(state, path)
+            save_torch(path, {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": self.net.state_dict(),
+                "optimizer": optimizer.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
+                "config": self.cfg.to_dict(), "history": history, "timing": dict(self.timing),
+            })
         self.fabric.barrier()
 
     def _load_checkpoint(self, optimizer) -> tuple[int, list]:
         path = self.checkpoint_path()
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        self.bank.load_state_dict(state["bank"])
-        self.method.load_state_dict(state["method"])
-        _set_rng_state(state["rng"])
-        return int(state["epoch"]) + 1, list(state.get("history", []))
+        state = read_checkpoint(path)
+        try:
+            self.net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state["method"])
+            _set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise DataError(f"checkpoint {path} does not fit this run's network or method: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+        self.timing = {k: state["timing"].get(k, 0) for k in self.timing}
+        return int(state["epoch"]) + 1, list(state["history"])
+
+    # -- full passes and discovery -------------------------------------------------------------------
+    @torch.no_grad()
+    def _full_passes(self, requests: tuple[FeatureRequest, ...], epoch: int) -> dict[FeatureRequest, Tensor]:
+        """Each requested tap over all training images (network in eval mode), shared out over the
+        processes and gathered; augmented passes draw one view per image from (seed, epoch)."""
+        if not requests:
+            return {}
+        device, out = self.fabric.device, {}
+        rows = self._slices(self.n)[self.rank]
+        was = self.net.training
+        self.net.eval()
+        for augmented in sorted({r.augmented for r in requests}):
+            taps = tuple(sorted({r.tap for r in requests if r.augmented == augmented}))
+            params = self.views.sample_params(self.n, draw_generator(self.cfg.train.seed, epoch, 9_000_011)) \
+                if augmented else None
+            parts: dict[str, list[Tensor]] = {t: [] for t in taps}
+            for block in torch.split(rows, PASS_BATCH):
+                x = self.data[block.to(device)]
+                x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
+                with self.fabric.autocast():
+                    got = self.net.taps(x, taps)
+                for t in taps:
+                    parts[t].append(got[t].float())
+            for t in taps:
+                out[FeatureRequest(t, augmented)] = self._gather_rows(torch.cat(parts[t]), self.n)
+        self.net.train(was)
+        return out
+
+    def _context(self, epoch: int, passes) -> DiscoveryContext:
+        return DiscoveryContext(epoch=epoch, n_images=self.n, seed=self.cfg.train.seed, device=self.fabric.device,
+                                bank=self.method.bank, passes=passes, images=self.data)
+
+    def _discover(self, epoch: int, optimizer, record: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        passes = self._full_passes(self.method.discovery_features(epoch), epoch)
+        structure = None
+        if self.rank == 0:
+            structure = self.method.discover(self._context(epoch, passes))
+            if structure is not None and self.world > 1:
+                structure = {k: v.cpu() for k, v in structure.items()}
+        if self.world > 1:
+            structure = self.fabric.broadcast(structure, src=0)
+        device = self.fabric.device
+        self.method.set_structure({k: v.to(device) for k, v in structure.items()} if structure is not None else None)
+        for p in self.method.reset_parameters():
+            optimizer.state.pop(p, None)
+        record["discovery_seconds"] = round(time.perf_counter() - t0, 3)
+        if self.rank == 0:
+            record.update(self.method.describe(self.labels))
+            if self.labels is not None and self.method.bank is not None:
+                record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg)
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def _step(self, model, optimizer, epoch: int, step: int, gidx: Tensor) -> Tensor:
+        device, method = self.fabric.device, self.method
+        gen = draw_generator(self.cfg.train.seed, epoch, step)
+        # Draws for the global batch, then this rank's slice: the same views on any device count.
+        n_views = method.views_at(epoch)
+        params = [self.views.sample_params(len(gidx), gen) for _ in range(n_views)]
+        part = self._slices(len(gidx))[self.rank]
+        gidx_dev = gidx.to(device, non_blocking=True)
+        idx = gidx_dev[part.to(device)]
+        batch = self.data[idx]
+        x = torch.cat([self.views.apply(batch, p[part]) for p in params]) if n_views > 1 \
+            else self.views.apply(batch, params[0][part])
+        with self.fabric.autocast():
+            out = model(x)  # one forward for all views: one DDP pass, BatchNorm over all views
+            outputs = [{k: v.chunk(n_views)[i] for k, v in out.items()} for i in range(n_views)]
+            s = Step(epoch=epoch, step=step, idx=idx, gidx=gidx_dev, positions=part.to(device), outputs=outputs,
+                     bank=method.bank, world=self.world,
+                     gather_fn=lambda t, grad: self._gather_rows(t, len(gidx), grad))
+            per_sample = method.batch_loss(s)
+        # Sum over the local rows / global batch x world: DDP's gradient average is the one-process mean.
+        loss = per_sample.float().sum() * (self.world / len(gidx))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}; lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        self.fabric.backward(loss)
+        optimizer.step()
+        method.after_step(s)
+        return per_sample.detach().float().sum()
+
+    def _train_epoch(self, model, optimizer, epoch: int, record: dict[str, Any]) -> None:
+        cfg, device = self.cfg, self.fabric.device
+        lr = learning_rate(cfg, self.method.schedule_epoch(epoch))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        batches = self.method.batches(epoch, self.n, cfg.optim.batch_size, cfg.train.seed)
+        loss_sum = torch.zeros((), device=device)
+        bar = None
+        if cfg.train.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{self.method.total_epochs()}", leave=False,
+                       dynamic_ncols=True)
+        t_steps = time.perf_counter()
+        seen = 0
+        for step, gidx in enumerate(batches):
+            loss_sum += self._step(model, optimizer, epoch, step, gidx)
+            seen += len(gidx)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t_steps
+        self.timing["step_seconds"] += dt
+        self.timing["images_seen"] += seen
+        total = self.fabric.all_reduce(loss_sum, reduce_op="sum") if self.world > 1 else loss_sum
+        record.update(loss=float(total) / max(seen, 1), lr=lr, images_per_second=round(seen / dt, 1))
+        self._replica_checks(record)
 
     # -- the loop --------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
+    def _setup(self, resume: bool):
         cfg, fabric = self.cfg, self.fabric
-        t_start = time.perf_counter()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         elif fabric.device.type == "cpu" and self.world > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // min(self.world, os.cpu_count() or 1)))
-        device = fabric.device
-        optimizer = build_optimizer(cfg, self.net.parameters())
+        if self.world > 1 and cfg.train.sync_batchnorm:
+            from .nets import sync_batchnorm
+
+            self.net = sync_batchnorm(self.net, device=fabric.device)
+        module = TrainModule(self.net, self.method)
+        optimizer = build_optimizer(cfg, module.parameters())
         start_epoch, history = 0, []
         if resume and self.checkpoint_path().exists():
             start_epoch, history = self._load_checkpoint(optimizer)
-        model, optimizer = fabric.setup(self.net, optimizer)
-        self.bank.to(device)
-        self.views.to(device)
-        data = self.data_cpu.to(device)
+        model, optimizer = fabric.setup(module, optimizer)
+        if self.method.bank is not None:
+            self.method.bank.to(fabric.device)
+        self.views.to(fabric.device)
+        self.data = self.data_cpu.to(fabric.device)
         if self.method.structure is not None:
-            self.method.set_structure({k: v.to(device) for k, v in self.method.structure.items()})
+            self.method.set_structure({k: v.to(fabric.device) for k, v in self.method.structure.items()})
+        return model, optimizer, start_epoch, history
 
-        total = self.method.total_epochs()
-        step_seconds, images_seen = 0.0, 0
-        log_path = self.out_dir / "log.jsonl"
+    def _write_log(self, history: list[dict[str, Any]], append: dict[str, Any] | None = None) -> None:
+        """log.jsonl: one record per finished epoch (rewritten from the checkpoint's history on resume,
+        so a kill between the log and the checkpoint leaves no duplicate)."""
+        import json
+
+        if self.rank != 0:
+            return
+        path = self.out_dir / "log.jsonl"
+        if append is None:
+            save_text(path, "".join(json.dumps(r) + "\n" for r in history))
+        else:
+            with open(path, "a") as f:
+                f.write(json.dumps(append) + "\n")
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        t_start = time.perf_counter()
+        model, optimizer, start_epoch, history = self._setup(resume)
+        base_seconds = self.timing["train_seconds"]
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._write_log(history)
+        total = self.method.total_epochs()
         for epoch in range(start_epoch, total):
             t_epoch = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch, "phase": self.method.phase(epoch)}
             if self.method.needs_discovery(epoch):
-                t0 = time.perf_counter()
-                structure = None
-                if self.rank == 0:
-                    structure = self.method.discover(epoch, self.bank)
-                    if structure is not None and self.world > 1:
-                        structure = {k: v.cpu() for k, v in structure.items()}
-                structure = self._broadcast_structure(structure)
-                self.method.set_structure({k: v.to(device) for k, v in structure.items()}
-                                          if structure is not None else None)
-                record["discovery_seconds"] = round(time.perf_counter() - t0, 3)
-                if self.rank == 0:
-                    record.update(self.method.describe(self.labels))
-                    if self.labels is not None:
-                        record["bank_knn_top1"] = bank_knn_top1(self.bank.features, self.labels, cfg)
-            lr = learning_rate(cfg, self.method.schedule_epoch(epoch))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            batches = epoch_batches(self.n, cfg.optim.batch_size, cfg.train.seed, epoch)
-            loss_sum = torch.zeros((), device=device)
-            t_steps = time.perf_counter()
-            bar = None
-            if cfg.train.progress and self.rank == 0:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{total}", leave=False,
-                           dynamic_ncols=True)
-            for step, gidx in enumerate(batches):
-                gidx_dev = gidx.to(device, non_blocking=True)
-                # Draws for the global batch, then this rank's slice: the same views on any device count.
-                gen = draw_generator(cfg.train.seed, epoch, step)
-                params = [self.views.sample_params(len(gidx), gen) for _ in range(self.method.n_views)]
-                part = torch.tensor_split(torch.arange(len(gidx)), self.world)[self.rank]
-                idx = gidx_dev[part.to(device)]
-                batch = data[idx]
-                with fabric.autocast():
-                    embeddings = [model(self.views.apply(batch, p[part])) for p in params]
-                    per_sample = self.method.batch_loss(embeddings, idx, self.bank)
-                # Sum over the local slice / global batch x world: DDP's gradient average then equals
-                # the one-process mean over the global batch.
-                loss = per_sample.float().sum() * (self.world / len(gidx))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}; "
-                                             "lower optim.lr")
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                optimizer.step()
-                all_idx, all_feats = self._gather(idx, embeddings[0].detach().float(), len(gidx))
-                self.bank.update(all_idx, all_feats)
-                loss_sum += per_sample.detach().float().sum()
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t_steps
-            step_seconds += dt
-            images_seen += self.n
-            loss_total = fabric.all_reduce(loss_sum, reduce_op="sum") if self.world > 1 else loss_sum
-            record.update(loss=float(loss_total) / self.n, lr=lr, seconds=round(time.perf_counter() - t_epoch, 3),
-                          images_per_second=round(self.n / dt, 1))
-            if self.world > 1:
-                record["bank_identical_across_ranks"] = self._bank_identical()
+                self._discover(epoch, optimizer, record)
+            self._train_epoch(model, optimizer, epoch, record)
+            record["seconds"] = round(time.perf_counter() - t_epoch, 3)
+            self.timing["train_seconds"] = base_seconds + time.perf_counter() - t_start
             history.append(record)
-            if self.rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if cfg.train.checkpoint:
+            self._write_log(history, append=record)
+            if self.cfg.train.checkpoint:
                 self._save_checkpoint(epoch, optimizer, history)
-        return TrainResult(self.net, self.views, self.bank, self.method, time.perf_counter() - t_start,
-                           step_seconds, images_seen, total, history)
+        clusters = self._final_clusters(total)
+        self.timing["train_seconds"] = base_seconds + time.perf_counter() - t_start
+        return TrainResult(self.net, self.views, self.method, self.timing["train_seconds"],
+                           self.timing["step_seconds"], int(self.timing["images_seen"]), total, history, clusters)
+
+    def _final_clusters(self, epoch: int) -> np.ndarray | None:
+        passes = self._full_passes(self.method.final_features(), epoch)
+        if self.rank != 0:
+            return None
+        labels = self.method.final_clusters(self._context(epoch, passes))
+        return None if labels is None else np.asarray(labels, dtype=np.int64)
 
 
 def bank_knn_top1(bank: Tensor, labels: np.ndarray, cfg: Config) -> float:
@@ -346,12 +477,8 @@ def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | 
     feats, embs = [], []
     for start in range(0, data.shape[0], batch_size):
         x = views.plain(data[start:start + batch_size].to(device))
-        f, e = net.forward_features(x)
-        if layer == "embedding":
-            f = e
-        elif layer != "backbone":
-            f = net.features_at(x, layer)
-        feats.append(f.float().cpu())
-        embs.append(e.float().cpu())
+        taps = net.taps(x, tuple({layer, "embedding"}))
+        feats.append(taps[layer].flatten(1).float().cpu())
+        embs.append(taps["embedding"].float().cpu())
     net.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(embs).numpy()

@@ -1,25 +1,36 @@
-"""Methods: each a short file composing the shared parts (memory bank, structure, losses)."""
+"""Methods: each a short file composing the shared parts (memory bank, structure, losses), with its
+own options. The registry below is the one line a new method adds."""
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import Config, register_options
 from ..errors import ConfigError
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
-from .base import Method
+from .base import DiscoveryContext, FeatureRequest, Method, Step
+from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
+from .pcp import ProgressiveClusterPurification
 
 METHODS: dict[str, type[Method]] = {
     "instance": InstanceDiscrimination,
     "and": AnchorNeighbourhoodDiscovery,
+    "pcp": ProgressiveClusterPurification,
+    "deepcluster": DeepCluster,
 }
 
+for _name, _cls in METHODS.items():
+    register_options(_name, _cls.Options)
 
-def build_method(cfg: Config, n_images: int) -> Method:
+
+def method_class(name: str) -> type[Method]:
     try:
-        cls = METHODS[cfg.method]
+        return METHODS[name]
     except KeyError:
-        raise ConfigError(f"unknown method '{cfg.method}'; known: {', '.join(METHODS)}") from None
-    return cls(cfg, n_images)
+        raise ConfigError(f"unknown method '{name}'; known: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None) -> Method:
+    return method_class(cfg.method)(cfg, n_images, tap_dims)
+
+
+__all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "method_class"]

@@ -13,29 +13,43 @@ Choices the paper leaves open, settled as the authors' reference code does (Raym
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from ..config import AndOptions
+from ..config import option
+from ..errors import ConfigError
 from ..losses import instance_loss, neighbourhood_loss
-from ..memory import MemoryBank
 from ..structure.neighbourhoods import (
     curriculum_fraction,
     entropy_and_neighbours,
     neighbourhood_quality,
     select_lowest_entropy,
 )
-from .base import Method, Structure
+from .base import DiscoveryContext, Method, Step, Structure
+
+
+@dataclass
+class AndOptions:
+    """AND (Huang et al., ICML 2019)."""
+
+    rounds: int = option(4, low=1)  # R of Eq 6; round 0 (instance discrimination) comes on top
+    neighbours: int = option(1, low=1)  # k of Eq 1
+    curriculum: str = option("linear", choices=("linear", "one-off"))  # linear: S = r/R (Eq 6);
+                                                                       # one-off: S = 1 from round 1 (Table 6)
+    round0_epochs: int | None = option(None, low=0)  # epochs of round 0; None: as every other round
 
 
 class AnchorNeighbourhoodDiscovery(Method):
     name = "and"
+    Options = AndOptions
 
-    @property
-    def options(self) -> AndOptions:
-        return self.cfg.options
+    @classmethod
+    def check_data(cls, options: AndOptions, n_images: int) -> None:
+        if options.neighbours >= n_images:
+            raise ConfigError(f"options.neighbours (k={options.neighbours}) must be smaller than N={n_images}")
 
     def _round0(self) -> int:
         o = self.options
@@ -62,10 +76,10 @@ class AnchorNeighbourhoodDiscovery(Method):
         r, e = self.round_of(epoch)
         return r >= 1 and e == 0
 
-    def discover(self, epoch: int, bank: MemoryBank) -> Structure:
-        r, _ = self.round_of(epoch)
-        entropy, neighbours = entropy_and_neighbours(
-            bank.features, self.options.neighbours, bank.temperature
+    def discover(self, ctx: DiscoveryContext) -> Structure:
+        r, _ = self.round_of(ctx.epoch)
+        entropy, neighbours = entropy_and_neighbours(  # AND Eq 1 and Eq 5, one pass over the bank
+            ctx.bank.features, self.options.neighbours, ctx.bank.temperature
         )
         fraction = curriculum_fraction(r, self.options.rounds, self.options.curriculum)
         selected = select_lowest_entropy(entropy, fraction)
@@ -80,8 +94,9 @@ class AnchorNeighbourhoodDiscovery(Method):
             out.update(consistent=q.consistent, consistent_fraction=q.consistent_fraction)
         return out
 
-    def batch_loss(self, embeddings: list[Tensor], idx: Tensor, bank: MemoryBank) -> Tensor:
-        logits = bank.logits(embeddings[0])
+    def batch_loss(self, step: Step) -> Tensor:
+        idx = step.idx
+        logits = step.bank.logits(step.outputs[0]["embedding"])
         if self.structure is None:
             return instance_loss(logits, idx)  # round 0: Eq 2
         s = self.structure

@@ -1,71 +1,242 @@
-"""The hooks a method fills in. The training loop (``deepclust.train``) calls them in this order:
+"""The method contract: the hooks every method fills in, and the contexts the training loop hands it.
 
-    for epoch in range(method.total_epochs()):
-        if method.needs_discovery(epoch):             # on rank 0, result broadcast to all ranks
-            method.set_structure(method.discover(epoch, bank))
-        for each batch:
-            embeddings = [net(view) for view in method.n_views views of the batch]
-            loss = method.batch_loss(embeddings, idx, bank)   # per sample
-            ... backward, optimiser step, bank.update(idx, embeddings[0])
+One contract serves all seven methods (instance discrimination, AND, PAD, PCP, DeepCluster, DCCM,
+JULE; ``../shared/design/method-contract.md`` sets their needs side by side). The loop
+(``deepclust.train.Trainer.fit``) calls, per epoch::
+
+    if method.needs_discovery(epoch):                       # structure, on rank 0, then broadcast
+        features = full passes for method.discovery_features(epoch)      # all ranks share the pass
+        structure = method.discover(DiscoveryContext(...))               # rank 0 only
+        method.set_structure(structure)                                  # every rank
+    for gidx in method.batches(epoch, ...):                  # global batches, seeded; default uniform
+        outputs = model(views)     # per view: the network's taps (method.taps), then method.forward
+        loss = method.batch_loss(Step(...)).sum() * world / len(gidx)
+        backward, optimiser step (network + method.modules)
+        method.after_step(step)                              # default: memory-bank update (AND Eq 8)
+    after training: method.final_clusters(DiscoveryContext(...))  # the method's own clusters, or None
+
+What a method may own and ask for:
+ - ``modules`` (an ``nn.ModuleDict``): trainable parts of its own (DeepCluster's classifier, DCCM's
+   K-way head and discriminator). They are in the optimiser, wrapped by Fabric with the network,
+   saved in the checkpoint and restored by ``--resume``. Parameters that ``set_structure``
+   re-initialises are listed by ``reset_parameters`` so the loop drops their optimiser state.
+ - ``taps``: the network outputs the loss needs (``embedding``, ``backbone``, or any stage name such
+   as ``conv2``; stage outputs keep their shape). ``forward(taps)`` adds the method modules' outputs.
+ - a memory bank (``make_bank``; None for DeepCluster, DCCM, JULE). ``after_step`` updates it from
+   the features of all processes, gathered in rank order, so every replica's bank is identical.
+ - full passes of features over the training images (``discovery_features``: un-augmented, or one
+   seeded augmented view) for discovery on fresh features (DeepCluster, JULE), not the bank.
+ - the batches of an epoch (``batches``): DeepCluster / PCP sample uniformly over clusters, JULE by
+   cluster. They must come from generators seeded by (seed, epoch) so runs repeat and every process
+   cuts the same global batches.
+ - its own final clusters (``final_clusters``; ``--cluster-head method``).
+
+The DDP rule for losses: ``batch_loss`` returns one term per local row; the loop sums them and scales
+by world size / global batch, so DDP's gradient average equals the one-process mean. A loss over pairs
+or triplets within the batch computes, for each local row, its terms against the *gathered* global
+batch (``Step.gather``, with gradient), which keeps the same rule: the local rows' terms of all
+processes add up to the one-process loss.
 
 A method never sees labels. ``describe`` may be given labels by the loop, to log diagnostics of the
-structure it found (e.g. neighbourhood class consistency), and nothing it returns feeds back.
+structure it found; nothing it returns feeds back.
+
+Options: each method declares an ``Options`` dataclass in its own file, built from ``options:`` of the
+configuration with ``deepclust.config.option`` fields (ranges checked by the one validator) and
+``check(self)`` for rules across fields; ``check_data(options, n_images)`` for rules that need the
+data size. The registry (``methods/__init__.py``) maps the name to the class.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..config import Config
+from ..errors import ConfigError
 from ..memory import MemoryBank
+from ..structure.batching import uniform_batches
+from ..views import draw_generator
 
 Structure = dict[str, Tensor]
 
 
-class Method:
-    name: str = ""
-    n_views: int = 1
+@dataclass
+class NoOptions:
+    """This method has no options beyond the shared ones."""
 
-    def __init__(self, cfg: Config, n_images: int):
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """A full pass of ``tap`` over the training images, in dataset order, network in eval mode:
+    of the plain images, or (``augmented``) of one view drawn from the (seed, epoch) generators."""
+
+    tap: str = "embedding"
+    augmented: bool = False
+
+
+@dataclass
+class DiscoveryContext:
+    """What discovery may read: the bank, the requested full passes, the raw images, a seeded
+    generator. Built by the loop on rank 0."""
+
+    epoch: int
+    n_images: int
+    seed: int
+    device: torch.device
+    bank: MemoryBank | None = None
+    passes: dict[FeatureRequest, Tensor] = field(default_factory=dict)
+    images: Tensor | None = None  # uint8 (N, C, H, W), dataset order
+
+    def features(self, tap: str = "embedding", augmented: bool = False) -> Tensor:
+        key = FeatureRequest(tap, augmented)
+        if key not in self.passes:
+            raise ConfigError(f"discovery asked for features '{tap}' (augmented={augmented}) that its "
+                              "method did not request in discovery_features")
+        return self.passes[key]
+
+    def generator(self, *keys: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, epoch, *keys): the same on every process and resume."""
+        return draw_generator(self.seed, self.epoch, 7_000_001, *keys)
+
+
+@dataclass
+class Step:
+    """One training step as a method's loss sees it (this process's rows of the global batch)."""
+
+    epoch: int
+    step: int
+    idx: Tensor  # (B_local,) dataset indices of this process's rows
+    gidx: Tensor  # (B,) dataset indices of the whole global batch, in order
+    positions: Tensor  # (B_local,) where this process's rows sit in the global batch
+    outputs: list[dict[str, Tensor]]  # per view: taps + method outputs for the local rows
+    bank: MemoryBank | None
+    world: int = 1
+    gather_fn: Callable[[Tensor, bool], Tensor] | None = None
+
+    def gather(self, t: Tensor, grad: bool = True) -> Tensor:
+        """The global batch's rows of a per-row tensor of this process (rows in global order).
+        With ``grad`` the gradient flows back to every process's own rows."""
+        if self.world == 1 or self.gather_fn is None:
+            return t
+        return self.gather_fn(t, grad)
+
+
+class Method:
+    """Base class: the defaults suit a memory-bank method trained on uniform batches."""
+
+    name: str = ""
+    Options: type = NoOptions
+    n_views: int = 1
+    taps: tuple[str, ...] = ("embedding",)
+    uses_bank: bool = True
+    embedding_head: bool = True  # False: the embedding is the normalised backbone output (no projection)
+
+    def __init__(self, cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None):
         self.cfg = cfg
         self.n_images = n_images
+        self.tap_dims = tap_dims or {}
         self.structure: Structure | None = None
+        self.modules = nn.ModuleDict()
+        self.bank: MemoryBank | None = self.make_bank()
+
+    @property
+    def options(self):
+        return self.cfg.options
+
+    @classmethod
+    def check_data(cls, options: Any, n_images: int) -> None:
+        """Option rules that depend on the number of training images (ConfigError when broken)."""
+
+    def make_bank(self) -> MemoryBank | None:
+        if not self.uses_bank:
+            return None
+        m = self.cfg.memory
+        dim = self.cfg.net.dim if self.embedding_head else self.tap_dims["backbone"]
+        return MemoryBank(self.n_images, dim, temperature=m.temperature, eta=m.eta,
+                          seed=self.cfg.train.seed)
 
     # -- schedule ---------------------------------------------------------------------------
     def total_epochs(self) -> int:
         return self.cfg.train.epochs
 
     def schedule_epoch(self, epoch: int) -> int:
-        """The epoch the learning-rate schedule sees (a method may restart it, as AND does per round)."""
+        """The epoch the learning-rate schedule sees (AND restarts it each round)."""
         return epoch
 
     def phase(self, epoch: int) -> str:
         return ""
 
+    def views_at(self, epoch: int) -> int:
+        """Augmented views per sample at ``epoch`` (PCP's two-view warm-up ends part-way)."""
+        return self.n_views
+
     # -- structure discovery ------------------------------------------------------------------
     def needs_discovery(self, epoch: int) -> bool:
         return False
 
-    def discover(self, epoch: int, bank: MemoryBank) -> Structure | None:
+    def discovery_features(self, epoch: int) -> tuple[FeatureRequest, ...]:
+        return ()
+
+    def discover(self, ctx: DiscoveryContext) -> Structure | None:
         return None
 
     def set_structure(self, structure: Structure | None) -> None:
+        """Called on every process with the broadcast structure (on the training device)."""
         self.structure = structure
+
+    def reset_parameters(self) -> list[nn.Parameter]:
+        """Parameters the last ``set_structure`` re-initialised (their optimiser state is dropped)."""
+        return []
 
     def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
         """Diagnostics of the current structure for the log (labels only describe, never steer)."""
         return {}
 
-    # -- loss -----------------------------------------------------------------------------------
-    def batch_loss(self, embeddings: list[Tensor], idx: Tensor, bank: MemoryBank) -> Tensor:
+    # -- batches and loss -------------------------------------------------------------------------
+    def batches(self, epoch: int, n: int, batch_size: int, seed: int) -> list[Tensor]:
+        return uniform_batches(n, batch_size, seed, epoch)
+
+    def forward(self, taps: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Add the outputs of the method's own modules (runs inside the Fabric-wrapped forward)."""
+        return taps
+
+    def batch_loss(self, step: Step) -> Tensor:
         raise NotImplementedError
 
+    def after_step(self, step: Step) -> None:
+        """Memory-bank update from the first view's embeddings of every process (AND Eq 8)."""
+        if self.bank is not None:
+            feats = step.gather(step.outputs[0]["embedding"].detach().float(), False)
+            self.bank.update(step.gidx.to(feats.device), feats)
+
+    # -- final clusters ---------------------------------------------------------------------------
+    def final_features(self) -> tuple[FeatureRequest, ...]:
+        return ()
+
+    def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray | None:
+        """The method's own clusters of the training images (int64 (N,)), or None (post-hoc heads only)."""
+        return None
+
     # -- checkpointing ----------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Round state beyond structure, modules and bank (tensors and plain Python values only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
-        return {"structure": self.structure}
+        return {"structure": self.structure, "modules": self.modules.state_dict(),
+                "bank": self.bank.state_dict() if self.bank is not None else None,
+                "extra": self.extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.structure = state.get("structure")
+        self.modules.load_state_dict(state.get("modules") or {})
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+        self.load_extra_state(state.get("extra") or {})

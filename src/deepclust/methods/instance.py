@@ -7,16 +7,15 @@ import torch
 from torch import Tensor
 
 from ..losses import instance_loss
-from ..memory import MemoryBank
-from .base import Method
+from .base import Method, Step
 
 
 class InstanceDiscrimination(Method):
     name = "instance"
 
-    def batch_loss(self, embeddings: list[Tensor], idx: Tensor, bank: MemoryBank) -> Tensor:
-        x = embeddings[0]
+    def batch_loss(self, step: Step) -> Tensor:
+        x, idx, bank = step.outputs[0]["embedding"], step.idx, step.bank
         if self.cfg.memory.nce_k:
             g = torch.Generator().manual_seed(int(idx[0]) * 7919 + int(idx.sum()))
-            return bank.nce_loss(x, idx, self.cfg.memory.nce_k, generator=g)
-        return instance_loss(bank.logits(x), idx)
+            return bank.nce_loss(x, idx, self.cfg.memory.nce_k, generator=g)  # Wu et al. Eq 5-7
+        return instance_loss(bank.logits(x), idx)  # Wu et al. Eq 2 / AND Eq 2

@@ -1,9 +1,4 @@
-"""Losses over the memory bank's non-parametric softmax.
-
-All take ``logits`` (B, N) = x_i . bank_j / T and return the per-sample loss (B,), so that the
-training loop decides how to reduce it (sum / global batch, which keeps DDP gradients equal to a
-one-process run).
-"""
+"""AND (Huang et al., ICML 2019): the neighbourhood loss over the memory bank's softmax."""
 
 from __future__ import annotations
 
@@ -11,16 +6,11 @@ import torch
 from torch import Tensor
 
 
-def instance_loss(logits: Tensor, idx: Tensor) -> Tensor:
-    """Instance discrimination, -log p_ii (Wu et al. 2018; AND Eq 2)."""
-    return torch.logsumexp(logits, dim=1) - logits.gather(1, idx[:, None]).squeeze(1)
-
-
 def positive_set_loss(logits: Tensor, positives: Tensor, mask: Tensor | None = None) -> Tensor:
-    """-log sum_{j in P_i} p_ij for a set of positives per row (AND Eq 3; PAD's group loss).
+    """-log sum_{j in P_i} p_ij for a set of positives per row (AND Eq 3; PAD Eq 3's group loss).
 
     positives: (B, M) bank indices; mask: (B, M) bool, False for padding (rows may have different
-    set sizes). Every row must have at least one valid positive.
+    set sizes). Every row must have at least one valid positive. Returns (B,).
     """
     pos = logits.gather(1, positives)
     if mask is not None:

@@ -1,0 +1,114 @@
+"""What every method must satisfy, run for every registered method (``deepclust.methods.METHODS``):
+
+- labels never steer anything: shuffled labels give identical embeddings and clusters;
+- two processes (gloo DDP on the CPU, the default BatchNorm backbone) equal one process with the
+  same global batch, and the replicas' banks / structure are identical on both ranks;
+- a run SIGKILLed between its log record and its checkpoint, then resumed, equals an uninterrupted
+  run, with exactly one log record per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import METHOD_SMOKE, ROOT, smoke_layer
+
+from deepclust.config import build_config
+from deepclust.methods import METHODS
+from deepclust.runs import fit_run
+
+ALL = sorted(METHODS)
+WORKER = str(ROOT / "tests" / "_workers.py")
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env.pop("DEEPCLUST_RUN_OUT", None)
+    env.update(extra)
+    return env
+
+
+def _outputs(out) -> dict:
+    return {"embeddings": np.load(out / "embeddings.npy"), "labels": np.load(out / "labels.npy"),
+            "log": [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()],
+            "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, small_npz):
+    """One uninterrupted one-process run of every method."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for m in ALL:
+        fit_run(build_config(smoke_layer(m, f"npz:{small_npz}", root / m)))
+        runs[m] = _outputs(root / m)
+    return runs
+
+
+def test_every_method_has_a_smoke_configuration():
+    assert set(METHOD_SMOKE) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_shuffled_labels_change_nothing(tmp_path, small_npz, references, method):
+    d = dict(np.load(small_npz))
+    d["labels"] = np.random.default_rng(5).permutation(d["labels"])
+    shuffled = tmp_path / "shuffled.npz"
+    np.savez(shuffled, **d)
+    fit_run(build_config(smoke_layer(method, f"npz:{shuffled}", tmp_path / "run")))
+    got, ref = _outputs(tmp_path / "run"), references[method]
+    assert np.array_equal(got["embeddings"], ref["embeddings"])
+    assert np.array_equal(got["labels"], ref["labels"])
+    assert got["metrics"]["cluster_sizes"] == ref["metrics"]["cluster_sizes"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, small_npz, references):
+    layers = {m: smoke_layer(m, f"npz:{small_npz}", tmp_path / m, train={"devices": 2}) for m in ALL}
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, WORKER, "ddp", json.dumps({"layers": layers})],
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    for m in ALL:
+        got, ref = _outputs(tmp_path / m), references[m]
+        assert np.allclose(got["embeddings"], ref["embeddings"], atol=1e-4), \
+            (m, np.abs(got["embeddings"] - ref["embeddings"]).max())
+        assert (got["labels"] == ref["labels"]).mean() > 0.99, m
+        for record in got["log"]:
+            for key in ("bank_identical_across_ranks", "structure_identical_across_ranks"):
+                assert record.get(key, True) is True, (m, record)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL)
+def test_kill_between_log_and_checkpoint_then_resume(tmp_path, small_npz, references, method):
+    out = tmp_path / "run"
+    layer = smoke_layer(method, f"npz:{small_npz}", out)
+    p = subprocess.run([sys.executable, WORKER, "kill", json.dumps({"layers": {method: layer}, "kill_epoch": 1})],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not (out / "metrics.json").exists()
+    assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [0, 1]
+    fit_run(build_config({"out": str(out), "train": {"progress": False}}), resume=True)
+    got, ref = _outputs(out), references[method]
+    assert [r["epoch"] for r in got["log"]] == list(range(len(ref["log"])))
+    assert np.allclose(got["embeddings"], ref["embeddings"], atol=1e-6)
+    assert np.array_equal(got["labels"], ref["labels"])
+    assert got["metrics"]["train_seconds"] > 0
