@@ -65,6 +65,7 @@ METHOD_SMOKE: dict[str, dict] = {
     "and": {"train": {"epochs": 1}, "options": {"rounds": 1}},
     "pcp": {"train": {"epochs": 3}, "options": {"history": 1, "vote_from": 0.3}},  # clusters from epoch 1, votes at 2
     "deepcluster": {"train": {"epochs": 2}, "options": {"clusters": 20}},
+    "pad": {"train": {"epochs": 3}},  # SCS discovery at epochs 1 and 2 (epoch 0: instance + HPE)
 }
 
 

@@ -9,6 +9,7 @@ from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
 from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
+from .pad import Pad
 from .pcp import ProgressiveClusterPurification
 
 METHODS: dict[str, type[Method]] = {
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "and": AnchorNeighbourhoodDiscovery,
     "pcp": ProgressiveClusterPurification,
     "deepcluster": DeepCluster,
+    "pad": Pad,
 }
 
 for _name, _cls in METHODS.items():
