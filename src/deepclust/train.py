@@ -319,23 +319,37 @@ class Trainer:
                 record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg)
 
     # -- one epoch -------------------------------------------------------------------------------
-    def _step(self, model, optimizer, epoch: int, step: int, gidx: Tensor) -> Tensor:
-        device, method = self.fabric.device, self.method
+    def _views(self, epoch: int, step: int, gidx: Tensor, part: Tensor, batch: Tensor):
+        """This rank's views of the global batch: view 0 of every row, views 1.. of the rows the
+        method selects; returns (images, rows per view, positions of the extra rows or None)."""
+        method, device = self.method, self.fabric.device
+        n_views = method.views_at(epoch)
         gen = draw_generator(self.cfg.train.seed, epoch, step)
         # Draws for the global batch, then this rank's slice: the same views on any device count.
-        n_views = method.views_at(epoch)
         params = [self.views.sample_params(len(gidx), gen) for _ in range(n_views)]
+        images = [self.views.apply(batch, params[0][part])]
+        extra = None
+        if n_views > 1:
+            chosen = method.extra_view_rows(epoch, gidx)
+            if chosen is not None:
+                extra = torch.nonzero(chosen.to(device)[part.to(device)]).flatten()
+            rows = extra if extra is not None else slice(None)
+            for p in params[1:]:
+                local = p[part]
+                images.append(self.views.apply(batch[rows], local[extra.cpu()] if extra is not None else local))
+        return torch.cat(images) if n_views > 1 else images[0], [len(t) for t in images], extra
+
+    def _step(self, model, optimizer, epoch: int, step: int, gidx: Tensor) -> Tensor:
+        device, method = self.fabric.device, self.method
         part = self._slices(len(gidx))[self.rank]
         gidx_dev = gidx.to(device, non_blocking=True)
         idx = gidx_dev[part.to(device)]
-        batch = self.data[idx]
-        x = torch.cat([self.views.apply(batch, p[part]) for p in params]) if n_views > 1 \
-            else self.views.apply(batch, params[0][part])
+        x, sizes, extra = self._views(epoch, step, gidx, part, self.data[idx])
         with self.fabric.autocast():
             out = model(x)  # one forward for all views: one DDP pass, BatchNorm over all views
-            outputs = [{k: v.chunk(n_views)[i] for k, v in out.items()} for i in range(n_views)]
+            outputs = [dict(zip(out, vals)) for vals in zip(*(v.split(sizes) for v in out.values()))]
             s = Step(epoch=epoch, step=step, idx=idx, gidx=gidx_dev, positions=part.to(device), outputs=outputs,
-                     bank=method.bank, world=self.world,
+                     bank=method.bank, world=self.world, extra_rows=extra,
                      gather_fn=lambda t, grad: self._gather_rows(t, len(gidx), grad))
             per_sample = method.batch_loss(s)
         # Sum over the local rows / global batch x world: DDP's gradient average is the one-process mean.

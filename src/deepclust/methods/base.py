@@ -116,6 +116,7 @@ class Step:
     bank: MemoryBank | None
     world: int = 1
     gather_fn: Callable[[Tensor, bool], Tensor] | None = None
+    extra_rows: Tensor | None = None  # local row positions that have views 1.. (None: every row)
 
     def gather(self, t: Tensor, grad: bool = True) -> Tensor:
         """The global batch's rows of a per-row tensor of this process (rows in global order).
@@ -173,6 +174,12 @@ class Method:
     def views_at(self, epoch: int) -> int:
         """Augmented views per sample at ``epoch`` (PCP's two-view warm-up ends part-way)."""
         return self.n_views
+
+    def extra_view_rows(self, epoch: int, gidx: Tensor) -> Tensor | None:
+        """Which rows of the global batch get views 1.. (bool (B,)), or None for every row: PAD
+        needs a second view only for its isolated samples. Views are still drawn for the whole
+        global batch, so the draws do not depend on the selection or the process count."""
+        return None
 
     # -- structure discovery ------------------------------------------------------------------
     def needs_discovery(self, epoch: int) -> bool:
