@@ -33,14 +33,15 @@ def main() -> None:
                 "seeds": len(rows),
                 **{k: mean_std([x[k] for x in rows]) for k in ("acc", "nmi", "ari", "head_seconds")},
                 "head_fraction_of_training": mean_std([x["head_seconds"] / x["train_seconds"] for x in rows]),
-                "collapsed_runs": sum(bool(x["collapsed"]) for x in rows),
+                "collapsed_runs": sum(bool(x.get("collapsed")) for x in rows),
+                "chosen_on": r.get("chosen_on"),
             })
     best = {}
     for row in table:
         key = (row["method"], row["data"])
         if key not in best or row["acc"]["mean"] > best[key]["acc"]["mean"]:
             best[key] = row
-    save_result("cluster_heads", {
+    save_result("cluster_heads", chosen_on="the accuracy results it aggregates (see each row's chosen_on)", result={
         "rows": table,
         "best": [{"method": m, "data": d, "head": b["head"], "features": b["features"], "acc": b["acc"]["mean"],
                   "nmi": b["nmi"]["mean"]} for (m, d), b in sorted(best.items())],

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, machine, save_result  # noqa: E402
+from common import NOT_TUNED, SHARED_DATA, exclusive, machine, save_result  # noqa: E402
 
 REAL = {"mnist-test": SHARED_DATA / "mnist_test.npz", "usps": SHARED_DATA / "usps.npz",
         "cifar10-test": SHARED_DATA / "cifar10_test.npz"}
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     graphs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with exclusive(f"scs_search-n{args.n}"), tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         nbr = gaussian_graph(args.n, args.k, args.dim, rng)
         build = {"gaussian": round(time.perf_counter() - t0, 1)}
@@ -231,7 +231,7 @@ def main(argv=None) -> None:
     result.update(peak_memory_mb=max(g["peak_memory_mb"] for g in graphs), headline=worst["graph"],
                   graph_build_seconds=build, graphs=graphs)
     if args.out is None:
-        save_result(f"scs_search-n{args.n}-k{args.k}", result)
+        save_result(f"scs_search-n{args.n}-k{args.k}", result, chosen_on=NOT_TUNED)
         return
     result = {"benchmark": f"scs_search-n{args.n}-k{args.k}",
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
