@@ -277,8 +277,11 @@ class Trainer:
         rows = self._slices(self.n)[self.rank]
         was = self.net.training
         self.net.eval()
+        self.method.modules.eval()
+        layers = set(self.net.layer_names())
         for augmented in sorted({r.augmented for r in requests}):
             taps = tuple(sorted({r.tap for r in requests if r.augmented == augmented}))
+            net_taps = tuple(sorted({t for t in taps if t in layers} | set(self.method.taps)))
             params = self.views.sample_params(self.n, draw_generator(self.cfg.train.seed, epoch, 9_000_011)) \
                 if augmented else None
             parts: dict[str, list[Tensor]] = {t: [] for t in taps}
@@ -286,12 +289,13 @@ class Trainer:
                 x = self.data[block.to(device)]
                 x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
                 with self.fabric.autocast():
-                    got = self.net.taps(x, taps)
+                    got = self.method.forward(self.net.taps(x, net_taps))  # network taps + method outputs
                 for t in taps:
                     parts[t].append(got[t].float())
             for t in taps:
                 out[FeatureRequest(t, augmented)] = self._gather_rows(torch.cat(parts[t]), self.n)
         self.net.train(was)
+        self.method.modules.train(was)
         return out
 
     def _context(self, epoch: int, passes) -> DiscoveryContext:
@@ -327,16 +331,21 @@ class Trainer:
         gen = draw_generator(self.cfg.train.seed, epoch, step)
         # Draws for the global batch, then this rank's slice: the same views on any device count.
         params = [self.views.sample_params(len(gidx), gen) for _ in range(n_views)]
-        images = [self.views.apply(batch, params[0][part])]
+        plain = set(method.plain_views(epoch))
+
+        def make(view: int, x: Tensor, p) -> Tensor:
+            return self.views.plain(x) if view in plain else self.views.apply(x, p)
+
+        images = [make(0, batch, params[0][part])]
         extra = None
         if n_views > 1:
             chosen = method.extra_view_rows(epoch, gidx)
             if chosen is not None:
                 extra = torch.nonzero(chosen.to(device)[part.to(device)]).flatten()
             rows = extra if extra is not None else slice(None)
-            for p in params[1:]:
+            for v, p in enumerate(params[1:], 1):
                 local = p[part]
-                images.append(self.views.apply(batch[rows], local[extra.cpu()] if extra is not None else local))
+                images.append(make(v, batch[rows], local[extra.cpu()] if extra is not None else local))
         return torch.cat(images) if n_views > 1 else images[0], [len(t) for t in images], extra
 
     def _step(self, model, optimizer, epoch: int, step: int, gidx: Tensor) -> Tensor:

@@ -72,7 +72,9 @@ class NoOptions:
 @dataclass(frozen=True)
 class FeatureRequest:
     """A full pass of ``tap`` over the training images, in dataset order, network in eval mode:
-    of the plain images, or (``augmented``) of one view drawn from the (seed, epoch) generators."""
+    of the plain images, or (``augmented``) of one view drawn from the (seed, epoch) generators.
+    ``tap`` is a network layer (``EmbeddingNet.layer_names``) or an output the method's ``forward``
+    adds (DCCM's cluster probabilities)."""
 
     tap: str = "embedding"
     augmented: bool = False
@@ -174,6 +176,11 @@ class Method:
     def views_at(self, epoch: int) -> int:
         """Augmented views per sample at ``epoch`` (PCP's two-view warm-up ends part-way)."""
         return self.n_views
+
+    def plain_views(self, epoch: int) -> tuple[int, ...]:
+        """Views made without augmentation (DCCM pairs the original image, view 0, with a transformed
+        one); their random draws are still made, so the other views do not change."""
+        return ()
 
     def extra_view_rows(self, epoch: int, gidx: Tensor) -> Tensor | None:
         """Which rows of the global batch get views 1.. (bool (B,)), or None for every row: PAD

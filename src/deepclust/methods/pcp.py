@@ -58,7 +58,9 @@ class PcpOptions:
     """PCP (Zhang et al., ICPR 2020); every ablation of Tables I-IV is a combination of these."""
 
     rounds: int = option(1, low=1)  # Table IV-V: rounds of ``train.epochs`` epochs each
-    floor: int | None = option(None, low=1)  # N_t0 (Eq 1 floor, Table III); None: cluster.n_clusters
+    floor: int | None = option(None, low=1)  # N_t0 (Eq 1 floor, Table III); None: see images_per_cluster
+    images_per_cluster: int | None = option(None, low=1)  # floor None: N_t0 = max(K, N // this);
+                                                          # None: N_t0 = K (cluster.n_clusters)
     start: int | None = option(None, low=1)  # N_0 of Eq 1; None: N (the paper)
     progressive: bool = True  # PC (Table I); off: N_t = N_t0 from the first epoch (DeepCluster-style)
     gamma: float = option(0.5, low=0, high=1, high_open=True)  # CP_r filtering ratio (Table II); 0: off
@@ -127,7 +129,10 @@ class ProgressiveClusterPurification(Method):
 
     # -- structure ------------------------------------------------------------------------------
     def floor(self) -> int:
-        return self.options.floor or self.cfg.cluster.n_clusters or 10
+        o, k = self.options, self.cfg.cluster.n_clusters or 10
+        if o.floor is not None:
+            return min(o.floor, self.n_images)
+        return max(k, self.n_images // o.images_per_cluster) if o.images_per_cluster else k
 
     def clusters_at(self, epoch: int) -> int:
         o = self.options
