@@ -30,7 +30,8 @@ def kmeans(features: np.ndarray, n_clusters: int, *, seed: int = 0, n_iter: int 
     if not np.isfinite(x).all():
         raise ConfigError("features contain NaN or infinite values")
     km = faiss.Kmeans(d, n_clusters, niter=n_iter, nredo=n_init, seed=seed, spherical=spherical,
-                      max_points_per_centroid=max(256, -(-n // n_clusters)), verbose=False)
+                      max_points_per_centroid=max(256, -(-n // n_clusters)), verbose=False,
+                      min_points_per_centroid=1)  # only silences faiss's "provide more points" warning
     km.train(x)
     _, labels = km.index.search(x, 1)
     return labels.ravel().astype(np.int64), km.centroids.astype(np.float32), float(km.obj[-1])
