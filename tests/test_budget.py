@@ -1,0 +1,299 @@
+"""A time budget instead of fixed epochs (deepclust.budget). The planning is tested with injected
+throughputs and a fake clock -- nothing here asserts on a measured speed."""
+
+import numpy as np
+import pytest
+import torch
+
+from deepclust import budget
+from deepclust.budget import (
+    CANDIDATES,
+    DEFAULT_BUDGET,
+    MAX_EPOCHS_PER_UNIT,
+    MIN_EPOCHS,
+    epochs_for_budget,
+    fit_to_budget,
+    method_schedule,
+    parse_budget,
+    plan_budget,
+)
+from deepclust.config import build_config, read_yaml
+from deepclust.errors import ConfigError
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("10m", 600), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("1.5h", 5400), ("2h 15m", 8100),
+    (" 45 min ", 2700), ("1m30s", 90), ("0.5m", 30), ("3 hours", 10800), ("20sec", 20),
+])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "  ", "abc", "10", "10x", "-5m", "0s", "0m0s", "1m1m", "30s1m", "5ms",
+                                  "m", "1h-30m", "1e3s", None, 10])
+def test_parse_budget_refuses_junk_in_one_line(text):
+    with pytest.raises(ConfigError) as e:
+        parse_budget(text)
+    assert "\n" not in str(e.value) and "train.budget" in str(e.value)
+
+
+def test_budget_option_is_validated_with_the_config():
+    assert build_config({"train": {"budget": "90s"}}).train.budget == "90s"
+    assert build_config({"train": {"budget": "none"}}).train.budget is None
+    assert build_config({}).train.epochs is None and build_config({}).train.budget is None
+    with pytest.raises(ConfigError, match="train.budget"):
+        build_config({"train": {"budget": "soon"}})
+    with pytest.raises(ConfigError, match="train.budget"):
+        build_config({"train": {"budget": 600}})  # a unit is required
+
+
+def test_cli_budget_flag_junk_is_one_line(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("fit", "--budget", "a while", "--out", str(tmp_path / "r"), "--no-progress")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.budget" in proc.stderr
+
+
+# -- the method's schedule (rounds) -------------------------------------------------------------------
+
+
+def test_method_schedules_count_rounds_and_discoveries():
+    assert method_schedule(build_config({"method": "instance"}), 100)(7) == (7, 0)
+    # AND: round 0 plus R rounds of E epochs, a discovery at the start of each round after round 0
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}), 100)(3) == (15, 4)
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}), 100)(4) \
+        == (13, 2)
+    # PCP: rounds x E, structure every epoch
+    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}), 100)(4) == (12, 12)
+    # DeepCluster: a re-clustering every `reassign` epochs
+    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}), 100)(5) == (5, 3)
+
+
+def test_epochs_for_budget_divides_the_total_over_rounds():
+    rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}), 1000)
+    # 1000 images at 1000 images/s: 1 s an epoch; 100 s fit 100 epochs = 20 per round (5 rounds)
+    assert epochs_for_budget(100, 1000, 1000.0, rounds5) == 20
+    assert epochs_for_budget(104.9, 1000, 1000.0, rounds5) == 20
+    # 4 discoveries of 5 s each take 20 s of it: 80 s / 5 rounds = 16 per round
+    assert epochs_for_budget(100, 1000, 1000.0, rounds5, discovery_seconds=5.0) == 16
+    assert epochs_for_budget(1e9, 1000, 1000.0, rounds5) == MAX_EPOCHS_PER_UNIT
+    assert epochs_for_budget(0.5, 1000, 1000.0, rounds5) == 0
+    plain = method_schedule(build_config({"method": "instance"}), 1000)
+    assert epochs_for_budget(100, 1000, 1000.0, plain) == 100
+
+
+# -- planning with a fake throughput and a fake clock ------------------------------------------------------
+
+
+class FakeMachine:
+    """Throughputs per backbone; each measurement advances a fake clock by ``cost`` seconds."""
+
+    def __init__(self, speeds, cost=0.0, discovery=0.0, fail=()):
+        self.speeds, self.cost, self.disc, self.fail = speeds, cost, discovery, set(fail)
+        self.now, self.measured, self.needs, self.discoveries = 0.0, [], [], []
+
+    def clock(self):
+        return self.now
+
+    def measure(self, backbone, need):
+        self.now += self.cost
+        self.measured.append(backbone)
+        self.needs.append(need)
+        if backbone in self.fail:
+            raise ConfigError(f"{backbone} cannot be built for these images")
+        return self.speeds[backbone]
+
+    def discovery(self, backbone):
+        self.discoveries.append(backbone)
+        self.now += self.disc
+        return self.disc
+
+
+def _plan(machine, seconds, n, method="instance", **kw):
+    schedule = method_schedule(build_config({"method": method}), n)
+    return plan_budget(seconds, n, CANDIDATES, machine.measure, schedule, measure_discovery=machine.discovery,
+                       clock=machine.clock, **kw)
+
+
+def test_the_most_capable_candidate_that_reaches_the_minimum_epochs_is_chosen():
+    # 10,000 images, 600 s, reserve 0.9: 540 s; 20 epochs need 200,000 images in 540 s = 370 images/s
+    m = FakeMachine({"resnet18": 28.0, "alexnet": 400.0, "jule_cnn": 2500.0})
+    r = _plan(m, 600, 10_000)
+    assert r["backbone"] == "alexnet" and r["epochs"] == 21 and r["total_epochs"] == 21
+    assert m.measured == ["resnet18", "alexnet"]  # stops at the first that passes: jule_cnn never measured
+    assert [c["backbone"] for c in r["candidates"]] == ["resnet18", "alexnet"]
+    assert r["candidates"][0]["epochs"] == 1 and r["candidates"][0]["images_per_second"] == 28.0
+    assert m.needs[0] == pytest.approx(20 * 10_000 / 540)
+    assert "warning" not in r and r["estimated_seconds"] <= 540
+    m = FakeMachine({"resnet18": 28.0, "alexnet": 300.0, "jule_cnn": 2500.0})
+    r = _plan(m, 600, 10_000)
+    assert r["backbone"] == "jule_cnn" and r["epochs"] == 135  # 540 * 2500 / 10000
+    m = FakeMachine({"resnet18": 5000.0, "alexnet": 1.0, "jule_cnn": 1.0})
+    r = _plan(m, 600, 10_000)
+    assert r["backbone"] == "resnet18" and r["epochs"] == 200 and m.measured == ["resnet18"]  # capped
+
+
+def test_calibration_time_counts_against_the_budget():
+    m = FakeMachine({"resnet18": 28.0, "alexnet": 300.0, "jule_cnn": 2500.0}, cost=10.0)
+    r = _plan(m, 600, 10_000)
+    # 30 s of measuring: 0.9 * 570 s left for jule_cnn = 128 epochs (not 135)
+    assert r["backbone"] == "jule_cnn" and r["epochs"] == 128 and r["calibration_seconds"] == 30.0
+
+
+def test_rounds_share_the_budget_and_discoveries_are_counted():
+    # AND, 5 rounds: 1,000 images at 1,000 images/s, 100 s -> 90 s -> 90 epochs -> 18 per round
+    m = FakeMachine({"resnet18": 1000.0, "alexnet": 1.0, "jule_cnn": 1.0})
+    r = _plan(m, 100, 1000, method="and")
+    assert (r["backbone"], r["epochs"], r["total_epochs"]) == ("resnet18", 18, 90)
+    assert m.discoveries == ["resnet18"]
+    # each of the 4 discoveries costs 5 s: (90 - 5 - 20) s -> 65 epochs -> 13 per round
+    m = FakeMachine({"resnet18": 1000.0, "alexnet": 1.0, "jule_cnn": 1.0}, discovery=5.0)
+    r = _plan(m, 100, 1000, method="and")
+    assert (r["epochs"], r["total_epochs"]) == (13, 65)  # 0.9 * (100 - 5) s = 85.5 s; (85.5 - 20) / 5 = 13.1
+    assert r["candidates"][0]["discovery_seconds"] == 5.0 and r["candidates"][0]["discoveries"] == 4
+
+
+def test_no_discovery_measured_for_a_candidate_rejected_on_throughput():
+    m = FakeMachine({"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 1000.0}, discovery=1.0)
+    r = _plan(m, 100, 1000, method="and")
+    assert r["backbone"] == "jule_cnn" and m.discoveries == ["jule_cnn"]
+
+
+def test_when_nothing_reaches_the_minimum_the_fastest_is_used_with_a_warning():
+    m = FakeMachine({"resnet18": 1.0, "alexnet": 10.0, "jule_cnn": 100.0})
+    r = _plan(m, 600, 10_000)  # jule_cnn: 540 s * 100 / 10000 = 5 epochs
+    assert r["backbone"] == "jule_cnn" and r["epochs"] == 5 and str(MIN_EPOCHS) in r["warning"]
+    m = FakeMachine({"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 10.0})
+    r = _plan(m, 60, 10_000)  # not one epoch fits: one epoch anyway, and say how long
+    assert r["epochs"] == 1 and "less than one epoch" in r["warning"]
+
+
+def test_a_candidate_that_cannot_be_built_is_skipped():
+    m = FakeMachine({"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 2500.0}, fail={"alexnet"})
+    r = _plan(m, 600, 10_000)
+    assert r["backbone"] == "jule_cnn" and "cannot be built" in r["candidates"][1]["error"]
+    m = FakeMachine({}, fail=set(CANDIDATES))
+    with pytest.raises(ConfigError, match="no candidate"):
+        _plan(m, 600, 10_000)
+
+
+def test_a_one_argument_measure_is_accepted():
+    schedule = method_schedule(build_config({"method": "instance"}), 100)
+    r = plan_budget(60, 100, ("jule_cnn",), lambda backbone: 1000.0, schedule, clock=lambda: 0.0)
+    assert r["backbone"] == "jule_cnn" and r["epochs"] == 200
+
+
+# -- fit_to_budget and runs.resolve: explicit epochs are never overridden -------------------------------
+
+
+def _digits(n=300):
+    from sklearn.datasets import load_digits
+
+    from deepclust.data import ImageSet
+
+    d = load_digits()
+    return ImageSet(images=np.round(d.images[:n] * 255 / 16).astype(np.uint8), labels=d.target[:n], spec="digits")
+
+
+def test_fit_to_budget_fills_epochs_backbone_and_budget():
+    m = FakeMachine({"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 3000.0})
+    cfg, report = fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
+                                measure=m.measure, measure_discovery=m.discovery, clock=m.clock)
+    # 600 s (the default) * 0.9 * 3000 / 300 = 5400 epochs -> capped at 200 per round
+    assert (cfg.net.backbone, cfg.train.epochs, cfg.train.budget) == ("jule_cnn", 200, DEFAULT_BUDGET)
+    assert report["budget"] == DEFAULT_BUDGET and report["n_images"] == 300
+    m = FakeMachine({"alexnet": 100.0})
+    cfg, report = fit_to_budget(build_config({"net": {"backbone": "alexnet"}, "train": {"budget": "1m"}}),
+                                _digits().images, None, backbone_auto=False, measure=m.measure, clock=m.clock)
+    assert m.measured == ["alexnet"] and cfg.net.backbone == "alexnet" and cfg.train.epochs == 18  # 54 s * 100 / 300
+    assert cfg.train.budget == "1m"
+
+
+def test_several_processes_never_calibrate():
+    cfg, report = fit_to_budget(build_config({"train": {"devices": 2}}), _digits().images, None, backbone_auto=True)
+    assert cfg.train.epochs == budget.FALLBACK_EPOCHS
+    with pytest.raises(ConfigError, match="train.budget"):
+        fit_to_budget(build_config({"train": {"devices": 2, "budget": "5m"}}), _digits().images, None,
+                      backbone_auto=True)
+
+
+class _FakeCalibration:
+    calls: list = []
+
+    def __init__(self, cfg, images, view_spec, **kw):
+        assert view_spec is not None and len(images) == 300
+
+    def __call__(self, backbone, need=None):
+        _FakeCalibration.calls.append(backbone)
+        return {"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 510.0}[backbone]
+
+    def discovery(self, backbone):
+        return 0.0
+
+    def close(self):
+        pass
+
+
+def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch, capsys):
+    from deepclust.runs import resolve
+
+    monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
+    images = _digits()
+    _FakeCalibration.calls = []
+    cfg = resolve(build_config({"method": "and", "train": {"budget": "90s"}}), images)
+    assert _FakeCalibration.calls == list(CANDIDATES)
+    assert cfg.net.backbone == "jule_cnn" and cfg.train.budget == "90s"
+    assert cfg.train.epochs == 27  # 0.9 * 90 s * 510 / 300 = 137.7 epochs over 5 rounds
+    assert cfg.resolution["budget"]["backbone"] == "jule_cnn"
+    assert "budget 90s" in capsys.readouterr().err
+    # the run's config.yaml trains the same schedule without measuring again
+    _FakeCalibration.calls = []
+    again = resolve(build_config(cfg.to_dict()), images)
+    assert _FakeCalibration.calls == [] and again.train.epochs == cfg.train.epochs
+    assert again.net.backbone == "jule_cnn"
+    # explicit epochs win, with or without a budget
+    for layer in ({"train": {"epochs": 3}}, {"train": {"epochs": 3, "budget": "1h"}}):
+        cfg = resolve(build_config(layer), images)
+        assert cfg.train.epochs == 3 and cfg.net.backbone == "jule_cnn" and _FakeCalibration.calls == []
+    assert "as configured" in capsys.readouterr().err
+    # an explicit backbone is the only candidate
+    cfg = resolve(build_config({"net": {"backbone": "alexnet"}, "train": {"budget": "90s"}}), images)
+    assert _FakeCalibration.calls == ["alexnet"] and cfg.net.backbone == "alexnet"
+
+
+@pytest.mark.parametrize("preset", ["and-mnist", "instance-digits", "and-cifar10-resnet18", "pad-mnist-alexnet"])
+def test_presets_keep_their_epochs(monkeypatch, preset):
+    from deepclust.runs import resolve
+
+    monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
+    _FakeCalibration.calls = []
+    layer = read_yaml(preset)
+    want = layer["train"]["epochs"]
+    cfg = resolve(build_config(layer, {"train": {"budget": "1m"}}), _digits())
+    assert cfg.train.epochs == want and _FakeCalibration.calls == []
+
+
+# -- the real measurement (no assertion on speed) ------------------------------------------------------
+
+
+def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch):
+    from deepclust.runs import resolve, view_spec
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(build_config({"method": "and", "train": {"epochs": 2, "accelerator": "cpu", "threads": 1},
+                                "optim": {"batch_size": 64}, "options": {"rounds": 1}}), _digits())
+    images = _digits().images
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy())
+    cal = budget.TrainerCalibration(cfg, images, view_spec(cfg), probe_epochs=2, min_seconds=0.0, max_steps=2)
+    ips = cal("jule_cnn")
+    assert np.isfinite(ips) and ips > 0
+    assert cal.discovery("jule_cnn") >= 0  # AND's round-1 neighbourhoods, timed
+    assert cal.discovery("alexnet") == 0.0  # not the live candidate
+    cal.close()
+    assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(Exception):
+        cal("no-such-backbone")
