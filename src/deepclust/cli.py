@@ -27,7 +27,8 @@ OUT_ENV = "DEEPCLUST_RUN_OUT"  # lets DDP child processes (re-launched by Fabric
 # flag -> dotted config key
 FIT_FLAGS = {
     "method": "method", "data": "data.spec", "split": "data.split", "resize": "data.resize",
-    "root": "data.root", "epochs": "train.epochs", "seed": "train.seed", "devices": "train.devices",
+    "root": "data.root", "epochs": "train.epochs", "budget": "train.budget", "seed": "train.seed",
+    "devices": "train.devices",
     "num_nodes": "train.num_nodes", "accelerator": "train.accelerator", "precision": "train.precision",
     "threads": "train.threads", "backbone": "net.backbone", "dim": "net.dim",
     "batch_size": "optim.batch_size", "lr": "optim.lr", "temperature": "memory.temperature",
@@ -59,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
     f.add_argument("--resize", help="resize every image to SIDE x SIDE (for folders of mixed sizes)")
     f.add_argument("--root", help="dataset cache directory (default ~/.cache/deepclust)")
-    f.add_argument("--epochs", help="training epochs (AND: epochs per round)")
+    f.add_argument("--epochs", help="training epochs (AND: epochs per round; default: fitted to --budget)")
+    f.add_argument("--budget", help="time budget when --epochs is not given, e.g. 10m, 90s, 1h30m (default 10m): "
+                                    "epochs and an auto backbone are chosen by measuring this machine")
     f.add_argument("--rounds", help="AND: curriculum rounds R after round 0 (paper: 4)")
     f.add_argument("--neighbours", help="AND: neighbourhood size k (paper: 1)")
     f.add_argument("--curriculum", help="AND: linear (paper) | one-off")

@@ -115,7 +115,7 @@ class DataConfig:
 
 @dataclass
 class ViewsConfig:
-    preset: str = option("auto", choices=VIEW_PRESET_NAMES)  # auto: "digits" grey, "natural" colour
+    preset: str = option("auto", choices=VIEW_PRESET_NAMES)  # auto: chosen from the pixels (view_rules.py)
     crop_scale: list[float] | None = option(None, low=0, high=1, low_open=True)  # None: the preset's
     flip: bool | None = None
     rotation: float | None = option(None, low=0, high=180)
@@ -159,7 +159,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = option(15, low=0)  # epochs of training; for AND, epochs per round (round 0 included)
+    epochs: int | None = option(None, low=0)  # epochs of training; for AND / PCP, epochs per round (AND:
+                                               # round 0 included); None: chosen to fit train.budget
+    budget: str | None = None  # time budget when epochs is None: "10m", "90s", "1h30m" (None: budget.DEFAULT_BUDGET)
     seed: int = option(0, low=0)
     devices: int = option(1, low=1)
     num_nodes: int = option(1, low=1)
@@ -169,6 +171,12 @@ class TrainConfig:
     sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch
     progress: bool = True
     checkpoint: bool = True
+
+    def check(self) -> None:
+        if self.budget is not None:
+            from .budget import parse_budget
+
+            parse_budget(self.budget)  # ConfigError in one line on anything but a duration
 
 
 @dataclass

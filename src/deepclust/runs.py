@@ -33,7 +33,6 @@ from .data import ImageSet, load_images
 from .errors import ConfigError, DataError
 from .io import save_array, save_json, save_text
 
-DEFAULT_VIEW_PRESET = {1: "digits", 3: "natural"}
 ALL_HEADS = (("kmeans", "embedding"), ("kmeans", "backbone"), ("spectral", "embedding"), ("spectral", "backbone"))
 RESUME_MAY_CHANGE = ("train.progress", "train.threads", "out")  # flags that --resume accepts
 
@@ -57,8 +56,13 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
         raw["net"]["backbone"] = default_backbone(images.channels, images.image_size)
     raw["net"]["input_shape"] = [images.channels, *images.image_size]
     views = raw["views"]
-    if views["preset"] == "auto":
-        views["preset"] = DEFAULT_VIEW_PRESET[images.channels]
+    notes: dict = {}
+    if views["preset"] == "auto":  # chosen from the pixels (view_rules.py); fields given explicitly win
+        from .view_rules import choose_views
+
+        chosen, notes["views"] = choose_views(images.images)
+        views["preset"] = notes["views"]["preset"]
+        views.update({f: v for f, v in chosen.items() if views[f] is None})
     preset = VIEW_PRESETS[views["preset"]]
     for f in ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p"):
         if views[f] is None:
@@ -82,7 +86,27 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     if raw["optim"]["batch_size"] > n:
         raw["optim"]["batch_size"] = n - n % (cfg.train.devices * cfg.train.num_nodes)
     method_class(cfg.method).check_data(cfg.options, n)
-    return build_config(raw)
+    resolved = build_config(raw)
+    if resolved.train.epochs is None:  # epochs (and an auto backbone) fitted to train.budget (budget.py)
+        from .budget import fit_to_budget
+
+        train = training_subset(resolved, images)
+        resolved, notes["budget"] = fit_to_budget(
+            resolved, train.images, view_spec(resolved), labels=train.labels,
+            backbone_auto=cfg.net.backbone == "auto" and cl["features"] in ("backbone", "embedding"))
+    elif resolved.train.budget is not None:  # explicit epochs win over a budget; say so
+        from .budget import unused_budget_note
+
+        notes["budget"] = unused_budget_note(resolved)
+    if notes and not _is_launched_child():
+        from .budget import describe
+        from .view_rules import describe as describe_views
+
+        for key, line in (("views", describe_views), ("budget", describe)):
+            if key in notes:
+                print(f"deepclust: {line(notes[key])}", file=sys.stderr)
+    resolved.resolution = notes  # the evidence and measurements, for the run's log / metrics
+    return resolved
 
 
 def training_subset(cfg: Config, images: ImageSet) -> ImageSet:
@@ -369,7 +393,8 @@ def _write_outputs(cfg: Config, images: ImageSet, result, work: Path, device) ->
     ips = result.images_per_second
     metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
                "train_seconds": round(result.train_seconds, 2),
-               "images_per_second": round(ips, 1) if ips is not None else None, **metrics}
+               "images_per_second": round(ips, 1) if ips is not None else None, **metrics,
+               "resolution": getattr(cfg, "resolution", {})}  # views chosen from the data, budget plan
     save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
     return metrics
 
