@@ -69,3 +69,13 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="unknown option options.rounds"):
         build_config({"method": "instance", "options": {"rounds": 3}})
     assert isinstance(Config(), Config)
+
+
+def test_every_shipped_preset_builds():
+    from deepclust.config import preset_path
+
+    names = sorted(p.stem for p in preset_path("x").parent.glob("*.yaml"))
+    assert names, "no presets found"
+    for name in names:
+        cfg = build_config(read_yaml(name))
+        assert cfg.method in name.split("-")[0] or name.startswith(cfg.method), name
