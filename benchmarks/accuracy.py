@@ -1,7 +1,7 @@
 """Accuracy benchmark: fit + evaluate a method over several seeds, record every seed and the summary
 (mean, std, median, min, max).
 
-    python benchmarks/accuracy.py --method and --data usps --config and-usps --chosen-on digits,usps
+    python benchmarks/accuracy.py --method and --data usps --config and-cpu --chosen-on digits,usps
     python benchmarks/accuracy.py --method kmeans-pixels --data mnist-test     # baselines on raw pixels
     python benchmarks/accuracy.py --method spectral-pixels --data usps
 

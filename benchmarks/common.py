@@ -25,6 +25,8 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 NOT_TUNED = "n/a (no tuned settings)"
+# What the library's own defaults (no preset) were chosen on: benchmarks/dev_choices.py's sweep.
+LIBRARY_DEFAULTS = "digits,usps (the library's defaults: benchmarks/results/dev-choices-*.json)"
 UNRECORDED = "not recorded (the script gave no chosen_on)"
 
 # Short names for the data sets the benchmarks use (the shared .npz files and Debian's Fashion-MNIST).

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import NOT_TUNED, data_spec, exclusive, fail, load_labelled, mean_std, save_result, write_npz
+from common import LIBRARY_DEFAULTS, data_spec, exclusive, fail, load_labelled, mean_std, save_result, write_npz
 
 PEERS = ("n2d", "dec")
 N2D_MANIFOLD = {"n_components": 2}  # ClustPy's default (n_components = K) fails at K = 10
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--set takes KEY=VALUE, got '{bad[0]}'")
     if min(args.pretrain_epochs, args.clustering_epochs) < 1:
         fail("--pretrain-epochs and --clustering-epochs must be positive")
-    args.chosen_on = args.chosen_on or NOT_TUNED
+    args.chosen_on = args.chosen_on or LIBRARY_DEFAULTS
     return args
 
 

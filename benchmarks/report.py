@@ -184,6 +184,51 @@ def other_lines(other: list[dict]) -> list[str]:
         elif r["benchmark"].startswith("spectral"):
             lines.append(f"- Spectral head at scale: N = {r.get('n')} x {r.get('dim')} ({r.get('features')}) in "
                          f"{r.get('seconds')} s, ACC {r.get('acc')} (`{r['command']}`).")
+        elif r["benchmark"].startswith("scs_search"):
+            lines.append(f"- PAD's SCS search: N = {r['n']:,}, k = {r['k']}, s = {r['s']}: {r['seconds']} s, scipy's "
+                         f"strongly connected components + size cut {r['reference_seconds']} s (ratio "
+                         f"{r['ratio']}), peak memory {r['peak_memory_mb']:.0f} MB (`{r['command']}`).")
+    for r in other:
+        if r["benchmark"].startswith("ablation-"):
+            lines += ablation_table(r)
+    for r in other:
+        if r["benchmark"].startswith("dev-choices-"):
+            lines += dev_table(r)
+    return lines
+
+
+def ablation_table(r: dict) -> list[str]:
+    """One ablation JSON (benchmarks/ablation.py) as a table."""
+    own = any("own_acc" in row["summary"] for row in r["rows"])
+    lines = ["", f"Ablation `{r['table']}` on {r['data']} ({plural(len(r['seeds']), 'seed')}, preset "
+             f"`{r['config']}`, settings chosen on {r['chosen_on']}; `{r['command']}`):", "",
+             "| variant | ACC | NMI | " + ("own clusters ACC | " if own else "") + "kNN top-1 | train s |",
+             "|---|---|---|" + ("---|" if own else "") + "---|---|"]
+    for row in r["rows"]:
+        s = row["summary"]
+        cells = [fmt(s.get("acc")), fmt(s.get("nmi"))] + ([fmt(s.get("own_acc"))] if own else []) + \
+                [fmt(s.get("knn_top1")), fmt_median(s.get("train_seconds"), 0)]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def dev_table(r: dict) -> list[str]:
+    """The development sweep: mean ACC / NMI of every (views, head, layer) over the methods."""
+    groups: dict = {}
+    for row in r["summary"]:
+        if row["head"] == "method":
+            continue
+        key = (row["views"], row["head"], row["features"])
+        groups.setdefault(key, []).append(row)
+    lines = ["", f"Development sweep on {r['data']} (settings are chosen here; {r['epochs']} epochs, "
+             f"{plural(len(r['seeds']), 'seed')}, {len({x['method'] for x in r['summary']})} method variants; "
+             f"`{r['command']}`): mean over the methods of each way to read clusters off the features.", "",
+             "| views | head | features | ACC | NMI | best method (ACC) |", "|---|---|---|---|---|---|"]
+    for (views, head, feats), rows in sorted(groups.items(), key=lambda kv: -sum(x["acc"]["mean"] for x in kv[1])):
+        acc = sum(x["acc"]["mean"] for x in rows) / len(rows)
+        nmi = sum(x["nmi"]["mean"] for x in rows) / len(rows)
+        best = max(rows, key=lambda x: x["acc"]["mean"])
+        lines.append(f"| {views} | {head} | {feats} | {acc:.3f} | {nmi:.3f} | {best['method']} ({best['acc']['mean']:.3f}) |")
     return lines
 
 

@@ -1,43 +1,80 @@
 #!/usr/bin/env bash
-# Every benchmark behind the README, in sequence, then the README's generated blocks (several hours
-# on the 2-core CPU: the peers alone train ClustPy's autoencoders for 100 epochs per seed).
-# Usage: bash benchmarks/run_all.sh   (from anywhere, with .venv installed; ClustPy for the peers)
-# Run it alone: each benchmark refuses to start (exit 2) while a deepclust fit or another benchmark
-# runs. A failed step is reported at the end and the script exits 1; the others still run.
-# --chosen-on says which data each run's settings were chosen on: the CPU presets and-*/instance-*
-# (views "measured better on MNIST-test", spectral head on the backbone, 2K eigenvectors) were
-# chosen on MNIST-test, which is report data.
+# Every benchmark behind the README, in sequence, then the README's generated blocks (about seven hours
+# on the 2-core CPU). Usage: bash benchmarks/run_all.sh [SECTION...]   (from anywhere, .venv installed;
+# ClustPy for the peers). SECTIONS: dev contract accuracy baselines ablations speed peers defaults report
+# (default: all but dev, whose results the presets were chosen from).
+# Run it alone: each benchmark refuses to start (exit 2) while a deepclust fit or another benchmark runs.
+# A failed step is reported at the end and the script exits 1; the others still run.
+# --chosen-on says which data each run's settings were chosen on: the *-cpu presets and the library's
+# defaults on the development data (digits, USPS: the dev section); the legacy presets of the contract
+# check on MNIST-test (report data), as recorded before.
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=../.venv/bin/python
-OLD_PRESETS="mnist-test (report data)"
+DEV="digits,usps"
+DEFAULTS="digits,usps (the library's defaults: benchmarks/results/dev-choices-*.json)"
+METHODS="instance and pad pcp deepcluster"
 failed=()
 run() { echo "== $*" >&2; "$@" || { echo "FAILED ($?): $*" >&2; failed+=("$*"); }; }
+want() { [ $# -eq 0 ] && return 0; for s in "${SECTIONS[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+SECTIONS=("$@"); [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(contract accuracy baselines ablations speed peers defaults report)
 
-for data in digits usps mnist-test "fashion-mnist --split test --tag test"; do
-  # shellcheck disable=SC2086
-  run $PY accuracy.py --method kmeans-pixels --data $data
-  # shellcheck disable=SC2086
-  run $PY accuracy.py --method spectral-pixels --data $data \
-      --chosen-on "$OLD_PRESETS: the spectral head's 2K eigenvectors"
-done
-for pair in "digits digits" "mnist-test mnist" "usps usps" "fashion-mnist fashion-mnist"; do
-  set -- $pair
-  extra=(); [ "$1" = fashion-mnist ] && extra=(--split test --tag test)
-  for method in and instance; do
-    run $PY accuracy.py --method $method --data "$1" --config "$method-$2" "${extra[@]}" --chosen-on "$OLD_PRESETS"
+if want dev; then  # the development sweep the defaults and presets were chosen from
+  for data in digits usps; do
+    run $PY dev_choices.py --data $data --methods instance and pad pcp pcp:images_per_cluster=50 deepcluster \
+        deepcluster:clusters=100 --views mild strong --seeds 0 1 --epochs 40
   done
-done
-run $PY throughput.py
-run $PY peers.py --data usps
-run $PY peers.py --data mnist-test
-run $PY peers.py --data fashion-mnist --split test     # the 10,000 test images, as the accuracy table
-# run $PY peers.py --data fashion-mnist                # all 70,000 images (the issue's goal; hours)
-run $PY spectral_scale.py
-run $PY spectral_scale.py --features fashion-mnist
-run $PY cluster_heads.py
-run $PY report.py
-run $PY report.py --check
+fi
+if want contract; then  # instance and AND on the new contract, with the presets of their recorded figures
+  for m in and instance; do
+    run $PY accuracy.py --method $m --data digits --config legacy/$m-digits.yaml --tag contract-check \
+        --chosen-on "mnist-test (report data): the legacy preset's views"
+  done
+fi
+if want accuracy; then  # every method at the same budget: network, views, 40 epochs, seeds 0-2
+  for data in digits usps mnist-test "fashion-mnist --split test --tag test"; do
+    for m in $METHODS; do
+      # shellcheck disable=SC2086
+      run $PY accuracy.py --method $m --data $data --config $m-cpu --chosen-on "$DEV"
+    done
+  done
+fi
+if want baselines; then
+  for data in digits usps mnist-test "fashion-mnist --split test --tag test"; do
+    for base in kmeans-pixels spectral-pixels; do
+      # shellcheck disable=SC2086
+      run $PY accuracy.py --method $base --data $data
+    done
+  done
+fi
+if want ablations; then
+  run $PY ablation.py --table pcp-components --data digits --config pcp-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table pcp-floor --data digits --config pcp-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table pad --data digits --config pad-cpu --chosen-on "$DEV"
+fi
+if want speed; then
+  run $PY scs_search.py --n 1280000 --k 5
+  run $PY throughput.py
+  run $PY spectral_scale.py
+  run $PY spectral_scale.py --features fashion-mnist
+fi
+if want peers; then
+  run $PY peers.py --data usps --seeds 0
+  run $PY peers.py --data mnist-test --seeds 0
+  run $PY peers.py --data fashion-mnist --split test --seeds 0   # the 10,000 test images, as the accuracy table
+fi
+if want defaults; then  # the bare defaults (method, views, head, backbone and epochs fitted to the budget)
+  run $PY accuracy.py --method pad --data fashion-mnist --seeds 0 --set train.budget=60m --tag defaults-60m \
+      --chosen-on "$DEFAULTS"
+  run $PY accuracy.py --method pad --data cifar10-test --seeds 0 --set train.budget=60m --tag defaults-60m \
+      --chosen-on "$DEFAULTS"
+fi
+if want report; then
+  run $PY cluster_heads.py
+  run $PY report.py
+  run $PY report.py --check
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'failed: %s\n' "${failed[@]}" >&2
   exit 1

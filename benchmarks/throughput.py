@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import NOT_TUNED, data_spec, exclusive, fail, load_labelled, save_result, write_npz
+from common import LIBRARY_DEFAULTS, data_spec, exclusive, fail, load_labelled, save_result, write_npz
 
 GOAL_RATIO = 1.5
 DEFAULT_DATA = "mnist-test"
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                          "workers": args.workers, "plain_input": "PIL image per sample, torchvision.transforms.v2"},
             "methods": methods,
             "raw_forward_backward_images_per_second": round(raw_rate(raw_net, images.images, args.batch_size), 1),
-        }, chosen_on=NOT_TUNED)
+        }, chosen_on=LIBRARY_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -144,10 +144,10 @@ def test_peers_needs_chosen_on_for_tuned_deepclust_settings(capsys):
     import peers
 
     with pytest.raises(SystemExit) as e:
-        peers.parse_args(["--data", "usps", "--deepclust-config", "and-usps"])
+        peers.parse_args(["--data", "usps", "--deepclust-config", "and-cpu"])
     assert e.value.code == 2 and "--chosen-on" in capsys.readouterr().err
     args = peers.parse_args(["--data", "usps"])
-    assert args.chosen_on == common.NOT_TUNED and args.peers == ["n2d", "dec"]
+    assert args.chosen_on == common.LIBRARY_DEFAULTS and args.peers == ["n2d", "dec"]
     assert peers.N2D_MANIFOLD == {"n_components": 2}
 
 

@@ -182,9 +182,11 @@ class TrainConfig:
 @dataclass
 class ClusterConfig:
     n_clusters: int | None = option(None, low=1)  # None: number of classes when labels exist, else 10
-    head: str = option("auto", choices=CLUSTER_HEADS)  # auto: see runs.resolve
+    head: str = option("auto", choices=CLUSTER_HEADS)  # auto: the method's choice (Method.cluster_head)
     features: str = "auto"  # auto: backbone | embedding | a layer name of the network
     n_neighbors: int = option(10, low=1)  # kNN graph of the spectral head
+    eigenvectors: int | None = option(None, low=1)  # spectral head: eigenvectors per cluster (None: the
+                                                    # method's choice, 2 unless it says otherwise)
 
 
 @dataclass
@@ -196,7 +198,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: str = "instance"
+    method: str = "pad"  # the best method on the development data (dev-choices-*.json)
     out: str = "runs/latest"
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)

@@ -120,7 +120,7 @@ class ClusterHead:
 
 
 def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
-             max_spectral_fit: int = MAX_SPECTRAL_FIT) -> ClusterHead:
+             max_spectral_fit: int = MAX_SPECTRAL_FIT, n_components: int | None = None) -> ClusterHead:
     """Fit a head on features (never labels). The path to N = 1.28M: k-means is faiss (linear in N);
     spectral above ``max_spectral_fit`` images is fitted on a random subsample of that size and the
     other images are assigned by the head's own out-of-sample rule (kNN vote), so the graph and the
@@ -133,13 +133,13 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
     elif len(x) > max_spectral_fit:
         sample = np.sort(np.random.default_rng(seed).choice(len(x), max_spectral_fit, replace=False))
         head = fit_head(x[sample], kind, n_clusters, seed=seed, n_neighbors=n_neighbors,
-                        max_spectral_fit=max_spectral_fit)
+                        max_spectral_fit=max_spectral_fit, n_components=n_components)
         labels = head.predict(x)
         labels[sample] = head.labels_  # the subsample keeps its own spectral clusters
         head.labels_ = labels
         return head
     else:
-        labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed)
+        labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
         return head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
     return ClusterHead(kind, n_clusters, centroids, labels)
 

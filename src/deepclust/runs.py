@@ -73,10 +73,13 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
         cl["n_clusters"] = int(len(np.unique(images.labels))) if images.labels is not None else 10
     if cl["n_clusters"] > n:
         raise ConfigError(f"n_clusters (K={cl['n_clusters']}) is larger than the number of images (N={n})")
+    head, features, eigenvectors = method_class(cfg.method).cluster_head  # chosen on the development data
     if cl["head"] == "auto":
-        cl["head"] = "spectral"
+        cl["head"] = head
     if cl["features"] == "auto":
-        cl["features"] = "backbone"
+        cl["features"] = features
+    if cl["eigenvectors"] is None:
+        cl["eigenvectors"] = eigenvectors
     if cl["features"] not in ("backbone", "embedding"):
         names = EmbeddingNet(raw["net"]["backbone"], images.channels, images.image_size, dim=cfg.net.dim,
                              sobel=cfg.net.sobel).layer_names()
@@ -141,7 +144,9 @@ def fit_cluster_head(cfg: Config, features: np.ndarray, kind: str, method_labels
 
     k = cfg.cluster.n_clusters
     if kind != "method":
-        return fit_head(features, kind, k, seed=cfg.train.seed, n_neighbors=cfg.cluster.n_neighbors)
+        comps = cfg.cluster.eigenvectors * k if cfg.cluster.eigenvectors else None
+        return fit_head(features, kind, k, seed=cfg.train.seed, n_neighbors=cfg.cluster.n_neighbors,
+                        n_components=comps)
     if method_labels is None:
         raise ConfigError(f"cluster.head: method '{cfg.method}' has no clusters of its own; use kmeans or spectral")
     rows = np.arange(len(features)) if trained_rows is None else trained_rows

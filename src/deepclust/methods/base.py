@@ -137,6 +137,11 @@ class Method:
     taps: tuple[str, ...] = ("embedding",)
     uses_bank: bool = True
     embedding_head: bool = True  # False: the embedding is the normalised backbone output (no projection)
+    # The default cluster head (cluster.head / features / eigenvectors "auto"): (kind, layer, spectral
+    # eigenvectors per cluster), chosen per method on the development data (digits, USPS:
+    # benchmarks/results/dev-choices-*.json). Spectral on the backbone layer with 2K eigenvectors is
+    # the best or tied-best way for instance discrimination, AND, PCP and DeepCluster there.
+    cluster_head: tuple[str, str, int] = ("spectral", "backbone", 2)
 
     def __init__(self, cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None):
         self.cfg = cfg

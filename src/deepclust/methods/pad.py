@@ -80,6 +80,9 @@ class Pad(Method):
     name = "pad"
     Options = PadOptions
     n_views = 2
+    # Development data (digits + USPS, 2 seeds, benchmarks/results/dev-choices-*.json): spectral on the
+    # embedding with K eigenvectors, mean ACC 0.941, against 0.871 with 2K and 0.856 on the backbone.
+    cluster_head = ("spectral", "embedding", 1)
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None):
         super().__init__(cfg, n_images, tap_dims)

@@ -59,8 +59,8 @@ class PcpOptions:
 
     rounds: int = option(1, low=1)  # Table IV-V: rounds of ``train.epochs`` epochs each
     floor: int | None = option(None, low=1)  # N_t0 (Eq 1 floor, Table III); None: see images_per_cluster
-    images_per_cluster: int | None = option(None, low=1)  # floor None: N_t0 = max(K, N // this);
-                                                          # None: N_t0 = K (cluster.n_clusters)
+    images_per_cluster: int | None = option(50, low=1)  # floor None: N_t0 = max(K, N // this), 50 as the
+                                                        # reference (50,000 / N_c 1k); None: N_t0 = K
     start: int | None = option(None, low=1)  # N_0 of Eq 1; None: N (the paper)
     progressive: bool = True  # PC (Table I); off: N_t = N_t0 from the first epoch (DeepCluster-style)
     gamma: float = option(0.5, low=0, high=1, high_open=True)  # CP_r filtering ratio (Table II); 0: off

@@ -1,0 +1,105 @@
+"""Ablation tables in the style of the papers, on one CPU data set: each row is a method run with
+some of its options changed, everything else as in the given preset (same network, views, epochs,
+seeds).
+
+    python benchmarks/ablation.py --table pcp-components --data digits --config pcp-cpu --seeds 0 1 2
+    python benchmarks/ablation.py --table pcp-floor      --data digits --config pcp-cpu
+    python benchmarks/ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu
+    python benchmarks/ablation.py --table pad            --data digits --config pad-cpu
+
+Tables:
+  pcp-components        PCP Table I: DeepCluster-style clusters on the bank (no PC, no CP), + PC,
+                        + CP_r, + CP_s (the full method)
+  pcp-floor             PCP Table III: the final cluster count N_t0, with and without the warm-up
+  deepcluster-clusters  Table III's DeepCluster row: its k-means cluster count
+  pad                   PAD Tables 3-6: diffusion off, cyclic off, scale off / other s, HPE off /
+                        cosine, k, lambda
+
+Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
+own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+
+from common import data_spec, exclusive, fail, mean_std, save_result
+
+TABLES: dict[str, list[tuple[str, list[str]]]] = {
+    "pcp-components": [
+        ("DC (clusters of the bank, N_t0 fixed)", ["options.progressive=false", "options.gamma=0", "options.voting=false"]),
+        ("+ PC", ["options.gamma=0", "options.voting=false"]),
+        ("+ PC + CP_r", ["options.voting=false"]),
+        ("+ PC + CP_r + CP_s (PCP)", []),
+    ],
+    "pcp-floor": [(f"N_t0 = {f}" + (" (no warm-up)" if not w else ""),
+                   [f"options.floor={f}", f"options.warmup={str(w).lower()}", "options.images_per_cluster=null"])
+                  for w in (True, False) for f in (5, 10, 50, 100, 300)],
+    "deepcluster-clusters": [(f"K' = {k}", [f"options.clusters={k}"]) for k in (5, 10, 50, 100, 300)],
+    "pad": [
+        ("PAD (k 5, s 10, KL HPE, lambda 0.8)", []),
+        ("diffusion off (kNN groups, k 10)", ["options.diffusion=false"]),
+        ("cyclic constraint off", ["options.cyclic=false"]),
+        ("scale constraint off", ["options.max_size=null"]),
+        ("s = 5", ["options.max_size=5"]),
+        ("s = 20", ["options.max_size=20"]),
+        ("HPE off", ["options.hpe=off"]),
+        ("HPE as feature cosine", ["options.hpe=cosine"]),
+        ("k = 3", ["options.neighbours=3"]),
+        ("k = 10", ["options.neighbours=10"]),
+        ("lambda = 0.2", ["options.hpe_weight=0.2"]),
+        ("lambda = 1.0", ["options.hpe_weight=1.0"]),
+    ],
+}
+METHOD_OF = {"pcp-components": "pcp", "pcp-floor": "pcp", "deepcluster-clusters": "deepcluster", "pad": "pad"}
+KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
+
+
+def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int) -> dict:
+    from deepclust.config import build_config, read_yaml, set_dotted
+    from deepclust.runs import fit_run
+
+    out = tempfile.mkdtemp(prefix="deepclust-ablation-")
+    layer: dict = {"method": method, "data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out}
+    for item in sets:
+        key, _, value = item.partition("=")
+        set_dotted(layer, key, None if value == "null" else value)
+    try:
+        m = fit_run(build_config(read_yaml(config), layer))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    own = next((h for h in m.get("heads", []) if h["head"] == "method"), {})
+    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **{f"own_{k}": own.get(k) for k in ("acc", "nmi", "ari")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, choices=sorted(TABLES))
+    p.add_argument("--data", default="digits")
+    p.add_argument("--config", required=True, help="the preset every row starts from")
+    p.add_argument("--chosen-on", required=True, help="the data the preset's settings were chosen on")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args()
+    method, spec = METHOD_OF[args.table], data_spec(args.data)
+    name = f"ablation-{args.table}-{args.data}"
+    rows = []
+    with exclusive(name):
+        t0 = time.perf_counter()
+        for label, sets in TABLES[args.table]:
+            runs = [run_variant(method, spec, args.config, sets, seed) for seed in args.seeds]
+            keys = [k for k in (*KEYS, "own_acc", "own_nmi", "own_ari") if any(r.get(k) is not None for r in runs)]
+            rows.append({"variant": label, "set": sets, "runs": runs,
+                         "summary": {k: mean_std([r.get(k) for r in runs]) for k in keys}})
+            print(label, {k: rows[-1]["summary"][k].get("mean") for k in keys}, flush=True)
+        if not rows:
+            fail("nothing to run")
+        save_result(name, {"table": args.table, "method": method, "data": args.data, "config": args.config,
+                           "seeds": args.seeds, "rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1)},
+                    chosen_on=args.chosen_on)
+
+
+if __name__ == "__main__":
+    main()
