@@ -56,12 +56,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import re
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
 
 __all__ = ["CANDIDATES", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
@@ -76,52 +76,6 @@ RESERVE = 0.9
 FALLBACK_EPOCHS = 15
 
 Schedule = Callable[[int], tuple[int, int]]  # epochs per unit -> (total epochs, discoveries)
-
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(hours?|hrs?|h|minutes?|mins?|m|seconds?|secs?|s)", re.IGNORECASE)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parsing
-
-
-def parse_budget(text: Any, where: str = "train.budget") -> float:
-    """Seconds in a duration like "10m", "90s", "1h30m", "1.5h", "2h 15m" (units h, m, s, each at
-    most once, largest first). Anything else -- no unit, an unknown unit, zero, a negative or
-    repeated part -- raises ConfigError with one line."""
-    hint = f"{where}: expected a duration such as 10m, 90s or 1h30m, got {text!r}"
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(hint)
-    s = text.strip()
-    pos, total, seen = 0, 0.0, []
-    while pos < len(s):
-        if s[pos].isspace():
-            pos += 1
-            continue
-        m = _PART.match(s, pos)
-        if m is None:
-            raise ConfigError(hint)
-        unit = m.group(2)[0].lower()
-        if seen and "hms".index(unit) <= "hms".index(seen[-1]):
-            raise ConfigError(hint)
-        seen.append(unit)
-        total += float(m.group(1)) * _UNITS[unit]
-        pos = m.end()
-        if pos < len(s) and s[pos].isalpha():  # e.g. "10mx" or "5ms"
-            raise ConfigError(hint)
-    if not seen or not math.isfinite(total) or total <= 0:
-        raise ConfigError(hint)
-    return total
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.2f}h"
-
 
 # ----------------------------------------------------------------------------------------------
 # Planning (pure: the measurements are injected)

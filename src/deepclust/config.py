@@ -174,7 +174,7 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.budget is not None:
-            from .budget import parse_budget
+            from .durations import parse_budget
 
             parse_budget(self.budget)  # ConfigError in one line on anything but a duration
 
