@@ -146,33 +146,20 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     e_min = _smallest_reaching(schedule, min_epochs, max_per_unit)
     total_min = schedule(e_min)[0]
     pass_need = _takes_need(measure)
+
+    def seconds_left() -> float:  # the calibration so far counts against the budget
+        return reserve * (budget_seconds - (clock() - start))
+
     rows: list[dict[str, Any]] = []
     chosen = None
     for name in candidates:
-        left = reserve * (budget_seconds - (clock() - start))
+        left = seconds_left()
         need = total_min * n_images / left if left > 0 else math.inf
-        row: dict[str, Any] = {"backbone": name}
-        try:
-            ips = float(measure(name, need) if pass_need else measure(name))
-        except (ConfigError, RuntimeError, ValueError) as e:
-            row["error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            rows.append(row)
-            continue
-        row["images_per_second"] = round(ips, 2)
-        disc = 0.0
-        left = reserve * (budget_seconds - (clock() - start))
-        e = epochs_for_budget(left, n_images, ips, schedule, 0.0, max_per_unit)
-        if schedule(e)[0] >= min_epochs and measure_discovery is not None and schedule(e)[1] > 0:
-            disc = float(measure_discovery(name))
-            row["discovery_seconds"] = round(disc, 3)
-            left = reserve * (budget_seconds - (clock() - start))
-            e = epochs_for_budget(left, n_images, ips, schedule, disc, max_per_unit)
-        total, discoveries = schedule(e)
-        row.update(epochs=e, total_epochs=total, discoveries=discoveries,
-                   estimated_seconds=round(estimate_seconds(e, n_images, ips, schedule, disc), 1) if e > 0 else None)
-        rows.append(row)
-        if total >= min_epochs:
-            chosen = row
+        measure_one = (lambda b, need=need: measure(b, need)) if pass_need else measure
+        rows.append(_measure_candidate(name, measure_one, measure_discovery, seconds_left, n_images,
+                                       schedule, min_epochs, max_per_unit))
+        if rows[-1].get("total_epochs", 0) >= min_epochs:
+            chosen = rows[-1]
             break
     measured = [r for r in rows if "images_per_second" in r]
     if not measured:
@@ -180,18 +167,7 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
                           + "; ".join(f"{r['backbone']}: {r.get('error')}" for r in rows))
     warning = None
     if chosen is None:
-        chosen = max(measured, key=lambda r: (r["total_epochs"], r["images_per_second"]))
-        if chosen["epochs"] < 1:
-            ips = chosen["images_per_second"]
-            chosen = dict(chosen, epochs=1, total_epochs=schedule(1)[0], discoveries=schedule(1)[1],
-                          estimated_seconds=round(estimate_seconds(1, n_images, ips, schedule,
-                                                                   chosen.get("discovery_seconds", 0.0)), 1))
-            warning = (f"the budget of {format_seconds(budget_seconds)} allows less than one epoch per unit "
-                       f"with any candidate; training {chosen['total_epochs']} epoch(s), about "
-                       f"{format_seconds(chosen['estimated_seconds'])}")
-        else:
-            warning = (f"no candidate reaches {min_epochs} epochs within {format_seconds(budget_seconds)}; "
-                       f"{chosen['backbone']} gets {chosen['total_epochs']}")
+        chosen, warning = _best_short_of_budget(measured, budget_seconds, n_images, schedule, min_epochs)
     report = {"budget_seconds": round(float(budget_seconds), 3), "backbone": chosen["backbone"],
               "epochs": int(chosen["epochs"]), "total_epochs": int(chosen["total_epochs"]),
               "estimated_seconds": chosen["estimated_seconds"], "candidates": rows,
@@ -200,6 +176,46 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     if warning:
         report["warning"] = warning
     return report
+
+
+def _measure_candidate(name: str, measure: Callable[[str], float],
+                       measure_discovery: Callable[[str], float] | None, seconds_left: Callable[[], float],
+                       n_images: int, schedule: Schedule, min_epochs: int, max_per_unit: int) -> dict[str, Any]:
+    """One candidate's row of the plan: its throughput, the epochs that fit what is left of the budget
+    (less one discovery's seconds when its schedule discovers), or the error that ruled it out."""
+    row: dict[str, Any] = {"backbone": name}
+    try:
+        ips = float(measure(name))
+    except (ConfigError, RuntimeError, ValueError) as e:
+        row["error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return row
+    row["images_per_second"] = round(ips, 2)
+    disc = 0.0
+    e = epochs_for_budget(seconds_left(), n_images, ips, schedule, 0.0, max_per_unit)
+    if schedule(e)[0] >= min_epochs and measure_discovery is not None and schedule(e)[1] > 0:
+        disc = float(measure_discovery(name))
+        row["discovery_seconds"] = round(disc, 3)
+        e = epochs_for_budget(seconds_left(), n_images, ips, schedule, disc, max_per_unit)
+    total, discoveries = schedule(e)
+    row.update(epochs=e, total_epochs=total, discoveries=discoveries,
+               estimated_seconds=round(estimate_seconds(e, n_images, ips, schedule, disc), 1) if e > 0 else None)
+    return row
+
+
+def _best_short_of_budget(measured: list[dict[str, Any]], budget_seconds: float, n_images: int,
+                          schedule: Schedule, min_epochs: int) -> tuple[dict[str, Any], str]:
+    """No candidate reaches ``min_epochs``: the one that gets most epochs (at least one), and why."""
+    chosen = max(measured, key=lambda r: (r["total_epochs"], r["images_per_second"]))
+    if chosen["epochs"] >= 1:
+        return chosen, (f"no candidate reaches {min_epochs} epochs within {format_seconds(budget_seconds)}; "
+                        f"{chosen['backbone']} gets {chosen['total_epochs']}")
+    ips = chosen["images_per_second"]
+    chosen = dict(chosen, epochs=1, total_epochs=schedule(1)[0], discoveries=schedule(1)[1],
+                  estimated_seconds=round(estimate_seconds(1, n_images, ips, schedule,
+                                                           chosen.get("discovery_seconds", 0.0)), 1))
+    return chosen, (f"the budget of {format_seconds(budget_seconds)} allows less than one epoch per unit "
+                    f"with any candidate; training {chosen['total_epochs']} epoch(s), about "
+                    f"{format_seconds(chosen['estimated_seconds'])}")
 
 
 # ----------------------------------------------------------------------------------------------

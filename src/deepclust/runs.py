@@ -45,8 +45,7 @@ def load_data(cfg: Config, spec: str | None = None) -> ImageSet:
 def resolve(cfg: Config, images: ImageSet) -> Config:
     """Fill every ``auto`` / ``None`` from the data, check what depends on it, and return a new Config."""
     from .methods import method_class
-    from .nets import EmbeddingNet, default_backbone
-    from .views import VIEW_PRESETS
+    from .nets import default_backbone
 
     n = len(images)
     if n < 2:
@@ -55,37 +54,9 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     if cfg.net.backbone == "auto":
         raw["net"]["backbone"] = default_backbone(images.channels, images.image_size)
     raw["net"]["input_shape"] = [images.channels, *images.image_size]
-    views = raw["views"]
     notes: dict = {}
-    if views["preset"] == "auto":  # chosen from the pixels (view_rules.py); fields given explicitly win
-        from .view_rules import choose_views
-
-        chosen, notes["views"] = choose_views(images.images)
-        views["preset"] = notes["views"]["preset"]
-        views.update({f: v for f, v in chosen.items() if views[f] is None})
-    preset = VIEW_PRESETS[views["preset"]]
-    for f in ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p"):
-        if views[f] is None:
-            value = getattr(preset, f)
-            views[f] = list(value) if isinstance(value, tuple) else value
-    cl = raw["cluster"]
-    if cl["n_clusters"] is None:
-        cl["n_clusters"] = int(len(np.unique(images.labels))) if images.labels is not None else 10
-    if cl["n_clusters"] > n:
-        raise ConfigError(f"n_clusters (K={cl['n_clusters']}) is larger than the number of images (N={n})")
-    head, features, eigenvectors = method_class(cfg.method).cluster_head  # chosen on the development data
-    if cl["head"] == "auto":
-        cl["head"] = head
-    if cl["features"] == "auto":
-        cl["features"] = features
-    if cl["eigenvectors"] is None:
-        cl["eigenvectors"] = eigenvectors
-    if cl["features"] not in ("backbone", "embedding"):
-        names = EmbeddingNet(raw["net"]["backbone"], images.channels, images.image_size, dim=cfg.net.dim,
-                             sobel=cfg.net.sobel).layer_names()
-        if cl["features"] not in names:
-            raise ConfigError(f"cluster.features: unknown layer '{cl['features']}'; this network has: "
-                              f"{', '.join(names)}")
+    _resolve_views(raw["views"], images, notes)
+    _resolve_cluster(raw, cfg, images)
     if raw["optim"]["batch_size"] > n:
         raw["optim"]["batch_size"] = n - n % (cfg.train.devices * cfg.train.num_nodes)
     method_class(cfg.method).check_data(cfg.options, n)
@@ -96,20 +67,68 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
         train = training_subset(resolved, images)
         resolved, notes["budget"] = fit_to_budget(
             resolved, train.images, view_spec(resolved), labels=train.labels,
-            backbone_auto=cfg.net.backbone == "auto" and cl["features"] in ("backbone", "embedding"))
+            backbone_auto=cfg.net.backbone == "auto" and raw["cluster"]["features"] in ("backbone", "embedding"))
     elif resolved.train.budget is not None:  # explicit epochs win over a budget; say so
         from .budget import unused_budget_note
 
         notes["budget"] = unused_budget_note(resolved)
     if notes and not _is_launched_child():
-        from .budget import describe
-        from .view_rules import describe as describe_views
-
-        for key, line in (("views", describe_views), ("budget", describe)):
-            if key in notes:
-                print(f"deepclust: {line(notes[key])}", file=sys.stderr)
+        _announce(notes)
     resolved.resolution = notes  # the evidence and measurements, for the run's log / metrics
     return resolved
+
+
+def _resolve_views(views: dict, images: ImageSet, notes: dict) -> None:
+    """``views`` (a raw config section) filled in place: an ``auto`` preset chosen from the pixels
+    (view_rules.py; fields given explicitly win), then every unset field from the preset."""
+    from .views import VIEW_PRESETS
+
+    if views["preset"] == "auto":
+        from .view_rules import choose_views
+
+        chosen, notes["views"] = choose_views(images.images)
+        views["preset"] = notes["views"]["preset"]
+        views.update({f: v for f, v in chosen.items() if views[f] is None})
+    preset = VIEW_PRESETS[views["preset"]]
+    for f in ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p"):
+        if views[f] is None:
+            value = getattr(preset, f)
+            views[f] = list(value) if isinstance(value, tuple) else value
+
+
+def _resolve_cluster(raw: dict, cfg: Config, images: ImageSet) -> None:
+    """The cluster section filled in place: K from the labels when known (else 10), the head, features
+    and eigenvector count from the method's defaults (chosen on the development data), checked."""
+    from .methods import method_class
+    from .nets import EmbeddingNet
+
+    cl = raw["cluster"]
+    if cl["n_clusters"] is None:
+        cl["n_clusters"] = int(len(np.unique(images.labels))) if images.labels is not None else 10
+    if cl["n_clusters"] > len(images):
+        raise ConfigError(f"n_clusters (K={cl['n_clusters']}) is larger than the number of images (N={len(images)})")
+    head, features, eigenvectors = method_class(cfg.method).cluster_head
+    for key, default in (("head", head), ("features", features)):
+        if cl[key] == "auto":
+            cl[key] = default
+    if cl["eigenvectors"] is None:
+        cl["eigenvectors"] = eigenvectors
+    if cl["features"] not in ("backbone", "embedding"):
+        names = EmbeddingNet(raw["net"]["backbone"], images.channels, images.image_size, dim=cfg.net.dim,
+                             sobel=cfg.net.sobel).layer_names()
+        if cl["features"] not in names:
+            raise ConfigError(f"cluster.features: unknown layer '{cl['features']}'; this network has: "
+                              f"{', '.join(names)}")
+
+
+def _announce(notes: dict) -> None:
+    """One stderr line per automatic choice (views from the pixels, epochs fitted to the budget)."""
+    from .budget import describe
+    from .view_rules import describe as describe_views
+
+    for key, line in (("views", describe_views), ("budget", describe)):
+        if key in notes:
+            print(f"deepclust: {line(notes[key])}", file=sys.stderr)
 
 
 def training_subset(cfg: Config, images: ImageSet) -> ImageSet:
