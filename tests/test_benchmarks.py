@@ -320,6 +320,34 @@ def test_report_generates_tables_with_medians_and_sentences_with_ties(fake_resul
     assert report.check_prose(typed, fake_results) == []
 
 
+def test_report_counts_the_papers_claims_against_and_and_the_mnist_goals():
+    def loaded(r, data_name):
+        return dict(r, tag="", data_name=data_name)
+
+    results = [  # PAD ahead on digits, a tie on usps (within one std), mnist-test: ahead, ACC goal missed
+        loaded(acc_result("pad", "digits", [0.90, 0.91, 0.92], [0.9] * 3, [10.0] * 3), "digits"),
+        loaded(acc_result("and", "digits", [0.80, 0.81, 0.82], [0.8] * 3, [5.0] * 3), "digits"),
+        loaded(acc_result("pad", "usps", [0.90, 0.95, 1.00], [0.9] * 3, [10.0] * 3), "usps"),
+        loaded(acc_result("and", "usps", [0.89, 0.90, 0.91], [0.8] * 3, [5.0] * 3), "usps"),
+        loaded(acc_result("pad", "mnist-test", [0.96, 0.965, 0.97], [0.95] * 3, [600.0, 700.0, 800.0]), "mnist-test"),
+        loaded(acc_result("and", "mnist-test", [0.90, 0.90, 0.90], [0.9] * 3, [300.0] * 3), "mnist-test"),
+    ]
+    lines = report.goal_sentences(results)
+    assert lines[0] == ("- PAD above AND (ACC, beyond one std) on 2 of the 3 data sets measured (digits, mnist-test); "
+                        "the goal is three of four; not yet measured: fashion-mnist-test.")
+    assert lines[1].startswith("- PAD on mnist-test: ACC 0.965, NMI 0.950, at most 800 s of training a seed (3 seeds)")
+    assert lines[1].endswith("missed.") and len(lines) == 2  # no PCP result, no PCP sentence
+    results[4] = loaded(acc_result("pad", "mnist-test", [0.98] * 3, [0.95] * 3, [600.0, 700.0, 901.0]), "mnist-test")
+    assert report.goal_sentences(results)[1].endswith("missed.")  # one seed over 15 minutes
+    results[4]["runs"][2]["train_seconds"] = 899.0
+    results[4]["summary"]["train_seconds"] = common.mean_std([600.0, 700.0, 899.0])
+    assert report.goal_sentences(results)[1].endswith("met.")
+    typed = report.results_section("## Results\n\n" + "\n".join(report.goal_sentences(results)))
+    problems = report.paragraph_problems(typed, [], [])  # no results at all: every measured figure is flagged
+    assert any("0.980" in p for _, p in problems)
+    assert not [p for _, p in problems if "0.97'" in p or "900" in p]  # but not the goals' thresholds
+
+
 def test_readme_prose_matches_results():
     """Every figure in the README's hand-written Results prose is in benchmarks/results/."""
     found = report.check_prose((ROOT / "README.md").read_text(), BENCH / "results")
