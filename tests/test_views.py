@@ -44,6 +44,17 @@ def test_out_size_and_custom_normalisation():
         BatchViews(ViewSpec(mean=(0.5, 0.5)), 3)
 
 
+@pytest.mark.parametrize("preset", sorted(VIEW_PRESETS))
+@pytest.mark.parametrize("out_size", [None, (24, 20)])
+def test_an_empty_batch_gives_empty_views(preset, out_size):
+    """PAD asks for second views of a batch's isolated rows only; a batch may have none."""
+    v = BatchViews(VIEW_PRESETS[preset], 3, out_size=out_size)
+    x = images(0, 3, 32, 32)
+    hw = out_size or (32, 32)
+    assert v(x, draw_generator(0)).shape == (0, 3, *hw)
+    assert v.plain(x).shape == (0, 3, *hw)
+
+
 def test_identity_preset_reproduces_normalised_input():
     x = images(8, 3, 32, 32)
     v = BatchViews(VIEW_PRESETS["none"], 3)

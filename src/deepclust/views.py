@@ -271,6 +271,8 @@ class BatchViews(torch.nn.Module):
         """No augmentation: the same conversion (and resize to ``out_size``) and normalisation."""
         x = self._to_float(images_uint8)
         if self.out_size is not None and tuple(x.shape[-2:]) != self.out_size:
+            if x.shape[0] == 0:
+                return x.new_empty((0, x.shape[1], *self.out_size))
             x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False, antialias=True)
         return self._normalise(x)
 
@@ -284,6 +286,8 @@ class BatchViews(torch.nn.Module):
             raise ValueError(f"params are for {nb} images, the batch has {b}")
         p = params.to(x.device)
         out_hw = self.out_size or (x.shape[-2], x.shape[-1])
+        if b == 0:  # e.g. PAD's second views when no row of the batch is isolated
+            return x.new_empty((0, x.shape[1], *out_hw))
         if any(t is not None for t in (p.crop_area, p.angle, p.shift, p.scale)):  # needs resampling
             theta = self._theta(p, (x.shape[-2], x.shape[-1]), out_hw)
             grid = F.affine_grid(theta, [b, x.shape[1], out_hw[0], out_hw[1]], align_corners=False)
