@@ -348,6 +348,29 @@ def test_report_counts_the_papers_claims_against_and_and_the_mnist_goals():
     assert not [p for _, p in problems if "0.97'" in p or "900" in p]  # but not the goals' thresholds
 
 
+
+def test_report_judges_the_defaults_against_the_60_minute_goals():
+    def budget(data, acc, nmi, train, head):
+        r = dict(acc_result("pad", data, [acc], [nmi], [train]), tag="defaults-60m", data_name=data)
+        r["runs"][0].update(head_seconds=head, knn_top1=0.8, n_images=70000, config={"net": {"backbone": "jule_cnn"}})
+        r["summary"].update(head_seconds=common.mean_std([head]), knn_top1=common.mean_std([0.8]))
+        return r
+
+    pixels = dict(acc_result("kmeans-pixels", "fashion-mnist", [0.47, 0.48], [0.51, 0.51], [1.0, 1.0]),
+                  tag="", data_name="fashion-mnist")
+    results = [budget("fashion-mnist", 0.71, 0.69, 3000.0, 100.0), pixels]
+    (line,) = report.budget_goal_sentences(results)
+    assert line.startswith("- PAD from the defaults with a 60-minute budget on fashion-mnist (70000 images, 1 seed, "
+                           "40 epochs of jule_cnn): ACC 0.710, NMI 0.690, kNN top-1 0.800; 3000 s of training")
+    assert "goal ACC >= 0.7, NMI >= 0.7 within 3600 s: missed" in line  # NMI short of 0.70
+    assert line.endswith("k-means on pixels on the same images: ACC 0.475, NMI 0.510.")
+    results[0] = budget("fashion-mnist", 0.71, 0.71, 3550.0, 100.0)  # over the hour with its head
+    assert "missed" in report.budget_goal_sentences(results)[0]
+    results[0] = budget("cifar10-test", 0.52, 0.40, 3000.0, 100.0)
+    assert "goal ACC >= 0.5 within 3600 s: met" in report.budget_goal_sentences(results)[0]
+    results[0]["tag"] = ""  # an ordinary run is not judged against the budget goals
+    assert report.budget_goal_sentences(results) == []
+
 def test_readme_prose_matches_results():
     """Every figure in the README's hand-written Results prose is in benchmarks/results/."""
     found = report.check_prose((ROOT / "README.md").read_text(), BENCH / "results")
