@@ -32,6 +32,13 @@ def _colours(rng, colour):
     return bg, fg
 
 
+def _canvas(rng, size, colour):
+    """A blank RGB canvas four times the final size, with its background and foreground colours."""
+    bg, fg = _colours(rng, colour)
+    s = size * 4
+    return Image.new("RGB", (s, s), bg), s, bg, fg
+
+
 def _finish(im, size, colour):
     a = np.asarray(im.resize((size, size), Image.BILINEAR))
     return a if colour else a[..., 0].copy()
@@ -43,9 +50,7 @@ def symmetric_shapes(n, size=28, seed=0, colour=False):
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        bg, fg = _colours(rng, colour)
-        s = size * 4
-        im = Image.new("RGB", (s, s), bg)
+        im, s, bg, fg = _canvas(rng, size, colour)
         d = ImageDraw.Draw(im)
         cx, cy = s / 2 + rng.uniform(-0.1, 0.1) * s, s / 2 + rng.uniform(-0.1, 0.1) * s
         w, h = rng.uniform(0.2, 0.35) * s, rng.uniform(0.2, 0.35) * s
@@ -73,9 +78,7 @@ def glyphs(n, size=28, seed=0, colour=False, random_mirror=False, chars="FGJLNPR
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        bg, fg = _colours(rng, colour)
-        s = size * 4
-        im = Image.new("RGB", (s, s), bg)
+        im, s, bg, fg = _canvas(rng, size, colour)
         font = ImageFont.load_default(size=int(s * rng.uniform(0.55, 0.75)))
         ImageDraw.Draw(im).text((s / 2 + rng.uniform(-0.08, 0.08) * s, s / 2 + rng.uniform(-0.08, 0.08) * s),
                                 chars[rng.integers(len(chars))], fill=fg, font=font, anchor="mm",
