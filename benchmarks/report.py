@@ -280,13 +280,15 @@ BUDGET_TAG, BUDGET_SECONDS = "defaults-60m", 60 * 60
 BUDGET_GOALS = {"fashion-mnist": {"acc": 0.70, "nmi": 0.70}, "cifar10-test": {"acc": 0.50}}
 
 
+def best_pixel_baseline(results: Iterable[dict]) -> dict | None:
+    """The pixel baseline with the higher mean ACC among ``results``; None when there is none."""
+    pixels = [r for r in results if r["method"] in PIXEL_BASELINES]
+    return max(pixels, key=lambda r: stats(r, "acc").get("mean", 0.0), default=None)
+
+
 def budget_goal_sentences(accuracy: list[dict]) -> list[str]:
     """The defaults-under-a-budget goals: the goal's measures, training + default head seconds against
     the budget, and the better pixel baseline on the same images."""
-    pixels: dict[str, list[dict]] = {}
-    for r in accuracy:
-        if r["method"] in PIXEL_BASELINES:
-            pixels.setdefault(r["data_name"], []).append(r)
     lines = []
     for r in sorted(accuracy, key=lambda r: data_rank(r["data_name"])):
         goal = BUDGET_GOALS.get(r["data_name"])
@@ -295,14 +297,15 @@ def budget_goal_sentences(accuracy: list[dict]) -> list[str]:
         run, train, head = r["runs"][0], stats(r, "train_seconds"), stats(r, "head_seconds")
         seconds = train["max"] + head["max"]
         met = all(stats(r, k)["mean"] >= v for k, v in goal.items()) and seconds <= BUDGET_SECONDS
-        text = (f"- {show(r['method'])} from the defaults with a 60-minute budget on {r['data_name']} "
+        text = (f"- {show(r['method'])} from the defaults with a {BUDGET_SECONDS // 60}-minute budget on "
+                f"{r['data_name']} "
                 f"({run['n_images']} images, {plural(len(r['seeds']), 'seed')}, {run['epochs']} epochs of "
                 f"{run['config']['net']['backbone']}): ACC {stats(r, 'acc')['mean']:.3f}, NMI "
                 f"{stats(r, 'nmi')['mean']:.3f}, kNN top-1 {stats(r, 'knn_top1')['mean']:.3f}; "
                 f"{train['max']:.0f} s of training and {head['max']:.0f} s for the head; goal "
                 + ", ".join(f"{k.upper()} >= {v}" for k, v in goal.items())
                 + f" within {BUDGET_SECONDS} s: " + ("met" if met else "missed"))
-        base = max(pixels.get(r["data_name"], []), key=lambda p: stats(p, "acc")["mean"], default=None)
+        base = best_pixel_baseline(p for p in accuracy if p["data_name"] == r["data_name"])
         if base is not None:
             text += (f"; {show(base['method'])} on the same images: ACC {stats(base, 'acc')['mean']:.3f}, "
                      f"NMI {stats(base, 'nmi')['mean']:.3f}")
@@ -325,8 +328,7 @@ def method_sentences(accuracy: list[dict]) -> list[str]:
     against the better pixel baseline, per data set."""
     lines = []
     for label, by_method in accuracy_groups(accuracy):
-        pixels = [by_method[m] for m in PIXEL_BASELINES if m in by_method]
-        best_pixels = max(pixels, key=lambda r: stats(r, "acc").get("mean", 0.0)) if pixels else None
+        best_pixels = best_pixel_baseline(by_method.values())
         for method, r in sorted(by_method.items()):
             if method in PIXEL_BASELINES:
                 continue

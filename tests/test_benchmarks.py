@@ -348,7 +348,6 @@ def test_report_counts_the_papers_claims_against_and_and_the_mnist_goals():
     assert not [p for _, p in problems if "0.97'" in p or "900" in p]  # but not the goals' thresholds
 
 
-
 def test_report_judges_the_defaults_against_the_60_minute_goals():
     def budget(data, acc, nmi, train, head):
         r = dict(acc_result("pad", data, [acc], [nmi], [train]), tag="defaults-60m", data_name=data)
@@ -370,6 +369,7 @@ def test_report_judges_the_defaults_against_the_60_minute_goals():
     assert "goal ACC >= 0.5 within 3600 s: met" in report.budget_goal_sentences(results)[0]
     results[0]["tag"] = ""  # an ordinary run is not judged against the budget goals
     assert report.budget_goal_sentences(results) == []
+
 
 def test_readme_prose_matches_results():
     """Every figure in the README's hand-written Results prose is in benchmarks/results/."""
