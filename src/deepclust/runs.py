@@ -1,14 +1,7 @@
 """A run end to end: resolve the configuration from the data, train, read clusters off the features,
 evaluate, and write the run directory.
 
-What a run directory guarantees:
- - **One writer.** ``fit`` claims the directory (an exclusive lock beside it, ``locks.claim_run_dir``)
-   before anything is written; a second ``fit`` on the same ``--out`` gets one line and exits.
- - **Atomic files.** Every file is written to a unique temporary name and renamed over (``io``); a
-   reader sees an old or a new file, never half of one.
- - **Nothing lost.** An existing run is refused unless ``--resume`` or ``--overwrite``; with
-   ``--overwrite`` the new run is built beside the old one (``OUT.partial``) and swapped in only when
-   it has finished, so a failed or killed overwrite leaves the old run whole.
+The run directory's lifecycle (one writer, atomic files, nothing lost) is ``rundir.py``; here:
  - **Resume** restores everything training depends on (``train.py``) and gives the same result as an
    uninterrupted run; the log is rewritten from the checkpoint's history (no duplicate records), time
    is cumulative, resuming a finished run changes nothing and says so, and flags that contradict the
@@ -19,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,6 +24,7 @@ from .config import Config, build_config
 from .data import ImageSet, load_images
 from .errors import ConfigError, DataError
 from .io import save_array, save_json, save_text
+from .rundir import finished_run, is_launched_child, prepare_out_dir, read_run_config, swap_in
 
 ALL_HEADS = (("kmeans", "embedding"), ("kmeans", "backbone"), ("spectral", "embedding"), ("spectral", "backbone"))
 RESUME_MAY_CHANGE = ("train.progress", "train.threads", "out")  # flags that --resume accepts
@@ -72,7 +65,7 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
         from .budget import unused_budget_note
 
         notes["budget"] = unused_budget_note(resolved)
-    if notes and not _is_launched_child():
+    if notes and not is_launched_child():
         _announce(notes)
     resolved.resolution = notes  # the evidence and measurements, for the run's log / metrics
     return resolved
@@ -276,33 +269,6 @@ def _plain(m: dict[str, Any]) -> dict[str, Any]:
 # fit
 
 
-def _is_launched_child() -> bool:
-    """True in the processes Fabric / torchrun start for ranks other than 0 (they write nothing)."""
-    if "RANK" in os.environ:
-        return os.environ["RANK"] != "0"
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
-
-
-def checkpoint_file(out: Path) -> Path:
-    return out / "checkpoints" / "last.pt"
-
-
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked to (called while holding the run's claim)."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory")
-    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out} is not writable")
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; choose one")
-    has_run = (out / "config.yaml").exists() or checkpoint_file(out).exists()
-    if resume:
-        if not checkpoint_file(out).exists():
-            raise DataError(f"nothing to resume: no checkpoint under {out / 'checkpoints'}")
-    elif has_run and not overwrite:
-        raise DataError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-
-
 def _resume_config(out: Path, cfg: Config, given: dict | None) -> Config:
     """The run's own configuration; a flag given with --resume must not contradict it."""
     from .config import set_dotted
@@ -346,7 +312,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     from .locks import claim_run_dir, machine_activity
 
     out = Path(cfg.out)
-    primary = not _is_launched_child()
+    primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
     try:
         with machine_activity():
@@ -354,24 +320,13 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
                 prepare_out_dir(out, resume, overwrite)
             if resume:
                 cfg = _resume_config(out, cfg, given)
-                if primary and (done := _finished_run(out)) is not None:
+                if primary and (done := finished_run(out)) is not None:
                     print(f"deepclust: the run in {out} has finished; nothing to resume", file=sys.stderr)
                     return done
             return _fit(cfg, out, resume, overwrite, fabric, primary)
     finally:
         if claim is not None:
             claim.release()
-
-
-def _finished_run(out: Path) -> dict[str, Any] | None:
-    """metrics.json of a run that completed (written last, after every other file), else None."""
-    path = out / "metrics.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool) -> dict[str, Any]:
@@ -395,7 +350,7 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
         return {}
     metrics = _write_outputs(cfg, images, result, work, fabric.device)
     if overwrite:
-        _swap_in(work, out)
+        swap_in(work, out)
     return metrics
 
 
@@ -423,17 +378,6 @@ def _write_outputs(cfg: Config, images: ImageSet, result, work: Path, device) ->
     return metrics
 
 
-def _swap_in(work: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``work`` directory; the old run is removed only afterwards."""
-    trash = out.with_name(out.name + ".old")
-    if trash.exists():
-        shutil.rmtree(trash)
-    if out.exists():
-        os.replace(out, trash)
-    os.replace(work, out)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def save_model(out: Path, net) -> None:
     from safetensors.torch import save
 
@@ -441,15 +385,6 @@ def save_model(out: Path, net) -> None:
     from .io import save_bytes
 
     save_bytes(out / "model.safetensors", save(state))
-
-
-def read_run_config(run: Path) -> dict:
-    from .config import read_yaml
-
-    path = run / "config.yaml"
-    if not path.exists():
-        raise DataError(f"not a run directory (no config.yaml): {run}")
-    return read_yaml(str(path))
 
 
 def load_network(run: Path, cfg: Config, images: ImageSet):
