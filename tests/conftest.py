@@ -57,16 +57,24 @@ def small_npz(tmp_path_factory) -> Path:
     return path
 
 
-# The smallest configuration of every registered method that still exercises its structure
-# discovery (a method added to deepclust.methods.METHODS must add a line here; a test checks it).
+# The smallest configuration of every registered method that still reaches the paths where its
+# structure matters: at least two discoveries before the kill epoch, and a resume that lands in the
+# middle of a round with a structure, a vote history or a trained classifier to restore (a method
+# added to deepclust.methods.METHODS must add a line here and in KILL_EPOCH; a test checks it).
 # Shared by the contract tests run for every method (DDP equality, kill + resume, shuffled labels).
 METHOD_SMOKE: dict[str, dict] = {
     "instance": {"train": {"epochs": 2}},
-    "and": {"train": {"epochs": 1}, "options": {"rounds": 1}},
-    "pcp": {"train": {"epochs": 3}, "options": {"history": 1, "vote_from": 0.3}},  # clusters from epoch 1, votes at 2
-    "deepcluster": {"train": {"epochs": 2}, "options": {"clusters": 20}},
-    "pad": {"train": {"epochs": 3}},  # SCS discovery at epochs 1 and 2 (epoch 0: instance + HPE)
+    # round 0 = epoch 0; rounds 1 and 2 discover at epochs 1 and 3; the kill lands in round 2's second epoch
+    "and": {"train": {"epochs": 2}, "options": {"rounds": 2, "round0_epochs": 1}},
+    # N_t = 300, 95, 30, 10, 10: clusters from epoch 1, history collected from epoch 1, the vote fires
+    # at epochs 3 and 4 (after the resume)
+    "pcp": {"train": {"epochs": 5}, "options": {"history": 2, "vote_from": 0.2}},
+    # re-clustered at epochs 0 and 2; the resumed epoch 3 trains the classifier of epoch 2's clusters
+    "deepcluster": {"train": {"epochs": 4}, "options": {"clusters": 20, "reassign": 2}},
+    "pad": {"train": {"epochs": 4}},  # SCS discovery at epochs 1, 2 and 3 (epoch 0: instance + HPE)
 }
+# The epoch whose checkpoint a SIGKILL prevents (after its log record): the resume restarts there.
+KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3}
 
 
 def smoke_layer(method: str, data: str, out, **extra) -> dict:

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import METHOD_SMOKE, ROOT, smoke_layer
+from conftest import KILL_EPOCH, METHOD_SMOKE, ROOT, smoke_layer
 
 from deepclust.config import build_config
 from deepclust.methods import METHODS
@@ -53,7 +53,7 @@ def references(tmp_path_factory, small_npz):
 
 
 def test_every_method_has_a_smoke_configuration():
-    assert set(METHOD_SMOKE) == set(METHODS)
+    assert set(METHOD_SMOKE) == set(METHODS) == set(KILL_EPOCH)
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -99,16 +99,32 @@ def test_two_processes_equal_one(tmp_path, small_npz, references):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ALL)
 def test_kill_between_log_and_checkpoint_then_resume(tmp_path, small_npz, references, method):
-    out = tmp_path / "run"
+    """Killed after at least two discoveries, in the middle of a round (``KILL_EPOCH``), then resumed:
+    the same log (losses and diagnostics, epoch by epoch), embeddings and labels as the uninterrupted run."""
+    out, kill = tmp_path / "run", KILL_EPOCH[method]
     layer = smoke_layer(method, f"npz:{small_npz}", out)
-    p = subprocess.run([sys.executable, WORKER, "kill", json.dumps({"layers": {method: layer}, "kill_epoch": 1})],
+    p = subprocess.run([sys.executable, WORKER, "kill", json.dumps({"layers": {method: layer}, "kill_epoch": kill})],
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == -9, p.stderr[-3000:]
     assert not (out / "metrics.json").exists()
-    assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [0, 1]
+    assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == \
+        list(range(kill + 1))
     fit_run(build_config({"out": str(out), "train": {"progress": False}}), resume=True)
     got, ref = _outputs(out), references[method]
     assert [r["epoch"] for r in got["log"]] == list(range(len(ref["log"])))
+    for mine, theirs in zip(got["log"], ref["log"]):
+        assert _same_record(mine, theirs), (mine, theirs)
     assert np.allclose(got["embeddings"], ref["embeddings"], atol=1e-6)
     assert np.array_equal(got["labels"], ref["labels"])
     assert got["metrics"]["train_seconds"] > 0
+
+
+def _same_record(a: dict, b: dict) -> bool:
+    """Two log records equal but for timings: numbers to float rounding, everything else exactly."""
+    keys = {k for k in a.keys() | b.keys() if "seconds" not in k and k != "images_per_second"}
+    for k in keys:
+        x, y = a.get(k), b.get(k)
+        numbers = isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool)
+        if not (x == pytest.approx(y, rel=1e-6, abs=1e-9) if numbers else x == y):
+            return False
+    return True
