@@ -63,7 +63,8 @@ def small_npz(tmp_path_factory) -> Path:
 # added to deepclust.methods.METHODS must add a line here and in KILL_EPOCH; a test checks it).
 # Shared by the contract tests run for every method (DDP equality, kill + resume, shuffled labels).
 METHOD_SMOKE: dict[str, dict] = {
-    "instance": {"train": {"epochs": 2}},
+    # the per-step "inv" rate: its step count must survive the kill too
+    "instance": {"train": {"epochs": 2}, "optim": {"schedule": "inv", "inv_gamma": 0.05}},
     # round 0 = epoch 0; rounds 1 and 2 discover at epochs 1 and 3; the kill lands in round 2's second epoch
     "and": {"train": {"epochs": 2}, "options": {"rounds": 2, "round0_epochs": 1}},
     # N_t = 300, 95, 30, 10, 10: clusters from epoch 1, history collected from epoch 1, the vote fires

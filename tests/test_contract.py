@@ -2,9 +2,11 @@
 
 - labels never steer anything: shuffled labels give identical embeddings and clusters;
 - two processes (gloo DDP on the CPU, the default BatchNorm backbone) equal one process with the
-  same global batch, and the replicas' banks / structure are identical on both ranks;
-- a run SIGKILLed between its log record and its checkpoint, then resumed, equals an uninterrupted
-  run, with exactly one log record per epoch.
+  same global batch, and every part of the method's state (bank, structure with its history, own
+  modules) is identical on both ranks after every epoch;
+- a run SIGKILLed between its log record and its checkpoint, after at least two discoveries and in the
+  middle of a round, then resumed, equals an uninterrupted run record by record, with exactly one log
+  record per epoch.
 """
 
 from __future__ import annotations
@@ -91,9 +93,15 @@ def test_two_processes_equal_one(tmp_path, small_npz, references):
         assert np.allclose(got["embeddings"], ref["embeddings"], atol=1e-4), \
             (m, np.abs(got["embeddings"] - ref["embeddings"]).max())
         assert (got["labels"] == ref["labels"]).mean() > 0.99, m
-        for record in got["log"]:
-            for key in ("bank_identical_across_ranks", "structure_identical_across_ranks"):
-                assert record.get(key, True) is True, (m, record)
+        checked = set()
+        for record in got["log"]:  # every rank's bank, structure and own modules, every epoch
+            for key in (k for k in record if k.endswith("_identical_across_ranks")):
+                assert record[key] is True, (m, key, record)
+                checked.add(key.split("_")[0])
+        expected = {"bank"} if METHODS[m].uses_bank else set()
+        expected |= {"structure"} if m != "instance" else set()
+        expected |= {"modules"} if m == "deepcluster" else set()
+        assert checked == expected, (m, checked)
 
 
 @pytest.mark.slow

@@ -152,9 +152,13 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = option(5e-4, low=0, high=1)
     batch_size: int = option(128, low=2)  # the global batch, split over devices
+    schedule: str = option("step", choices=("step", "inv"))  # step: x gamma at each milestone epoch;
+                                # inv: Caffe's lr * (1 + inv_gamma * iteration) ** -inv_power, per step (JULE)
     milestones: list[int] = option([80, 120, 160], low=1)  # epochs (per round)
     gamma: float = option(0.1, low=0, high=1, low_open=True)
     warmup_epochs: int = option(0, low=0)
+    inv_gamma: float = option(1e-4, low=0, high=1)  # JULE (Caffe "inv"): gamma 1e-4, power 0.75
+    inv_power: float = option(0.75, low=0, high=10)
 
 
 @dataclass

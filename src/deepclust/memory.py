@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .precision import similarities
+
 
 class MemoryBank(nn.Module):
     """N x D bank of L2-normalised features with an exponential moving average update."""
@@ -32,8 +34,9 @@ class MemoryBank(nn.Module):
         self.register_buffer("nce_z", torch.zeros(()))
 
     def logits(self, x: Tensor) -> Tensor:
-        """x: (B, D) normalised -> (B, N) similarities / T. The bank takes no gradient."""
-        return x @ self.features.t().to(x.dtype) / self.temperature
+        """x: (B, D) normalised -> (B, N) similarities / T in float32 (also under bf16 autocast); the
+        bank takes no gradient."""
+        return similarities(x, self.features, self.temperature)
 
     def probabilities_of(self, x: Tensor) -> Tensor:
         """Row-wise softmax p_ij of AND Eq 2 for a batch (B, N)."""
@@ -64,8 +67,9 @@ class MemoryBank(nn.Module):
         b = x.shape[0]
         noise = torch.randint(0, self.n, (b, k), generator=generator, device="cpu").to(idx.device)
         rows = torch.cat([idx[:, None], noise], dim=1)  # (B, 1+k)
-        w = self.features[rows].to(x.dtype)  # (B, 1+k, D)
-        scores = torch.exp(torch.einsum("bd,bkd->bk", x, w) / self.temperature)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 (see precision.py)
+            w = self.features[rows].float()  # (B, 1+k, D)
+            scores = torch.exp(torch.einsum("bd,bkd->bk", x.float(), w) / self.temperature)
         if float(self.nce_z) == 0.0:
             with torch.no_grad():
                 z = scores.mean() * self.n

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config
+from .config import Config, OptimConfig
 from .errors import DataError
 from .io import save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
-from .nets import EmbeddingNet
+from .nets import EmbeddingNet, sync_batchnorm
 from .views import BatchViews, draw_generator
 
 CHECKPOINT_NAME = "last.pt"
@@ -71,9 +71,12 @@ def images_to_tensor(images: np.ndarray) -> Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-def learning_rate(cfg: Config, schedule_epoch: int) -> float:
-    """Step schedule: lr * gamma ** (milestones passed), with an optional linear warm-up."""
-    o = cfg.optim
+def learning_rate(o: OptimConfig, schedule_epoch: int, iteration: int = 0) -> float:
+    """The rate of ``optim.schedule``: ``step``, lr * gamma ** (milestones passed by the schedule's
+    epoch) with an optional linear warm-up, set per epoch; ``inv``, Caffe's inverse decay
+    lr * (1 + inv_gamma * iteration) ** -inv_power over the run's optimiser steps, set per step (JULE)."""
+    if o.schedule == "inv":
+        return o.lr * (1.0 + o.inv_gamma * iteration) ** (-o.inv_power)
     lr = o.lr * o.gamma ** sum(schedule_epoch >= m for m in o.milestones)
     if o.warmup_epochs and schedule_epoch < o.warmup_epochs:
         lr *= (schedule_epoch + 1) / (o.warmup_epochs + 1)
@@ -179,7 +182,8 @@ class Trainer:
                                 head=method_class(cfg.method).embedding_head)
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
         self.method = build_method(cfg, n, tap_dims=self._tap_dims())
-        self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0}
+        # cumulative over a resumed run (checkpointed); ``steps`` drives the per-step rate schedules
+        self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0, "steps": 0}
 
     def _tap_dims(self) -> dict[str, int]:
         """Flat size of every tap, for methods that size their own modules from it."""
@@ -229,13 +233,16 @@ class Trainer:
         return len(set(digests)) == 1
 
     def _replica_checks(self, record: dict[str, Any]) -> None:
+        """Every part of the method's state (bank, structure, own modules) identical on every rank."""
         if self.world == 1:
             return
-        if self.method.bank is not None:
-            record["bank_identical_across_ranks"] = self._identical_across_ranks([self.method.bank.features])
-        if self.method.structure is not None:
-            parts = [self.method.structure[k] for k in sorted(self.method.structure)]
-            record["structure_identical_across_ranks"] = self._identical_across_ranks(parts)
+        state = self.method.state_dict()
+        parts = {"bank": [state["bank"]["features"]] if state["bank"] is not None else [],
+                 "structure": [v for _, v in sorted((state["structure"] or {}).items())],
+                 "modules": [v for _, v in sorted(state["modules"].items())]}
+        for name, tensors in parts.items():
+            if tensors:
+                record[f"{name}_identical_across_ranks"] = self._identical_across_ranks(tensors)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
@@ -371,11 +378,16 @@ class Trainer:
         method.after_step(s)
         return per_sample.detach().float().sum()
 
-    def _train_epoch(self, model, optimizer, epoch: int, record: dict[str, Any]) -> None:
-        cfg, device = self.cfg, self.fabric.device
-        lr = learning_rate(cfg, self.method.schedule_epoch(epoch))
+    def _set_lr(self, optimizer, epoch: int) -> float:
+        lr = learning_rate(self.cfg.optim, self.method.schedule_epoch(epoch), int(self.timing["steps"]))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        return lr
+
+    def _train_epoch(self, model, optimizer, epoch: int, record: dict[str, Any]) -> None:
+        cfg, device = self.cfg, self.fabric.device
+        per_step = cfg.optim.schedule == "inv"
+        lr = self._set_lr(optimizer, epoch)
         model.train()
         batches = self.method.batches(epoch, self.n, cfg.optim.batch_size, cfg.train.seed)
         loss_sum = torch.zeros((), device=device)
@@ -388,7 +400,10 @@ class Trainer:
         t_steps = time.perf_counter()
         seen = 0
         for step, gidx in enumerate(batches):
+            if per_step and step:
+                self._set_lr(optimizer, epoch)
             loss_sum += self._step(model, optimizer, epoch, step, gidx)
+            self.timing["steps"] += 1
             seen += len(gidx)
             if bar is not None:
                 bar.update(1)
@@ -401,6 +416,8 @@ class Trainer:
         self.timing["images_seen"] += seen
         total = self.fabric.all_reduce(loss_sum, reduce_op="sum") if self.world > 1 else loss_sum
         record.update(loss=float(total) / max(seen, 1), lr=lr, images_per_second=round(seen / dt, 1))
+        if per_step:
+            record["lr_last"] = optimizer.param_groups[0]["lr"]
         self._replica_checks(record)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -410,11 +427,9 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         elif fabric.device.type == "cpu" and self.world > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // min(self.world, os.cpu_count() or 1)))
-        if self.world > 1 and cfg.train.sync_batchnorm:
-            from .nets import sync_batchnorm
-
-            self.net = sync_batchnorm(self.net, device=fabric.device)
         module = TrainModule(self.net, self.method)
+        if self.world > 1 and cfg.train.sync_batchnorm:  # the network's and the method modules' BatchNorm
+            module = sync_batchnorm(module, device=fabric.device)
         optimizer = build_optimizer(cfg, module.parameters())
         start_epoch, history = 0, []
         if resume and self.checkpoint_path().exists():
@@ -424,7 +439,7 @@ class Trainer:
             self.method.bank.to(fabric.device)
         self.views.to(fabric.device)
         self.data = self.data_cpu.to(fabric.device)
-        if self.method.structure is not None:
+        if self.method.structure is not None:  # idempotent (methods/base.py): the restored one, on the device
             self.method.set_structure({k: v.to(fabric.device) for k, v in self.method.structure.items()})
         return model, optimizer, start_epoch, history
 
@@ -449,8 +464,8 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_log(history)
-        total = self.method.total_epochs()
-        for epoch in range(start_epoch, total):
+        epoch = start_epoch
+        while epoch < self.method.total_epochs():  # re-read: a method's length may follow its structure (JULE)
             t_epoch = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch, "phase": self.method.phase(epoch)}
             if self.method.needs_discovery(epoch):
@@ -462,6 +477,8 @@ class Trainer:
             self._write_log(history, append=record)
             if self.cfg.train.checkpoint:
                 self._save_checkpoint(epoch, optimizer, history)
+            epoch += 1
+        total = epoch
         clusters = self._final_clusters(total)
         self.timing["train_seconds"] = base_seconds + time.perf_counter() - t_start
         return TrainResult(self.net, self.views, self.method, self.timing["train_seconds"],

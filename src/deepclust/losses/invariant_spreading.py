@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
+from ..precision import at_least_float32, similarities
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -27,10 +28,6 @@ def _log1mexp(x: Tensor) -> Tensor:
     a = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
     b = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
     return torch.where(near_zero, a, b)
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 up, float64 kept
 
 
 def _check(f_local, fhat_local, f_all, fhat_all, local_positions, temperature) -> None:
@@ -50,9 +47,9 @@ def _paper_terms(f, fh, f_all, pos, t) -> Tensor:
     """Ye et al. Eq 2, 3, 6 with the m = B instance classes of the first view, regrouped by query:
     term_j = -log P(j|f^_j) - sum_{i != j} log(1 - P(i|f_j)). Summed over j this is Eq 6."""
     rows = torch.arange(f.shape[0], device=f.device)
-    s_hat = fh @ f_all.t() / t  # (b, B): f_k . f^_j / tau
+    s_hat = similarities(fh, f_all, t)  # (b, B): f_k . f^_j / tau
     log_pos = s_hat[rows, pos] - torch.logsumexp(s_hat, dim=1)  # Eq 2: log P(j|f^_j)
-    s = f @ f_all.t() / t  # (b, B): f_i . f_j / tau
+    s = similarities(f, f_all, t)  # (b, B): f_i . f_j / tau
     log_p = s - torch.logsumexp(s, dim=1, keepdim=True)  # Eq 3: log P(i|f_j), the sum over all k
     own = torch.zeros_like(s, dtype=torch.bool)
     own[rows, pos] = True  # i = j is not a negative
@@ -74,7 +71,7 @@ def _reference_terms(f, fh, f_all, fhat_all, pos, t) -> Tensor:
     rows = torch.arange(queries.shape[0], device=f.device)
     own = torch.zeros(queries.shape[0], keys.shape[0], dtype=torch.bool, device=f.device)
     own[rows, self_col] = True
-    s = (queries @ keys.t() / t).masked_fill(own, float("-inf"))
+    s = similarities(queries, keys, t).masked_fill(own, float("-inf"))
     log_p = s - torch.logsumexp(s, dim=1, keepdim=True)  # self excluded from the denominator
     log_pos = log_p[rows, partner]
     skip = own.clone()
@@ -108,7 +105,7 @@ def invariant_spreading_loss(f_local: Tensor, fhat_local: Tensor, f_all: Tensor,
     if form not in ("paper", "reference"):
         raise ConfigError(f"invariant-spreading form must be 'paper' or 'reference', got {form!r}")
     _check(f_local, fhat_local, f_all, fhat_all, local_positions, temperature)
-    f, fh, fa, fha = (_at_least_float32(x) for x in (f_local, fhat_local, f_all, fhat_all))
+    f, fh, fa, fha = (at_least_float32(x) for x in (f_local, fhat_local, f_all, fhat_all))
     pos = local_positions.to(f.device).long()
     if form == "paper":
         return _paper_terms(f, fh, fa, pos, temperature)

@@ -15,11 +15,26 @@ JULE; ``../shared/design/method-contract.md`` sets their needs side by side). Th
         method.after_step(step)                              # default: memory-bank update (AND Eq 8)
     after training: method.final_clusters(DiscoveryContext(...))  # the method's own clusters, or None
 
+The structure lifecycle (the rule every method keeps; ``tests/test_contract.py`` enforces it by
+killing each method mid-round and comparing the resumed run with an uninterrupted one, and by
+comparing every rank's method state under DDP):
+ - ``discover(ctx)`` runs on rank 0 only and **mutates nothing**: it returns everything that must
+   persist from one discovery to the next (the structure and any history it keeps, e.g. PCP's vote
+   history) as a dict of tensors, or None. It may read ``self.structure`` (the previous one).
+ - ``set_structure(s)`` runs on every rank with the broadcast structure, again on resume and after
+   ``load_state_dict``: it is **idempotent** (any number of calls, same state) and derives what it
+   needs from ``s`` alone.
+ - ``reset_parameters()`` runs on every rank once after each *fresh* discovery (never on resume): it
+   re-initialises the method's own parameters that a new structure invalidates (DeepCluster's
+   classifier) and returns them, so the loop drops their optimiser state.
+ - The checkpoint holds the structure, the method's modules and its bank; nothing else of a method
+   persists, so a resumed run and every rank hold the same state.
+
 What a method may own and ask for:
  - ``modules`` (an ``nn.ModuleDict``): trainable parts of its own (DeepCluster's classifier, DCCM's
    K-way head and discriminator). They are in the optimiser, wrapped by Fabric with the network,
-   saved in the checkpoint and restored by ``--resume``. Parameters that ``set_structure``
-   re-initialises are listed by ``reset_parameters`` so the loop drops their optimiser state.
+   saved in the checkpoint and restored by ``--resume``; under DDP their BatchNorm layers are those
+   of the global batch, as the network's (``train.sync_batchnorm``).
  - ``taps``: the network outputs the loss needs (``embedding``, ``backbone``, or any stage name such
    as ``conv2``; stage outputs keep their shape). ``forward(taps)`` adds the method modules' outputs.
  - a memory bank (``make_bank``; None for DeepCluster, DCCM, JULE). ``after_step`` updates it from
@@ -29,6 +44,9 @@ What a method may own and ask for:
  - the batches of an epoch (``batches``): DeepCluster / PCP sample uniformly over clusters, JULE by
    cluster. They must come from generators seeded by (seed, epoch) so runs repeat and every process
    cuts the same global batches.
+ - its length (``total_epochs``): read by the loop before every epoch, so it may depend on the
+   current structure (JULE trains until its merges reach the target cluster count); the learning
+   rate follows ``optim.schedule`` per step (``step`` milestones or Caffe's ``inv``).
  - its own final clusters (``final_clusters``; ``--cluster-head method``).
 
 The DDP rule for losses: ``batch_loss`` returns one term per local row; the loop sums them and scales
@@ -201,14 +219,18 @@ class Method:
         return ()
 
     def discover(self, ctx: DiscoveryContext) -> Structure | None:
+        """Rank 0: the new structure, with everything that must persist to the next discovery.
+        Mutates nothing (see the lifecycle in the module docstring)."""
         return None
 
     def set_structure(self, structure: Structure | None) -> None:
-        """Called on every process with the broadcast structure (on the training device)."""
+        """Every rank, with the broadcast structure (on the training device); idempotent: also run on
+        resume and by ``load_state_dict``. Derived state comes from ``structure`` alone."""
         self.structure = structure
 
     def reset_parameters(self) -> list[nn.Parameter]:
-        """Parameters the last ``set_structure`` re-initialised (their optimiser state is dropped)."""
+        """Every rank, once after each fresh discovery (never on resume): re-initialise what the new
+        structure invalidates and return those parameters (their optimiser state is dropped)."""
         return []
 
     def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
@@ -241,21 +263,12 @@ class Method:
         return None
 
     # -- checkpointing ----------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        """Round state beyond structure, modules and bank (tensors and plain Python values only)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
         return {"structure": self.structure, "modules": self.modules.state_dict(),
-                "bank": self.bank.state_dict() if self.bank is not None else None,
-                "extra": self.extra_state()}
+                "bank": self.bank.state_dict() if self.bank is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.structure = state.get("structure")
         self.modules.load_state_dict(state.get("modules") or {})
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
-        self.load_extra_state(state.get("extra") or {})
+        self.set_structure(state.get("structure"))

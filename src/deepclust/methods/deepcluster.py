@@ -86,19 +86,16 @@ class DeepCluster(Method):
         labels = self._cluster(ctx.features(FEATURES.tap), self.k, seed=self.cfg.train.seed * 1000 + ctx.epoch)
         return {"labels": torch.from_numpy(labels), "epoch": torch.tensor(ctx.epoch)}
 
-    def set_structure(self, structure: Structure | None) -> None:
-        super().set_structure(structure)
-        if structure is None:
-            return
-        g = draw_generator(self.cfg.train.seed, int(structure["epoch"]), 5_000_011)  # same on every process
+    def reset_parameters(self) -> list[nn.Parameter]:
+        """After each fresh clustering (never on resume): the classifier re-initialised for the new
+        pseudo-labels, from a generator of (seed, epoch), the same on every process."""
+        g = draw_generator(self.cfg.train.seed, int(self.structure["epoch"]), 5_000_011)
         layer = self.modules["classifier"]
         with torch.no_grad():  # DeepCluster main.py: top_layer.weight.normal_(0, 0.01), bias.zero_()
             w = torch.randn(layer.weight.shape, generator=g) * self.options.init_std
             layer.weight.copy_(w.to(layer.weight.device))
             layer.bias.zero_()
-
-    def reset_parameters(self) -> list[nn.Parameter]:
-        return list(self.modules["classifier"].parameters())
+        return list(layer.parameters())
 
     def batches(self, epoch: int, n: int, batch_size: int, seed: int) -> list[Tensor]:
         labels = self.structure["labels"].cpu()

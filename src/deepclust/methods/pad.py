@@ -148,10 +148,6 @@ class Pad(Method):
         self._table = (torch.from_numpy(members).to(dev), torch.from_numpy(offsets).to(dev))
         self._isolated = bool((offsets[1:] - offsets[:-1] == 1).any())
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.set_structure(self.structure)  # rebuild the derived member table and views_at's flag
-
     def _members(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """C(x_i) of the batch rows as a padded (B, M) index array and mask, the row itself included."""
         s = self.structure

@@ -22,6 +22,9 @@ settles it:
    uniformly over the purified clusters (DeepCluster's sampler) instead;
  - rounds (Table IV-V): each round restarts the learning-rate schedule, the PC schedule and the
    voting history; the warm-up runs in round 0 only.
+The vote history is part of the structure (``past``, the raw k-means labels of the last ``history``
+collecting epochs, oldest first): ``discover`` returns the new history with the new clusters, so it is
+broadcast to every rank and restored on resume with them; it carries over only within a round.
 Ours: clustering is skipped while N_t > N / 2 (clusters of 1-2 members, all single instances after
 CP_r with gamma >= 0.5 and min_size 2 except the kept-whole ones) - it only saves k-means time at
 large N_t; the method's own final clusters are k-means of the final bank with K = cluster.n_clusters.
@@ -89,10 +92,6 @@ class ProgressiveClusterPurification(Method):
     Options = PcpOptions
     n_views = 2
 
-    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None):
-        super().__init__(cfg, n_images, tap_dims)
-        self.past = torch.zeros(0, n_images, dtype=torch.int64)  # raw k-means labels, oldest first
-
     @classmethod
     def check_data(cls, options: PcpOptions, n_images: int) -> None:
         for name in ("floor", "start"):
@@ -147,28 +146,35 @@ class ProgressiveClusterPurification(Method):
     def discover(self, ctx: DiscoveryContext) -> Structure | None:
         o = self.options
         k = self.clusters_at(ctx.epoch)
-        if k > self.n_images // 2:
-            return None  # all single instances (see the module docstring)
+        past = self._history(ctx.epoch)
+        if k > self.n_images // 2:  # all single instances (see the module docstring); the history stays
+            return {"epoch": torch.tensor(ctx.epoch), "past": past} if len(past) else None
         feats = ctx.bank.features.float().cpu().numpy()
         labels, centroids, _ = kmeans(feats, k, seed=self.cfg.train.seed * 1000 + ctx.epoch, n_iter=o.kmeans_iters)
         collecting = self._collecting(ctx.epoch)
-        voting = collecting and len(self.past) >= o.history  # CP_s once the history is full
-        purified = purify_clusters(feats, labels, past=self.past.numpy() if voting else None, gamma=o.gamma,
+        voting = collecting and len(past) >= o.history  # CP_s once the history is full
+        purified = purify_clusters(feats, labels, past=past.numpy() if voting else None, gamma=o.gamma,
                                    alpha=o.alpha, drop_below=o.drop_below, pull_back_at=o.pull_back_at,
                                    keep_whole_up_to=0 if collecting else o.keep_whole_up_to, min_size=o.min_size)
         members, offsets = member_table(purified.targets)
+        labels_t = torch.from_numpy(labels)
+        if collecting:
+            past = torch.cat([past, labels_t[None]])[-o.history:]
         return {"targets": torch.from_numpy(purified.targets), "members": torch.from_numpy(members),
-                "offsets": torch.from_numpy(offsets), "labels": torch.from_numpy(labels),
+                "offsets": torch.from_numpy(offsets), "labels": labels_t, "past": past,
                 "epoch": torch.tensor(ctx.epoch), "voting": torch.tensor(voting)}
 
-    def set_structure(self, structure: Structure | None) -> None:
-        super().set_structure(structure)
-        if structure is None:
-            return
-        if self.round_of(int(structure["epoch"]))[1] == 0:
-            self.past = self.past[:0]  # a new round restarts the vote
-        if self._collecting(int(structure["epoch"])):
-            self.past = torch.cat([self.past, structure["labels"].cpu()[None]])[-self.options.history:]
+    def _history(self, epoch: int) -> Tensor:
+        """The vote history carried into ``epoch``: the last structure's, if it is of the same round
+        (a new round restarts the vote, Table IV-V)."""
+        s = self.structure
+        if s is None or "past" not in s or self.round_of(int(s["epoch"]))[0] != self.round_of(epoch)[0]:
+            return torch.zeros(0, self.n_images, dtype=torch.int64)
+        return s["past"].cpu()
+
+    def _clusters(self) -> Structure | None:
+        """The current purified clusters, or None (no structure yet, or all single instances)."""
+        return self.structure if self.structure is not None and "targets" in self.structure else None
 
     def _collecting(self, epoch: int) -> bool:
         """The vote's history fills from ``vote_from`` on (the reference starts it at epoch 100)."""
@@ -176,7 +182,7 @@ class ProgressiveClusterPurification(Method):
         return o.voting and self.round_of(epoch)[1] >= o.vote_from * self.cfg.train.epochs
 
     def batches(self, epoch: int, n: int, batch_size: int, seed: int) -> list[Tensor]:
-        if self.options.sampling == "images" or self.structure is None:
+        if self.options.sampling == "images" or self._clusters() is None:
             return uniform_batches(n, batch_size, seed, epoch)
         order = uniform_over_clusters(self.structure["targets"].cpu(), n, epoch_generator(seed, epoch))
         return split_batches(order, batch_size)
@@ -185,7 +191,7 @@ class ProgressiveClusterPurification(Method):
     def batch_loss(self, step: Step) -> Tensor:
         z = step.outputs[0]["embedding"]
         logits = step.bank.logits(z)
-        s = self.structure
+        s = self._clusters()
         if s is None:
             positives, mask = step.idx[:, None], torch.ones_like(step.idx[:, None], dtype=torch.bool)
         else:
@@ -201,7 +207,7 @@ class ProgressiveClusterPurification(Method):
 
     # -- diagnostics, final clusters, state -------------------------------------------------------
     def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
-        if self.structure is None:
+        if self._clusters() is None:
             return {"clusters": 0, "single_fraction": 1.0}
         targets = self.structure["targets"].cpu().numpy()
         out: dict[str, Any] = {"clusters": int(targets.max()) + 1 if (targets >= 0).any() else 0,
@@ -217,9 +223,3 @@ class ProgressiveClusterPurification(Method):
         labels, _, _ = kmeans(feats, self.cfg.cluster.n_clusters, seed=self.cfg.train.seed,
                               n_iter=self.options.kmeans_iters)
         return labels
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"past": self.past}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.past = state.get("past", self.past[:0])
