@@ -17,7 +17,8 @@ from deepclust.budget import (
     parse_budget,
     plan_budget,
 )
-from deepclust.config import build_config, read_yaml
+from deepclust.config import read_yaml
+from deepclust.configure import build_config
 from deepclust.errors import ConfigError
 
 # -- parsing ----------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_a_one_argument_measure_is_accepted():
     assert r["backbone"] == "jule_cnn" and r["epochs"] == 200
 
 
-# -- fit_to_budget and runs.resolve: explicit epochs are never overridden -------------------------------
+# -- fit_to_budget and resolution.resolve: explicit epochs are never overridden -------------------------------
 
 
 def _digits(n=300):
@@ -238,7 +239,7 @@ class _FakeCalibration:
 
 
 def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch, capsys):
-    from deepclust.runs import resolve
+    from deepclust.resolution import resolve
 
     monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
     images = _digits()
@@ -266,7 +267,7 @@ def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch,
 
 @pytest.mark.parametrize("preset", ["and-cpu", "instance-cpu", "and-cifar10-resnet18", "pad-mnist-alexnet"])
 def test_presets_keep_their_epochs(monkeypatch, preset):
-    from deepclust.runs import resolve
+    from deepclust.resolution import resolve
 
     monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
     _FakeCalibration.calls = []
@@ -280,14 +281,14 @@ def test_presets_keep_their_epochs(monkeypatch, preset):
 
 
 def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch):
-    from deepclust.runs import resolve, view_spec
+    from deepclust.resolution import resolve, view_spec
 
     monkeypatch.chdir(tmp_path)
     cfg = resolve(build_config({"method": "and", "train": {"epochs": 2, "accelerator": "cpu", "threads": 1},
                                 "optim": {"batch_size": 64}, "options": {"rounds": 1}}), _digits())
     images = _digits().images
     rng = (torch.get_rng_state(), np.random.get_state()[1].copy())
-    cal = budget.TrainerCalibration(cfg, images, view_spec(cfg), probe_epochs=2, min_seconds=0.0, max_steps=2)
+    cal = budget.TrainerCalibration(cfg, images, view_spec(cfg.views), probe_epochs=2, min_seconds=0.0, max_steps=2)
     ips = cal("jule_cnn")
     assert np.isfinite(ips) and ips > 0
     assert cal.discovery("jule_cnn") >= 0  # AND's round-1 neighbourhoods, timed

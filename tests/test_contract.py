@@ -20,7 +20,7 @@ import pytest
 
 from conftest import METHOD_SMOKE, ROOT, smoke_layer
 
-from deepclust.config import build_config
+from deepclust.configure import build_config
 from deepclust.methods import METHODS
 from deepclust.runs import fit_run
 

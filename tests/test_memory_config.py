@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepclust.config import Config, build_config, read_yaml
+from deepclust.config import Config, read_yaml
+from deepclust.configure import build_config
 from deepclust.errors import ConfigError
 from deepclust.memory import MemoryBank
 

@@ -23,6 +23,8 @@ RNG states, the history of log records and the cumulative timings.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import time
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config
+from .config import Config, TrainConfig
 from .errors import DataError
 from .io import save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
@@ -47,19 +49,21 @@ CHECKPOINT_FORMAT = 2
 PASS_BATCH = 512  # images per forward in full feature passes
 
 
-def make_fabric(cfg: Config):
-    """A Lightning Fabric for the configured devices (DDP when more than one process)."""
+def make_fabric(train: TrainConfig):
+    """A Lightning Fabric for the configured devices (``cfg.train``; DDP when more than one process)."""
+    # Imported here, not at the top: importing lightning takes 2.3 s, and at the top it would more than
+    # double every command's start-up (``python -X importtime -c "import deepclust.cli"``: 1.5 s -> 3.9 s).
     from lightning.fabric import Fabric
 
-    accelerator = cfg.train.accelerator
+    accelerator = train.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = cfg.train.precision
+    precision = train.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator in ("cuda", "gpu") else "32-true"
-    world = cfg.train.devices * cfg.train.num_nodes
+    world = train.devices * train.num_nodes
     strategy = "ddp" if world > 1 else "auto"
-    return Fabric(accelerator=accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
+    return Fabric(accelerator=accelerator, devices=train.devices, num_nodes=train.num_nodes,
                   strategy=strategy, precision=precision)
 
 
@@ -169,7 +173,7 @@ class Trainer:
 
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.fabric = fabric if fabric is not None else make_fabric(cfg)
+        self.fabric = fabric if fabric is not None else make_fabric(cfg.train)
         self.labels = labels
         self.data_cpu = images_to_tensor(images)
         n, c, h, w = self.data_cpu.shape
@@ -505,3 +509,60 @@ def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | 
         embs.append(taps["embedding"].float().cpu())
     net.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(embs).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing the training on this machine (the time budget, ``budget.py``)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """The global RNG states (torch, numpy, python) as they were before the block, afterwards."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
+
+
+class TrainingProbe:
+    """A :class:`Trainer`'s training steps and discoveries, timed one at a time with nothing written:
+    the trainer is set up as for a fresh run, the steps are epoch 0's batches in order, and a
+    discovery runs as the loop runs it (with the label diagnostics it logs). Training changes the
+    global RNG states: measure inside :func:`preserved_rng`."""
+
+    def __init__(self, trainer: Trainer, clock=time.perf_counter):
+        self.trainer, self.clock = trainer, clock
+        self.model, self.optimizer, _, _ = trainer._setup(resume=False)
+        cfg = trainer.cfg
+        self.batches = trainer.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
+        self.steps = 0
+        self.model.train()
+
+    def _sync(self) -> None:
+        if self.trainer.fabric.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_step(self) -> tuple[int, float]:
+        """(images, seconds) of the next training step: forward, loss, backward, optimiser step and
+        the method's bank update."""
+        gidx = self.batches[self.steps % len(self.batches)]
+        t = self.clock()
+        self.trainer._step(self.model, self.optimizer, 0, self.steps, gidx)
+        self._sync()
+        self.steps += 1
+        return len(gidx), self.clock() - t
+
+    def time_discovery(self, epoch: int) -> float:
+        """Seconds of the structure discovery of ``epoch`` on the current state."""
+        t = self.clock()
+        self.trainer._discover(epoch, self.optimizer, {})
+        self._sync()
+        return self.clock() - t
+
+    def checkpoint_seconds(self) -> float:
+        """Seconds to serialise an epoch's checkpoint (network, optimiser, method), in memory."""
+        t = self.clock()
+        torch.save({"model": self.trainer.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "method": self.trainer.method.state_dict()}, io.BytesIO())
+        return self.clock() - t
