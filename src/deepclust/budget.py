@@ -1,6 +1,6 @@
 """A time budget instead of a fixed epoch count: ``train.budget`` ("10m", "90s", "1h30m").
 
-When the configuration gives no ``train.epochs`` (None, the default), ``runs.resolve`` chooses the
+When the configuration gives no ``train.epochs`` (None, the default), ``resolution.resolve`` chooses the
 number of epochs -- and, for ``net.backbone: auto``, the backbone -- so that training fits the
 budget on the machine at hand (:func:`fit_to_budget`):
 

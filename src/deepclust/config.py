@@ -8,8 +8,8 @@ The resolved configuration (``auto`` values filled in from the data) is written 
 
 Validation, in one place (:func:`validate`): every field is declared with :func:`option`, which
 states its range or choices; the validator checks every field of every section, and of the method's
-own ``Options`` dataclass (declared in the method's file, registered by ``deepclust.methods``), the
-same way. Numbers must be finite. Rules across fields are a section's ``check()`` method.
+own ``Options`` dataclass (declared in the method's file, named in the registry of
+``deepclust.methods``), the same way. Numbers must be finite. Rules across fields are a section's ``check()`` method.
 
 Config knows nothing of the methods: :func:`config_from_dict` is handed the way from a method's name
 to its ``Options`` class (``deepclust.configure.build_config`` hands it the registry of
