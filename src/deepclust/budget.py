@@ -64,7 +64,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import Config, validate
+from .config import Config, TrainConfig, validate
 from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .methods import build_method, method_class
@@ -376,11 +376,11 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
     return validate(dataclasses.replace(cfg, net=net, train=train)), report
 
 
-def unused_budget_note(cfg) -> dict[str, str] | None:
+def unused_budget_note(train: TrainConfig) -> dict[str, str] | None:
     """A note for the log when ``train.budget`` is set but explicit epochs (a preset's or --epochs) win."""
-    if cfg.train.budget is None or cfg.train.epochs is None:
+    if train.budget is None or train.epochs is None:
         return None
-    return {"ignored": f"epochs: {cfg.train.epochs} as configured (train.budget {cfg.train.budget} chooses the "
+    return {"ignored": f"epochs: {train.epochs} as configured (train.budget {train.budget} chooses the "
                        "epochs only when train.epochs is none: --set train.epochs=none)"}
 
 

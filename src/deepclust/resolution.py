@@ -57,7 +57,7 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
             resolved, train.images, spec, labels=train.labels,
             backbone_auto=cfg.net.backbone == "auto" and cluster.features in ("backbone", "embedding"))
     elif resolved.train.budget is not None:  # explicit epochs win over a budget; say so
-        notes["budget"] = budget.unused_budget_note(resolved)
+        notes["budget"] = budget.unused_budget_note(resolved.train)
     if notes and not is_launched_child():
         _announce(notes)
     return dataclasses.replace(resolved, resolution=notes)

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, TrainConfig
+from .config import Config, EvalConfig, OptimConfig, TrainConfig
 from .errors import DataError
+from .evaluate import knn_top1
 from .io import save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
 from .nets import EmbeddingNet
@@ -84,8 +85,8 @@ def learning_rate(cfg: Config, schedule_epoch: int) -> float:
     return lr
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
+def build_optimizer(o: OptimConfig, params) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.optim`` names over ``params``."""
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                weight_decay=o.weight_decay)
@@ -324,7 +325,8 @@ class Trainer:
         if self.rank == 0:
             record.update(self.method.describe(self.labels))
             if self.labels is not None and self.method.bank is not None:
-                record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg)
+                record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg.eval,
+                                                       self.cfg.memory.temperature)
 
     # -- one epoch -------------------------------------------------------------------------------
     def _views(self, epoch: int, step: int, gidx: Tensor, part: Tensor, batch: Tensor):
@@ -419,7 +421,7 @@ class Trainer:
 
             self.net = sync_batchnorm(self.net, device=fabric.device)
         module = TrainModule(self.net, self.method)
-        optimizer = build_optimizer(cfg, module.parameters())
+        optimizer = build_optimizer(cfg.optim, module.parameters())
         start_epoch, history = 0, []
         if resume and self.checkpoint_path().exists():
             start_epoch, history = self._load_checkpoint(optimizer)
@@ -479,12 +481,11 @@ class Trainer:
         return None if labels is None else np.asarray(labels, dtype=np.int64)
 
 
-def bank_knn_top1(bank: Tensor, labels: np.ndarray, cfg: Config) -> float:
-    """Leave-one-out weighted kNN on the memory bank (the AND reference code's protocol)."""
-    from .evaluate import knn_top1
-
-    t = cfg.eval.knn_temperature or cfg.memory.temperature
-    return round(float(knn_top1(bank.float().cpu().numpy(), labels, k=cfg.eval.knn_k, temperature=t)), 4)
+def bank_knn_top1(bank: Tensor, labels: np.ndarray, ev: EvalConfig, bank_temperature: float) -> float:
+    """Leave-one-out weighted kNN on the memory bank (the AND reference code's protocol); T is
+    ``eval.knn_temperature`` or the bank's."""
+    t = ev.knn_temperature or bank_temperature
+    return round(float(knn_top1(bank.float().cpu().numpy(), labels, k=ev.knn_k, temperature=t)), 4)
 
 
 @torch.no_grad()
