@@ -24,8 +24,11 @@ RNG states, the history of log records and the cumulative timings.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,12 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config, EvalConfig, OptimConfig, TrainConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .io import save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
 from .nets import EmbeddingNet
-from .views import BatchViews, draw_generator
+from .views import BatchViews, ViewSpec, draw_generator
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 2
@@ -112,8 +115,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's content, loaded with ``weights_only=True`` (tensors, numbers, strings, lists and
     dicts only: a file carrying code is refused, never run). DataError in one line otherwise."""
-    import pickle
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -170,8 +171,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, images: np.ndarray, out_dir: str | Path, *, fabric=None,
                  labels: np.ndarray | None = None, view_spec=None):
-        from .views import ViewSpec
-
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.fabric = fabric if fabric is not None else make_fabric(cfg.train)
@@ -224,8 +223,6 @@ class Trainer:
 
     def _identical_across_ranks(self, tensors: list[Tensor]) -> bool:
         """Every replica's tensors bit for bit the same (SHA-256 of their bytes, compared across ranks)."""
-        import hashlib
-
         h = hashlib.sha256()
         for t in tensors:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -437,8 +434,6 @@ class Trainer:
     def _write_log(self, history: list[dict[str, Any]], append: dict[str, Any] | None = None) -> None:
         """log.jsonl: one record per finished epoch (rewritten from the checkpoint's history on resume,
         so a kill between the log and the checkpoint leaves no duplicate)."""
-        import json
-
         if self.rank != 0:
             return
         path = self.out_dir / "log.jsonl"
@@ -495,8 +490,6 @@ def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | 
     """(features of ``layer``, L2-normalised embeddings) of un-augmented images, float32, dataset
     order. ``layer``: "backbone" (the layer before the head), "embedding", or a stage name of the
     backbone (``net.layer_names()``, e.g. "conv5" of AlexNet)."""
-    from .errors import ConfigError
-
     if layer not in net.layer_names():
         raise ConfigError(f"unknown feature layer '{layer}'; this network has: {', '.join(net.layer_names())}")
     data = images if isinstance(images, Tensor) else images_to_tensor(images)
