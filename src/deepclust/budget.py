@@ -353,10 +353,10 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
                               "or nodes give the number of epochs (--epochs)")
         return _with_epochs(cfg, FALLBACK_EPOCHS), {"epochs": FALLBACK_EPOCHS,
                                                     "reason": "several processes: no calibration"}
-    text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
-    seconds = parse_budget(text)
     n = len(images)
     schedule = method_schedule(cfg, n)
+    text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
+    seconds = parse_budget(text)
     candidates = CANDIDATES if backbone_auto else (cfg.net.backbone,)
     probe = None
     if measure is None:
