@@ -21,6 +21,8 @@ from deepclust.config import read_yaml
 from deepclust.configure import build_config
 from deepclust.errors import ConfigError
 
+from conftest import METHOD_SMOKE
+
 # -- parsing ----------------------------------------------------------------------------------------
 
 
@@ -62,19 +64,19 @@ def test_cli_budget_flag_junk_is_one_line(tmp_path):
 
 
 def test_method_schedules_count_rounds_and_discoveries():
-    assert method_schedule(build_config({"method": "instance"}), 100)(7) == (7, 0)
+    assert method_schedule(build_config({"method": "instance"}))(7) == (7, 0)
     # AND: round 0 plus R rounds of E epochs, a discovery at the start of each round after round 0
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}), 100)(3) == (15, 4)
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}), 100)(4) \
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))(3) == (15, 4)
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}))(4) \
         == (13, 2)
     # PCP: rounds x E, structure every epoch
-    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}), 100)(4) == (12, 12)
+    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}))(4) == (12, 12)
     # DeepCluster: a re-clustering every `reassign` epochs
-    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}), 100)(5) == (5, 3)
+    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}))(5) == (5, 3)
 
 
 def test_epochs_for_budget_divides_the_total_over_rounds():
-    rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}), 1000)
+    rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))
     # 1000 images at 1000 images/s: 1 s an epoch; 100 s fit 100 epochs = 20 per round (5 rounds)
     assert epochs_for_budget(100, 1000, 1000.0, rounds5) == 20
     assert epochs_for_budget(104.9, 1000, 1000.0, rounds5) == 20
@@ -82,7 +84,7 @@ def test_epochs_for_budget_divides_the_total_over_rounds():
     assert epochs_for_budget(100, 1000, 1000.0, rounds5, discovery_seconds=5.0) == 16
     assert epochs_for_budget(1e9, 1000, 1000.0, rounds5) == MAX_EPOCHS_PER_UNIT
     assert epochs_for_budget(0.5, 1000, 1000.0, rounds5) == 0
-    plain = method_schedule(build_config({"method": "instance"}), 1000)
+    plain = method_schedule(build_config({"method": "instance"}))
     assert epochs_for_budget(100, 1000, 1000.0, plain) == 100
 
 
@@ -114,7 +116,7 @@ class FakeMachine:
 
 
 def _plan(machine, seconds, n, method="instance", **kw):
-    schedule = method_schedule(build_config({"method": method}), n)
+    schedule = method_schedule(build_config({"method": method}))
     return plan_budget(seconds, n, CANDIDATES, machine.measure, schedule, measure_discovery=machine.discovery,
                        clock=machine.clock, **kw)
 
@@ -182,7 +184,7 @@ def test_a_candidate_that_cannot_be_built_is_skipped():
 
 
 def test_a_one_argument_measure_is_accepted():
-    schedule = method_schedule(build_config({"method": "instance"}), 100)
+    schedule = method_schedule(build_config({"method": "instance"}))
     r = plan_budget(60, 100, ("jule_cnn",), lambda backbone: 1000.0, schedule, clock=lambda: 0.0)
     assert r["backbone"] == "jule_cnn" and r["epochs"] == 200
 
@@ -298,3 +300,16 @@ def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # nothing written
     with pytest.raises(Exception):
         cal("no-such-backbone")
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SMOKE))
+def test_the_schedule_asked_of_the_class_is_the_instances(method):
+    """budget.method_schedule asks the method class (no instance); a built method's own hooks agree."""
+    from deepclust.methods import build_method
+
+    for epochs in (1, 3, 4):
+        cfg = build_config(METHOD_SMOKE[method], {"method": method, "train": {"epochs": epochs},
+                                                  "options": {"reassign": 2} if method == "deepcluster" else {}})
+        m = build_method(cfg, 50, tap_dims={"backbone": 32, "embedding": 128})
+        total = m.total_epochs()
+        assert method_schedule(cfg)(epochs) == (total, sum(m.needs_discovery(e) for e in range(total)))

@@ -23,7 +23,7 @@ budget on the machine at hand (:func:`fit_to_budget`):
    (most capable) candidate whose total reaches ``MIN_EPOCHS`` is chosen; if none does, the one with
    the most epochs (at least one per unit, with a warning when that overruns the budget).
    ``total_epochs`` and the discovery count come from the method's own hooks
-   (``Method.total_epochs`` / ``needs_discovery``, :func:`method_schedule`), so rounds are handled
+   (``Method.epochs_of`` / ``discovers_at``, :func:`method_schedule`), so rounds are handled
    for every method: AND trains round 0 plus ``options.rounds`` rounds of E epochs, PCP
    ``options.rounds`` x E.
 3. **Record.** ``train.epochs``, ``net.backbone`` and ``train.budget`` are written into the resolved
@@ -67,7 +67,7 @@ import torch
 from .config import Config, TrainConfig, validate
 from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
-from .methods import build_method, method_class
+from .methods import method_class
 from .train import Trainer, TrainingProbe, make_fabric, preserved_rng
 
 __all__ = ["CANDIDATES", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
@@ -232,25 +232,17 @@ def _with_epochs(cfg: Config, epochs: int) -> Config:
     return validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=int(epochs))))
 
 
-def method_schedule(cfg, n_images: int) -> Schedule:
-    """``E -> (total epochs, discoveries)`` for ``cfg.method`` with ``train.epochs = E``, read from the
-    method's own ``total_epochs`` / ``needs_discovery`` hooks (which depend only on the configuration),
-    so every method's rounds count without a per-method table."""
+def method_schedule(cfg: Config) -> Schedule:
+    """``E -> (total epochs, discoveries)`` for ``cfg.method`` with ``train.epochs = E``, asked of the
+    method class (``Method.epochs_of`` / ``discovers_at``: the schedule depends only on the
+    configuration), so every method's rounds count without a per-method table."""
     cls = method_class(cfg.method)
 
     def schedule(epochs: int) -> tuple[int, int]:
-        m = object.__new__(cls)  # the schedule hooks read the configuration only: no bank, no modules
-        m.cfg, m.n_images, m.tap_dims, m.structure = _with_epochs(cfg, epochs), n_images, {}, None
-        total = int(m.total_epochs())
-        return total, sum(1 for e in range(total) if m.needs_discovery(e))
+        run = _with_epochs(cfg, epochs)
+        total = int(cls.epochs_of(run))
+        return total, sum(1 for e in range(total) if cls.discovers_at(run, e))
 
-    try:
-        schedule(1)
-    except (AttributeError, TypeError):  # a method whose hooks need its constructed state
-        def schedule(epochs: int) -> tuple[int, int]:  # noqa: F811
-            m = build_method(_with_epochs(cfg, epochs), n_images)
-            total = int(m.total_epochs())
-            return total, sum(1 for e in range(total) if m.needs_discovery(e))
     return schedule
 
 
@@ -354,7 +346,7 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
         return _with_epochs(cfg, FALLBACK_EPOCHS), {"epochs": FALLBACK_EPOCHS,
                                                     "reason": "several processes: no calibration"}
     n = len(images)
-    schedule = method_schedule(cfg, n)
+    schedule = method_schedule(cfg)
     text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
     seconds = parse_budget(text)
     candidates = CANDIDATES if backbone_auto else (cfg.net.backbone,)
