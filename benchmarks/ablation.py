@@ -59,7 +59,8 @@ KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
 
 
 def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int) -> dict:
-    from deepclust.config import build_config, read_yaml, set_dotted
+    from deepclust.config import read_yaml, set_dotted
+    from deepclust.configure import build_config
     from deepclust.runs import fit_run
 
     out = tempfile.mkdtemp(prefix="deepclust-ablation-")

@@ -60,7 +60,8 @@ def pixel_baseline(kind: str, spec: str, seeds: list[int], split: str) -> dict:
 
 def seed_config(method: str, spec: str, seed: int, args, out: str):
     """The configuration of one seed's run: preset/--config, then the benchmark's own layer."""
-    from deepclust.config import build_config, read_yaml, set_dotted
+    from deepclust.config import read_yaml, set_dotted
+    from deepclust.configure import build_config
 
     layer: dict = {"method": method, "data": {"spec": spec, "split": args.split},
                    "train": {"seed": seed, "progress": False}, "out": out}
@@ -77,12 +78,12 @@ def seed_config(method: str, spec: str, seed: int, args, out: str):
 
 def run_heads(metrics: dict, out: str, wanted: bool) -> list[dict] | None:
     """Per-head scores: metrics.json's ``heads`` when the run wrote them, else recomputed
-    (runs.compare_heads) on the run directory; None without labels or when not wanted."""
+    (inference.compare_heads) on the run directory; None without labels or when not wanted."""
     if not wanted or metrics.get("acc") is None:
         return None
     if metrics.get("heads"):
         return metrics["heads"]
-    from deepclust.runs import compare_heads
+    from deepclust.inference import compare_heads
 
     return compare_heads(out)
 

@@ -45,15 +45,16 @@ def method_layer(variant: str, epochs: int) -> dict:
 
 def read_heads(run: Path, k: int, seed: int) -> list[dict]:
     """Every head on both layers of a finished run (labels only score)."""
-    from deepclust.config import build_config
+    from deepclust.configure import run_config
     from deepclust.evaluate import clustering_scores
     from deepclust.heads import normalise
-    from deepclust.runs import load_data, load_network, read_run_config
+    from deepclust.inference import load_network
+    from deepclust.resolution import load_data
     from deepclust.structure.clustering import kmeans, spectral
     from deepclust.train import extract_features
 
-    cfg = build_config(read_run_config(run))
-    images = load_data(cfg)
+    cfg = run_config(run)
+    images = load_data(cfg.data)
     net, views = load_network(run, cfg, images)
     rows = []
     for layer in ("backbone", "embedding"):
@@ -71,12 +72,13 @@ def read_heads(run: Path, k: int, seed: int) -> list[dict]:
 
 
 def one_run(data: str, method: str, views: str, seed: int, epochs: int) -> dict:
-    from deepclust.config import _merge, build_config
+    from deepclust.config import merge_layers
+    from deepclust.configure import build_config
     from deepclust.runs import fit_run
 
     out = Path(tempfile.mkdtemp(prefix="deepclust-dev-")) / "run"
-    layer = _merge({"out": str(out), "data": {"spec": data_spec(data)},
-                    "views": VIEWS[views], "train": {"seed": seed, "progress": False}}, method_layer(method, epochs))
+    layer = merge_layers({"out": str(out), "data": {"spec": data_spec(data)},
+                          "views": VIEWS[views], "train": {"seed": seed, "progress": False}}, method_layer(method, epochs))
     try:
         m = fit_run(build_config(layer))
         heads = read_heads(out, m["n_clusters"], seed)

@@ -76,7 +76,8 @@ def run_peer(name: str, images, seed: int, args, deep) -> dict:
 
 
 def run_deepclust(spec: str, seed: int, args) -> dict:
-    from deepclust.config import build_config, read_yaml, set_dotted
+    from deepclust.config import read_yaml, set_dotted
+    from deepclust.configure import build_config
     from deepclust.runs import fit_run
 
     out = tempfile.mkdtemp(prefix="deepclust-peers-")

@@ -151,7 +151,7 @@ def _time_side(side: str, path: str, s: int, repeats: int, labels_path: str | No
     nbr = np.load(path)
     out: dict = {}
     if side == "ours":
-        from deepclust.structure.scs import _scs_raw, scs_quality, strongly_connected_subgraphs
+        from deepclust.structure.scs import scs_quality, search_scs, strongly_connected_subgraphs
 
         t0 = time.perf_counter()
         strongly_connected_subgraphs(np.array([[1], [0], [0]]), max_size=s)
@@ -173,7 +173,7 @@ def _time_side(side: str, path: str, s: int, repeats: int, labels_path: str | No
                coverage=round(float((sizes[groups] >= 2).mean()), 4),
                mean_size=round(float(sizes[sizes >= 2].mean()), 3) if (sizes >= 2).any() else None)
     if side == "ours":
-        out["sweeps"] = _scs_raw(nbr, s, True, None)[1]
+        out["sweeps"] = search_scs(nbr, s)[1]
         if labels_path:
             q = scs_quality(groups, np.load(labels_path))
             out.update(precision=round(q.precision, 4), pair_precision=round(q.pair_precision, 4))

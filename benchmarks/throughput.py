@@ -133,10 +133,10 @@ def plain_loop(net, images: np.ndarray, transform, *, n_views: int, batch: int, 
 
 
 def run_network(out: Path, cfg, images):
-    """A fresh network of the run's architecture (runs.load_network builds it from the resolved
+    """A fresh network of the run's architecture (inference.load_network builds it from the resolved
     configuration; a plain EmbeddingNet of its backbone where that is unavailable)."""
     try:
-        from deepclust.runs import load_network
+        from deepclust.inference import load_network
 
         net = load_network(out, cfg, images)[0]
     except Exception:  # the run API moves; the backbone alone is the same workload
@@ -151,7 +151,7 @@ def run_network(out: Path, cfg, images):
 
 def deepclust_epochs(method: str, spec: str, images, args) -> tuple[dict, object, object]:
     """One fit_run of the method; (its rates from log.jsonl, resolved config, a fresh network)."""
-    from deepclust.config import build_config, read_yaml
+    from deepclust.configure import build_config, load_config
     from deepclust.runs import fit_run
 
     out = Path(tempfile.mkdtemp(prefix="deepclust-throughput-"))
@@ -161,7 +161,7 @@ def deepclust_epochs(method: str, spec: str, images, args) -> tuple[dict, object
                             "train": {"epochs": args.epochs, "progress": False, "checkpoint": False, "seed": 0}})
         fit_run(cfg)
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-        resolved = build_config(read_yaml(str(out / "config.yaml")))
+        resolved = load_config(out / "config.yaml")
         net = run_network(out, resolved, images)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -174,19 +174,9 @@ def deepclust_epochs(method: str, spec: str, images, args) -> tuple[dict, object
 
 
 def view_spec_of(cfg):
-    try:
-        from deepclust.runs import view_spec
+    from deepclust.resolution import view_spec
 
-        return view_spec(cfg)
-    except ImportError:  # the views' own preset, with the config's overrides
-        import dataclasses
-
-        from deepclust.views import VIEW_PRESETS
-
-        v = cfg.views
-        return dataclasses.replace(VIEW_PRESETS[v.preset], crop_scale=tuple(v.crop_scale), flip=v.flip,
-                                   rotation=v.rotation, shift=v.shift, rescale=tuple(v.rescale),
-                                   color_jitter=v.color_jitter, grayscale_p=v.grayscale_p)
+    return view_spec(cfg.views)
 
 
 def measure_method(method: str, spec: str, images, args) -> dict:

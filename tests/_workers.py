@@ -17,7 +17,7 @@ import sys
 
 
 def ddp(spec: dict) -> None:
-    from deepclust.config import build_config
+    from deepclust.configure import build_config
     from deepclust.runs import fit_run
 
     for layer in spec["layers"].values():
@@ -26,7 +26,7 @@ def ddp(spec: dict) -> None:
 
 def kill(spec: dict) -> None:
     from deepclust import train
-    from deepclust.config import build_config
+    from deepclust.configure import build_config
     from deepclust.runs import fit_run
 
     original = train.Trainer._save_checkpoint

@@ -80,8 +80,8 @@ KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 
 
 def smoke_layer(method: str, data: str, out, **extra) -> dict:
     """A full configuration layer for a quick run of ``method`` on ``data`` (CPU, no progress bar)."""
-    from deepclust.config import _merge
+    from deepclust.config import merge_layers
 
     layer = {"method": method, "out": str(out), "data": {"spec": data},
              "optim": {"batch_size": 64}, "train": {"seed": 3, "progress": False, "accelerator": "cpu"}}
-    return _merge(_merge(layer, METHOD_SMOKE[method]), extra)
+    return merge_layers(layer, METHOD_SMOKE[method], extra)

@@ -138,7 +138,7 @@ def test_autograd_gradients_match_eq_9_to_11(selected):
 
 
 def test_round_structure_and_schedule():
-    from deepclust.config import build_config
+    from deepclust.configure import build_config
     from deepclust.memory import MemoryBank
     from deepclust.methods import DiscoveryContext, Step, build_method
 

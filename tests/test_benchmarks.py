@@ -97,6 +97,7 @@ def test_benchmark_refuses_to_start_while_a_fit_holds_the_machine(tmp_path, monk
 
 def test_accuracy_records_each_seeds_config_and_heads(private_dirs, monkeypatch):
     import accuracy
+    import deepclust.inference as inference
     import deepclust.runs as runs
 
     def fake_fit(cfg):
@@ -111,7 +112,7 @@ def test_accuracy_records_each_seeds_config_and_heads(private_dirs, monkeypatch)
 
     compared = []
     monkeypatch.setattr(runs, "fit_run", fake_fit)
-    monkeypatch.setattr(runs, "compare_heads", lambda out: compared.append(out) or [{"head": "kmeans"}])
+    monkeypatch.setattr(inference, "compare_heads", lambda out: compared.append(out) or [{"head": "kmeans"}])
     accuracy.main(["--method", "instance", "--data", "digits", "--seeds", "0", "1", "2", "--epochs", "2",
                    "--chosen-on", "digits"])
     r = json.loads((private_dirs[0] / "accuracy-instance-digits.json").read_text())

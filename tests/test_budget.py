@@ -17,8 +17,11 @@ from deepclust.budget import (
     parse_budget,
     plan_budget,
 )
-from deepclust.config import build_config, read_yaml
+from deepclust.config import read_yaml
+from deepclust.configure import build_config
 from deepclust.errors import ConfigError
+
+from conftest import METHOD_SMOKE
 
 # -- parsing ----------------------------------------------------------------------------------------
 
@@ -61,19 +64,19 @@ def test_cli_budget_flag_junk_is_one_line(tmp_path):
 
 
 def test_method_schedules_count_rounds_and_discoveries():
-    assert method_schedule(build_config({"method": "instance"}), 100)(7) == (7, 0)
+    assert method_schedule(build_config({"method": "instance"}))(7) == (7, 0)
     # AND: round 0 plus R rounds of E epochs, a discovery at the start of each round after round 0
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}), 100)(3) == (15, 4)
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}), 100)(4) \
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))(3) == (15, 4)
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}))(4) \
         == (13, 2)
     # PCP: rounds x E, structure every epoch
-    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}), 100)(4) == (12, 12)
+    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}))(4) == (12, 12)
     # DeepCluster: a re-clustering every `reassign` epochs
-    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}), 100)(5) == (5, 3)
+    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}))(5) == (5, 3)
 
 
 def test_epochs_for_budget_divides_the_total_over_rounds():
-    rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}), 1000)
+    rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))
     # 1000 images at 1000 images/s: 1 s an epoch; 100 s fit 100 epochs = 20 per round (5 rounds)
     assert epochs_for_budget(100, 1000, 1000.0, rounds5) == 20
     assert epochs_for_budget(104.9, 1000, 1000.0, rounds5) == 20
@@ -81,7 +84,7 @@ def test_epochs_for_budget_divides_the_total_over_rounds():
     assert epochs_for_budget(100, 1000, 1000.0, rounds5, discovery_seconds=5.0) == 16
     assert epochs_for_budget(1e9, 1000, 1000.0, rounds5) == MAX_EPOCHS_PER_UNIT
     assert epochs_for_budget(0.5, 1000, 1000.0, rounds5) == 0
-    plain = method_schedule(build_config({"method": "instance"}), 1000)
+    plain = method_schedule(build_config({"method": "instance"}))
     assert epochs_for_budget(100, 1000, 1000.0, plain) == 100
 
 
@@ -113,7 +116,7 @@ class FakeMachine:
 
 
 def _plan(machine, seconds, n, method="instance", **kw):
-    schedule = method_schedule(build_config({"method": method}), n)
+    schedule = method_schedule(build_config({"method": method}))
     return plan_budget(seconds, n, CANDIDATES, machine.measure, schedule, measure_discovery=machine.discovery,
                        clock=machine.clock, **kw)
 
@@ -181,12 +184,12 @@ def test_a_candidate_that_cannot_be_built_is_skipped():
 
 
 def test_a_one_argument_measure_is_accepted():
-    schedule = method_schedule(build_config({"method": "instance"}), 100)
+    schedule = method_schedule(build_config({"method": "instance"}))
     r = plan_budget(60, 100, ("jule_cnn",), lambda backbone: 1000.0, schedule, clock=lambda: 0.0)
     assert r["backbone"] == "jule_cnn" and r["epochs"] == 200
 
 
-# -- fit_to_budget and runs.resolve: explicit epochs are never overridden -------------------------------
+# -- fit_to_budget and resolution.resolve: explicit epochs are never overridden -------------------------------
 
 
 def _digits(n=300):
@@ -238,7 +241,7 @@ class _FakeCalibration:
 
 
 def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch, capsys):
-    from deepclust.runs import resolve
+    from deepclust.resolution import resolve
 
     monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
     images = _digits()
@@ -266,7 +269,7 @@ def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch,
 
 @pytest.mark.parametrize("preset", ["and-cpu", "instance-cpu", "and-cifar10-resnet18", "pad-mnist-alexnet"])
 def test_presets_keep_their_epochs(monkeypatch, preset):
-    from deepclust.runs import resolve
+    from deepclust.resolution import resolve
 
     monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
     _FakeCalibration.calls = []
@@ -280,14 +283,14 @@ def test_presets_keep_their_epochs(monkeypatch, preset):
 
 
 def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch):
-    from deepclust.runs import resolve, view_spec
+    from deepclust.resolution import resolve, view_spec
 
     monkeypatch.chdir(tmp_path)
     cfg = resolve(build_config({"method": "and", "train": {"epochs": 2, "accelerator": "cpu", "threads": 1},
                                 "optim": {"batch_size": 64}, "options": {"rounds": 1}}), _digits())
     images = _digits().images
     rng = (torch.get_rng_state(), np.random.get_state()[1].copy())
-    cal = budget.TrainerCalibration(cfg, images, view_spec(cfg), probe_epochs=2, min_seconds=0.0, max_steps=2)
+    cal = budget.TrainerCalibration(cfg, images, view_spec(cfg.views), probe_epochs=2, min_seconds=0.0, max_steps=2)
     ips = cal("jule_cnn")
     assert np.isfinite(ips) and ips > 0
     assert cal.discovery("jule_cnn") >= 0  # AND's round-1 neighbourhoods, timed
@@ -297,3 +300,16 @@ def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # nothing written
     with pytest.raises(Exception):
         cal("no-such-backbone")
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SMOKE))
+def test_the_schedule_asked_of_the_class_is_the_instances(method):
+    """budget.method_schedule asks the method class (no instance); a built method's own hooks agree."""
+    from deepclust.methods import build_method
+
+    for epochs in (1, 3, 4):
+        cfg = build_config(METHOD_SMOKE[method], {"method": method, "train": {"epochs": epochs},
+                                                  "options": {"reassign": 2} if method == "deepcluster" else {}})
+        m = build_method(cfg, 50, tap_dims={"backbone": 32, "embedding": 128})
+        total = m.total_epochs()
+        assert method_schedule(cfg)(epochs) == (total, sum(m.needs_discovery(e) for e in range(total)))

@@ -163,3 +163,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, small_npz):
     assert proc.returncode == 0, proc.stderr
     assert np.allclose(np.load(out / "embeddings.npy"), np.load(ref / "embeddings.npy"), atol=1e-6)
     assert np.array_equal(np.load(out / "labels.npy"), np.load(ref / "labels.npy"))
+
+
+def test_method_help_names_every_registered_method_and_the_default():
+    from deepclust.config import Config
+    from deepclust.methods import METHODS
+
+    r = run_cli("fit", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert f"{' | '.join(METHODS)} (default: {Config.method})" in text and Config.method == "pad"

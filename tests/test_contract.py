@@ -22,7 +22,7 @@ import pytest
 
 from conftest import KILL_EPOCH, METHOD_SMOKE, ROOT, smoke_layer
 
-from deepclust.config import build_config
+from deepclust.configure import build_config
 from deepclust.methods import METHODS
 from deepclust.runs import fit_run
 

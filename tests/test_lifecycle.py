@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import METHOD_SMOKE, smoke_layer
 
-from deepclust.config import build_config
+from deepclust.configure import build_config
 from deepclust.losses.invariant_spreading import invariant_spreading_loss
 from deepclust.memory import MemoryBank
 from deepclust.methods import METHODS, DiscoveryContext, build_method

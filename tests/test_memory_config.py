@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepclust.config import Config, build_config, read_yaml
+from deepclust.config import Config, read_yaml
+from deepclust.configure import build_config
 from deepclust.errors import ConfigError
 from deepclust.memory import MemoryBank
 
@@ -79,3 +80,53 @@ def test_every_shipped_preset_builds():
     for name in names:
         cfg = build_config(read_yaml(name))
         assert cfg.method in name.split("-")[0] or name.startswith(cfg.method), name
+
+
+def test_config_is_frozen_and_its_resolution_is_declared(tmp_path):
+    import dataclasses
+
+    from deepclust.config import merge_layers
+
+    cfg = build_config({"method": "pad", "train": {"epochs": 2}})
+    for section, name in ((cfg, "out"), (cfg.train, "epochs"), (cfg.views, "preset")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, name, None)
+    assert cfg.resolution == {} and "resolution" in {f.name for f in dataclasses.fields(cfg)}
+    resolved = dataclasses.replace(cfg, resolution={"views": {"preset": "digits"}})
+    assert resolved == cfg and "resolution" not in resolved.to_dict()  # evidence, not an option
+    with pytest.raises(ConfigError, match="unknown option resolution"):
+        build_config({"resolution": {"views": {}}})  # never read from YAML
+    assert merge_layers({"train": {"epochs": 1, "seed": 2}}, None, {"train": {"epochs": 3}}) == \
+        {"train": {"epochs": 3, "seed": 2}}
+
+
+def test_the_method_registry_is_asked_by_name():
+    from deepclust.config import config_from_dict
+    from deepclust.methods import METHODS
+
+    with pytest.raises(ConfigError, match="unknown method 'nope'; known: " + ", ".join(METHODS)):
+        build_config({"method": "nope"})
+    asked = []
+
+    def options_class(name):
+        asked.append(name)
+        return METHODS[name].Options
+
+    cfg = config_from_dict({"method": "and", "options": {"rounds": 2}}, options_class)
+    assert asked == ["and"] and cfg.options.rounds == 2
+
+
+def test_resume_takes_the_runs_own_configuration(tmp_path):
+    from deepclust.configure import resume_config, resume_request
+
+    run = build_config({"method": "and", "out": "elsewhere", "train": {"epochs": 3, "threads": 2},
+                        "options": {"rounds": 1}})
+    (tmp_path / "config.yaml").write_text(run.to_yaml())
+    given = {"out": str(tmp_path), "train": {"progress": False, "epochs": 3}}
+    cfg = resume_config(tmp_path, resume_request(given), given)
+    assert cfg.out == str(tmp_path) and not cfg.train.progress and cfg.train.threads == 2
+    assert cfg.train.epochs == 3 and cfg.options.rounds == 1 and cfg.method == "and"
+    with pytest.raises(ConfigError, match="train.epochs is 3 there, not 5"):
+        resume_config(tmp_path, resume_request(given), {"train": {"epochs": 5}})
+    with pytest.raises(ConfigError, match="--resume needs --out"):
+        resume_request({"train": {"progress": False}})

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepclust.config import build_config
+from deepclust.configure import build_config
 from deepclust.errors import ConfigError
 from deepclust.losses.pad import hard_positive, hpe_cosine_loss, hpe_kl_loss, scs_loss
 from deepclust.methods import DiscoveryContext, Step
@@ -312,7 +312,7 @@ def test_a_batch_without_isolated_rows_trains(tmp_path, small_npz):
     affine_grid, found by the Table 3-6 ablation benchmark)."""
     from conftest import smoke_layer
 
-    from deepclust.config import build_config
+    from deepclust.configure import build_config
     from deepclust.runs import fit_run
 
     layer = smoke_layer("pad", f"npz:{small_npz}", tmp_path / "run", options={"cyclic": False},

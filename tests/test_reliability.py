@@ -72,14 +72,14 @@ def test_folder_broken_link_is_reported_not_fatal(tmp_path):
 # -- predict's CSV (item 6) ------------------------------------------------------------------------
 
 def test_predict_csv_round_trips_any_file_name(tmp_path, monkeypatch, capsys):
-    import deepclust.runs
+    import deepclust.inference
     from deepclust.cli import main
 
     names = ["plain.png", "a,b.png", 'say "hi".png', "line\nbreak.png", "cr\rlf.png", "naïve/日本 語.png",
              " lead and trail .png", "semi;colon\t.png", "\udcff-latin1-byte.png"]
     clusters = np.arange(len(names)) % 3
     images = ImageSet(np.zeros((len(names), 2, 2), np.uint8), names=names)
-    monkeypatch.setattr(deepclust.runs, "predict_run", lambda run, data, split="all", resize=None: (clusters, images))
+    monkeypatch.setattr(deepclust.inference, "predict_run", lambda run, data, split="all", resize=None: (clusters, images))
     out = tmp_path / "pred.csv"
     assert main(["predict", "--run", str(tmp_path), "--data", "digits", "--out", str(out)]) == 0
     capsys.readouterr()

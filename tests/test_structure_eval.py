@@ -142,9 +142,9 @@ def test_heads_deterministic_predict_and_save(tmp_path, kind):
 def test_heads_give_the_same_clusters_whatever_the_labels(kind):
     """Behaviour, not names: the same features with true or shuffled labels give the same clusters
     and the same sizes from every head (labels only score)."""
-    from deepclust.config import build_config
+    from deepclust.configure import build_config
     from deepclust.data import ImageSet
-    from deepclust.runs import compute_metrics
+    from deepclust.scoring import compute_metrics
 
     x, y = _blobs(1)
     own = kmeans(x, 4, seed=5)[0]

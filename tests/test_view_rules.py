@@ -260,7 +260,7 @@ def test_geometry_constants_match_the_presets():
     assert COLOUR == {"color_jitter": natural.color_jitter, "grayscale_p": natural.grayscale_p}
 
 
-# -- wiring in runs.resolve --------------------------------------------------------------------------
+# -- wiring in resolution.resolve --------------------------------------------------------------------------
 
 
 def _imageset(images, labels=None):
@@ -270,8 +270,8 @@ def _imageset(images, labels=None):
 
 
 def test_resolve_auto_writes_the_chosen_fields_and_explicit_ones_win():
-    from deepclust.config import build_config
-    from deepclust.runs import resolve
+    from deepclust.configure import build_config
+    from deepclust.resolution import resolve
 
     images = _imageset(sk_digits()[:400])
     cfg = resolve(build_config({"train": {"epochs": 1}}), images)

@@ -1,6 +1,6 @@
 """A time budget instead of a fixed epoch count: ``train.budget`` ("10m", "90s", "1h30m").
 
-When the configuration gives no ``train.epochs`` (None, the default), ``runs.resolve`` chooses the
+When the configuration gives no ``train.epochs`` (None, the default), ``resolution.resolve`` chooses the
 number of epochs -- and, for ``net.backbone: auto``, the backbone -- so that training fits the
 budget on the machine at hand (:func:`fit_to_budget`):
 
@@ -23,7 +23,7 @@ budget on the machine at hand (:func:`fit_to_budget`):
    (most capable) candidate whose total reaches ``MIN_EPOCHS`` is chosen; if none does, the one with
    the most epochs (at least one per unit, with a warning when that overruns the budget).
    ``total_epochs`` and the discovery count come from the method's own hooks
-   (``Method.total_epochs`` / ``needs_discovery``, :func:`method_schedule`), so rounds are handled
+   (``Method.epochs_of`` / ``discovers_at``, :func:`method_schedule`), so rounds are handled
    for every method: AND trains round 0 plus ``options.rounds`` rounds of E epochs, PCP
    ``options.rounds`` x E.
 3. **Record.** ``train.epochs``, ``net.backbone`` and ``train.budget`` are written into the resolved
@@ -54,15 +54,21 @@ Constants and why:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from .config import Config, TrainConfig, validate
 from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
+from .methods import method_class
+from .train import Trainer, TrainingProbe, make_fabric, preserved_rng
 
 __all__ = ["CANDIDATES", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
            "parse_budget", "format_seconds", "epochs_for_budget", "method_schedule", "plan_budget",
@@ -222,156 +228,104 @@ def _best_short_of_budget(measured: list[dict[str, Any]], budget_seconds: float,
 # The method's schedule and the real measurement
 
 
-def _with_epochs(cfg, epochs: int):
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=int(epochs)))
+def _with_epochs(cfg: Config, epochs: int) -> Config:
+    return validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=int(epochs))))
 
 
-def method_schedule(cfg, n_images: int) -> Schedule:
-    """``E -> (total epochs, discoveries)`` for ``cfg.method`` with ``train.epochs = E``, read from the
-    method's own ``total_epochs`` / ``needs_discovery`` hooks (which depend only on the configuration),
-    so every method's rounds count without a per-method table."""
-    from .methods import method_class
-
+def method_schedule(cfg: Config) -> Schedule:
+    """``E -> (total epochs, discoveries)`` for ``cfg.method`` with ``train.epochs = E``, asked of the
+    method class (``Method.epochs_of`` / ``discovers_at``: the schedule depends only on the
+    configuration), so every method's rounds count without a per-method table."""
     cls = method_class(cfg.method)
 
     def schedule(epochs: int) -> tuple[int, int]:
-        m = object.__new__(cls)  # the schedule hooks read the configuration only: no bank, no modules
-        m.cfg, m.n_images, m.tap_dims, m.structure = _with_epochs(cfg, epochs), n_images, {}, None
-        total = int(m.total_epochs())
-        return total, sum(1 for e in range(total) if m.needs_discovery(e))
+        run = _with_epochs(cfg, epochs)
+        total = int(cls.epochs_of(run))
+        return total, sum(1 for e in range(total) if cls.discovers_at(run, e))
 
-    try:
-        schedule(1)
-    except (AttributeError, TypeError):  # a method whose hooks need its constructed state
-        def schedule(epochs: int) -> tuple[int, int]:  # noqa: F811
-            from .methods import build_method
-
-            m = build_method(_with_epochs(cfg, epochs), n_images)
-            total = int(m.total_epochs())
-            return total, sum(1 for e in range(total) if m.needs_discovery(e))
     return schedule
 
 
 class TrainerCalibration:
-    """Measurements on the real training step (``train.Trainer``): ``self(backbone, need)`` ->
-    training images per second, ``self.discovery(backbone)`` -> seconds of one discovery.
+    """Measurements on the real training step (``train.Trainer`` and its ``TrainingProbe``):
+    ``self(backbone, need)`` -> training images per second, ``self.discovery(backbone)`` -> seconds
+    of one discovery.
 
     One process, one device (as ``make_fabric`` picks for ``train.accelerator``), the configured
     views, method, batch size, precision and threads. Nothing is written; the global RNG states
     (torch, numpy, python) are restored afterwards, so the run that follows is unchanged.
     """
 
-    def __init__(self, cfg, images: np.ndarray, view_spec, *, labels: np.ndarray | None = None, probe_epochs: int = 1,
-                 min_seconds: float = 1.5, max_steps: int = 4, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, cfg: Config, images: np.ndarray, view_spec, *, labels: np.ndarray | None = None,
+                 probe_epochs: int = 1, min_seconds: float = 1.5, max_steps: int = 4,
+                 clock: Callable[[], float] = time.perf_counter):
         self.cfg, self.images, self.view_spec, self.labels = cfg, images, view_spec, labels
         self.probe_epochs = max(1, int(probe_epochs))
         self.min_seconds, self.max_steps, self.clock = min_seconds, max_steps, clock
         self.discovery_at_start: dict[str, float] = {}
-        self._live = None
+        self._live: tuple[str, TrainingProbe] | None = None
 
-    def _config(self, backbone: str):
-        from .config import build_config
-
-        raw = self.cfg.to_dict()
-        raw["net"]["backbone"] = backbone
-        raw["train"].update(epochs=self.probe_epochs, devices=1, num_nodes=1, checkpoint=False, progress=False)
-        return build_config(raw)
-
-    def _sync(self, trainer) -> None:
-        import torch
-
-        if trainer.fabric.device.type == "cuda":
-            torch.cuda.synchronize()
+    def _config(self, backbone: str) -> Config:
+        train = dataclasses.replace(self.cfg.train, epochs=self.probe_epochs, devices=1, num_nodes=1,
+                                    checkpoint=False, progress=False)
+        return validate(dataclasses.replace(self.cfg, net=dataclasses.replace(self.cfg.net, backbone=backbone),
+                                            train=train))
 
     def __call__(self, backbone: str, need: float | None = None) -> float:
-        from pathlib import Path
-
-        from .train import Trainer, _rng_state, _set_rng_state, make_fabric
-
         self.close()
-        state = _rng_state()
         try:
-            cfg = self._config(backbone)
-            trainer = Trainer(cfg, self.images, Path("deepclust-calibration-never-written"), fabric=make_fabric(cfg),
-                              labels=self.labels, view_spec=self.view_spec)
-            model, optimizer, _, _ = trainer._setup(resume=False)
-            self._live = (backbone, trainer, optimizer)
-            if trainer.method.needs_discovery(0):  # the steps need the structure (DeepCluster)
-                t = self.clock()
-                trainer._discover(0, optimizer, {})
-                self.discovery_at_start[backbone] = self.clock() - t
-            batches = trainer.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
-            model.train()
-            t = self.clock()
-            trainer._step(model, optimizer, 0, 0, batches[0])  # warm-up: first-call costs, not timed
-            self._sync(trainer)
-            warm = len(batches[0]) / max(self.clock() - t, 1e-9)
-            if need is not None and trainer.fabric.device.type == "cpu" and warm < need / 4:
-                return warm  # even allowing the first call 4x its steady cost, far too slow (CPU only:
-                # a GPU's first step can be 100x its steady cost)
-            seen, step, t0 = 0, 1, self.clock()
-            while True:
-                gidx = batches[step % len(batches)]
-                trainer._step(model, optimizer, 0, step, gidx)
-                self._sync(trainer)
-                seen += len(gidx)
-                step += 1
-                elapsed = max(self.clock() - t0, 1e-9)
-                if need is not None and seen / elapsed < need / 2:
-                    break  # clearly too slow: the estimate is good enough to reject it
-                if elapsed >= self.min_seconds or step > self.max_steps:
-                    break
-            ips = seen / elapsed
-            if self.cfg.train.checkpoint:  # each epoch ends with a checkpoint: its serialisation, per epoch
-                ips = trainer.n / (trainer.n / ips + self._checkpoint_seconds(trainer, optimizer))
-            return ips
+            with preserved_rng():
+                cfg = self._config(backbone)
+                trainer = Trainer(cfg, self.images, Path("deepclust-calibration-never-written"),
+                                  fabric=make_fabric(cfg.train), labels=self.labels, view_spec=self.view_spec)
+                probe = TrainingProbe(trainer, clock=self.clock)
+                self._live = (backbone, probe)
+                if trainer.method.needs_discovery(0):  # the steps need the structure (DeepCluster)
+                    self.discovery_at_start[backbone] = probe.time_discovery(0)
+                return self._images_per_second(probe, trainer.fabric.device.type == "cpu", need)
         except Exception:
             self.close()
             raise
-        finally:
-            _set_rng_state(state)
 
-    def _checkpoint_seconds(self, trainer, optimizer) -> float:
-        import io
-
-        import torch
-
-        t = self.clock()
-        torch.save({"model": trainer.net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "method": trainer.method.state_dict()}, io.BytesIO())  # in memory: nothing written
-        return self.clock() - t
+    def _images_per_second(self, probe: TrainingProbe, cpu: bool, need: float | None) -> float:
+        images, seconds = probe.time_step()  # warm-up: first-call costs, not timed
+        warm = images / max(seconds, 1e-9)
+        if need is not None and cpu and warm < need / 4:
+            return warm  # even allowing the first call 4x its steady cost, far too slow (CPU only:
+            # a GPU's first step can be 100x its steady cost)
+        seen, elapsed = 0, 0.0
+        while True:
+            images, seconds = probe.time_step()
+            seen, elapsed = seen + images, max(elapsed + seconds, 1e-9)
+            if need is not None and seen / elapsed < need / 2:
+                break  # clearly too slow: the estimate is good enough to reject it
+            if elapsed >= self.min_seconds or probe.steps > self.max_steps:
+                break
+        ips = seen / elapsed
+        if self.cfg.train.checkpoint:  # each epoch ends with a checkpoint: its serialisation, per epoch
+            n = len(self.images)
+            ips = n / (n / ips + probe.checkpoint_seconds())
+        return ips
 
     def discovery(self, backbone: str) -> float:
         """Seconds of one structure discovery: the one before epoch 0 when the method needs it there,
         else the first later one of the probe schedule, on the state the timed steps left."""
-        from .train import _rng_state, _set_rng_state
-
         if backbone in self.discovery_at_start:
             return self.discovery_at_start[backbone]
         if self._live is None or self._live[0] != backbone:
             return 0.0
-        _, trainer, optimizer = self._live
-        method = trainer.method
+        probe = self._live[1]
+        method = probe.trainer.method
         later = next((e for e in range(1, method.total_epochs()) if method.needs_discovery(e)), None)
         if later is None:
             return 0.0
-        state = _rng_state()
-        try:
-            t = self.clock()
-            trainer._discover(later, optimizer, {})
-            self._sync(trainer)
-            return self.clock() - t
-        finally:
-            _set_rng_state(state)
+        with preserved_rng():
+            return probe.time_discovery(later)
 
     def close(self) -> None:
         if self._live is not None:
             self._live = None
-            import torch
-
             if torch.cuda.is_available():  # hand the candidate's memory back before the next one
-                import gc
-
                 gc.collect()
                 torch.cuda.empty_cache()
 
@@ -384,20 +338,17 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
     training labels if any -- never used to choose anything, only so that the timed discovery
     includes the label diagnostics the training loop logs after each discovery. ``measure`` /
     ``measure_discovery`` replace the real measurement (tests)."""
-    from .config import build_config
-
-    raw = cfg.to_dict()
     world = cfg.train.devices * cfg.train.num_nodes
     if world > 1:
         if cfg.train.budget is not None:
             raise ConfigError("train.budget: the time budget is measured in one process; with several devices "
                               "or nodes give the number of epochs (--epochs)")
-        raw["train"]["epochs"] = FALLBACK_EPOCHS
-        return build_config(raw), {"epochs": FALLBACK_EPOCHS, "reason": "several processes: no calibration"}
+        return _with_epochs(cfg, FALLBACK_EPOCHS), {"epochs": FALLBACK_EPOCHS,
+                                                    "reason": "several processes: no calibration"}
+    n = len(images)
+    schedule = method_schedule(cfg)
     text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
     seconds = parse_budget(text)
-    n = len(images)
-    schedule = method_schedule(cfg, n)
     candidates = CANDIDATES if backbone_auto else (cfg.net.backbone,)
     probe = None
     if measure is None:
@@ -412,17 +363,16 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
         if probe is not None:
             probe.close()
     report = {"budget": text, "n_images": n, **report}
-    raw["net"]["backbone"] = report["backbone"]
-    raw["train"]["epochs"] = report["epochs"]
-    raw["train"]["budget"] = text
-    return build_config(raw), report
+    train = dataclasses.replace(cfg.train, epochs=report["epochs"], budget=text)
+    net = dataclasses.replace(cfg.net, backbone=report["backbone"])
+    return validate(dataclasses.replace(cfg, net=net, train=train)), report
 
 
-def unused_budget_note(cfg) -> dict[str, str] | None:
+def unused_budget_note(train: TrainConfig) -> dict[str, str] | None:
     """A note for the log when ``train.budget`` is set but explicit epochs (a preset's or --epochs) win."""
-    if cfg.train.budget is None or cfg.train.epochs is None:
+    if train.budget is None or train.epochs is None:
         return None
-    return {"ignored": f"epochs: {cfg.train.epochs} as configured (train.budget {cfg.train.budget} chooses the "
+    return {"ignored": f"epochs: {train.epochs} as configured (train.budget {train.budget} chooses the "
                        "epochs only when train.epochs is none: --set train.epochs=none)"}
 
 

@@ -12,6 +12,9 @@ options are validated). User mistakes print one line on stderr and exit with sta
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import io
 import json
 import os
 import re
@@ -20,7 +23,15 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, DeepclustError
+import numpy as np
+
+from . import inference
+from .config import Config, merge_layers, read_yaml, set_dotted
+from .configure import build_config, resume_request
+from .errors import ConfigError, DataError, DeepclustError
+from .io import save_array, save_text
+from .methods import METHODS
+from .runs import fit_run
 
 OUT_ENV = "DEEPCLUST_RUN_OUT"  # lets DDP child processes (re-launched by Fabric) share the run dir
 
@@ -53,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     f = sub.add_parser("fit", help="train a method on images, cluster them, write a run directory")
-    f.add_argument("--method", help="instance | and (default: instance)")
+    f.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {Config.method})")
     f.add_argument("--data", help="digits (default) | npz:PATH[,PATH] | folder:PATH | mnist | "
                                   "fashion-mnist | usps | cifar10 | cifar100 | cifar100-20 | svhn | stl10")
     f.add_argument("--split", help="train | test | all (default: all, as in the clustering papers)")
@@ -109,8 +120,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _layer_from_flags(args: argparse.Namespace, flags: dict[str, str]) -> dict:
-    from .config import set_dotted
-
     layer: dict = {}
     for name, key in flags.items():
         value = getattr(args, name, None)
@@ -130,31 +139,18 @@ def _default_out(method: str, data: str) -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .config import _merge, build_config, read_yaml
-    from .runs import fit_run
-
-    layers = []
-    if args.config:
-        layers.append(read_yaml(args.config))
     layer = _layer_from_flags(args, FIT_FLAGS)
     if args.download:
         layer.setdefault("data", {})["download"] = True
     if args.no_progress:
         layer.setdefault("train", {})["progress"] = False
-    layers.append(layer)
-    given: dict = {}
-    for part in layers:
-        given = _merge(given, part)
+    given = merge_layers(read_yaml(args.config) if args.config else None, layer)
     if args.resume:  # the run's own configuration wins; fit_run refuses flags that contradict it
-        if args.out is None and not os.environ.get(OUT_ENV):
-            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        keep = {"out": given.get("out", os.environ.get(OUT_ENV)),
-                "train": {k: v for k, v in given.get("train", {}).items() if k in ("progress", "threads")}}
-        cfg = build_config(keep)
+        cfg = resume_request(given, out=os.environ.get(OUT_ENV))
     else:
-        cfg = build_config(*layers)
-    if args.out is None and not args.resume:
-        cfg.out = os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec)
+        cfg = build_config(given)
+        if args.out is None:
+            cfg = dataclasses.replace(cfg, out=os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec))
     os.environ[OUT_ENV] = cfg.out
     metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given)
     if metrics:
@@ -163,33 +159,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .runs import evaluate_run
-
     overrides = _layer_from_flags(args, EVAL_FLAGS)
-    metrics = evaluate_run(args.run, data=args.data, overrides=overrides)
+    metrics = inference.evaluate_run(args.run, data=args.data, overrides=overrides)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .errors import DataError
-    from .io import save_array, save_text
-    from .runs import predict_run
-
     out = Path(args.out)
     if out.suffix not in (".csv", ".npy"):
         raise DataError(f"--out must end in .csv or .npy, got {out}")
     if not out.parent.exists():
         raise DataError(f"no such directory: {out.parent}")
-    clusters, images = predict_run(args.run, args.data, split=args.split, resize=args.resize)
+    clusters, images = inference.predict_run(args.run, args.data, split=args.split, resize=args.resize)
     if out.suffix == ".npy":
         save_array(out, clusters.astype(np.int64))
     else:  # RFC 4180 (CRLF rows, so fields holding \r or \n are quoted too): any name reads back intact
-        import csv
-        import io
-
         names = images.names or [str(i) for i in range(len(images))]
         # file names that are not valid UTF-8 (surrogate-escaped by Python) get \xNN escapes
         names = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names]

@@ -8,8 +8,13 @@ The resolved configuration (``auto`` values filled in from the data) is written 
 
 Validation, in one place (:func:`validate`): every field is declared with :func:`option`, which
 states its range or choices; the validator checks every field of every section, and of the method's
-own ``Options`` dataclass (declared in the method's file, registered by ``deepclust.methods``), the
-same way. Numbers must be finite. Rules across fields are a section's ``check()`` method.
+own ``Options`` dataclass (declared in the method's file, named in the registry of
+``deepclust.methods``), the same way. Numbers must be finite. Rules across fields are a section's ``check()`` method.
+
+Config knows nothing of the methods: :func:`config_from_dict` is handed the way from a method's name
+to its ``Options`` class (``deepclust.configure.build_config`` hands it the registry of
+``deepclust.methods``). Every section is frozen: a changed configuration is a new object
+(``dataclasses.replace``), built and validated once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Callable, Union
 
 import yaml
 
+from .durations import parse_budget
 from .errors import ConfigError
 
 SPLITS = ("train", "test", "all")
@@ -33,15 +39,6 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 CLUSTER_HEADS = ("auto", "kmeans", "spectral", "method")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
-
-# Method name -> its Options dataclass. Filled by ``deepclust.methods`` (imported by the package),
-# so a new method registers its options in its own file's registry line, not here.
-METHOD_OPTIONS: dict[str, type] = {}
-
-
-def register_options(name: str, options_cls: type) -> None:
-    METHOD_OPTIONS[name] = options_cls
-
 
 def option(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False, choices: tuple | None = None) -> Any:
@@ -90,7 +87,7 @@ def check_fields(obj: Any, where: str) -> None:
         key = f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(value):
             check_fields(value, key)
-        elif f.metadata:
+        elif f.metadata and not f.metadata.get("not_an_option"):
             _check_value(value, dict(f.metadata), key)
     check = getattr(obj, "check", None)
     if callable(check):
@@ -102,7 +99,7 @@ def _pair(v: list[float] | None, where: str, high: float | None = None) -> None:
            f"{where}: expected two numbers 0 < low <= high" + (f" <= {high:g}" if high is not None else ""))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     spec: str = "digits"  # digits | npz:PATH[,PATH] | folder:PATH | mnist | fashion-mnist | ...
     split: str = option("all", choices=SPLITS)  # images loaded: the clustering papers use all images
@@ -113,7 +110,7 @@ class DataConfig:
     resize: int | None = option(None, low=4)  # resize every image to a square side (mixed sizes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ViewsConfig:
     preset: str = option("auto", choices=VIEW_PRESET_NAMES)  # auto: chosen from the pixels (view_rules.py)
     crop_scale: list[float] | None = option(None, low=0, high=1, low_open=True)  # None: the preset's
@@ -129,7 +126,7 @@ class ViewsConfig:
         _pair(self.rescale, "views.rescale")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NetConfig:
     backbone: str = option("auto", choices=BACKBONE_NAMES)  # auto: from image size and channels
     dim: int = option(128, low=2)  # embedding dimension (all papers: 128)
@@ -137,14 +134,14 @@ class NetConfig:
     input_shape: list[int] | None = option(None, low=1)  # (C, H, W) the network was built for (auto)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
     temperature: float = option(0.1, low=0, high=10, low_open=True)  # AND / Instance reference code
     eta: float = option(0.5, low=0, high=1, low_open=True)  # AND Eq 8 / PAD Eq 6: (1-eta) m + eta x
     nce_k: int = option(0, low=0)  # 0: full softmax over the bank (AND); > 0: NCE noise samples
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option("sgd", choices=OPTIMIZERS)
     lr: float = option(0.03, low=0, high=10, low_open=True)
@@ -161,7 +158,7 @@ class OptimConfig:
     inv_power: float = option(0.75, low=0, high=10)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int | None = option(None, low=0)  # epochs of training; for AND / PCP, epochs per round (AND:
                                                # round 0 included); None: chosen to fit train.budget
@@ -178,12 +175,10 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.budget is not None:
-            from .durations import parse_budget
-
             parse_budget(self.budget)  # ConfigError in one line on anything but a duration
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterConfig:
     n_clusters: int | None = option(None, low=1)  # None: number of classes when labels exist, else 10
     head: str = option("auto", choices=CLUSTER_HEADS)  # auto: the method's choice (Method.cluster_head)
@@ -193,14 +188,14 @@ class ClusterConfig:
                                                     # method's choice, 2 unless it says otherwise)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     knn_k: int = option(200, low=1)  # Wu et al. 2018 / AND
     knn_temperature: float | None = option(None, low=0, high=10, low_open=True)  # None: the bank's T
     linear_probe: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     method: str = "pad"  # the best method on the development data (dev-choices-*.json)
     out: str = "runs/latest"
@@ -213,6 +208,9 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     options: Any = None  # the method's own options dataclass (its ``Options``)
+    # What the data decided (``resolution.resolve``: views chosen from the pixels, the budget plan),
+    # with its evidence, for the run's metrics. Not an option: never read from, or written to, YAML.
+    resolution: dict = field(default_factory=dict, compare=False, metadata={"not_an_option": True})
 
     def check(self) -> None:
         world = self.train.devices * self.train.num_nodes
@@ -220,7 +218,9 @@ class Config:
                "optim.batch_size: the global batch must divide evenly over devices x nodes")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """The options as plain values (what ``config.yaml`` holds); the resolution is left out."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "resolution")}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
         d["options"] = dataclasses.asdict(self.options) if self.options is not None else {}
         return d
 
@@ -310,7 +310,7 @@ def _build(cls: type, values: dict | None, where: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("not_an_option")}
     unknown = sorted(set(values) - names)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -319,7 +319,7 @@ def _build(cls: type, values: dict | None, where: str) -> Any:
         )
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in values or f.name == "options":
+        if f.name not in values or f.name in ("options", "resolution"):
             continue
         tp = hints[f.name]
         key = f"{where}.{f.name}" if where else f.name
@@ -338,6 +338,14 @@ def _merge(base: dict, over: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def merge_layers(*layers: dict | None) -> dict:
+    """Configuration layers (nested dicts) merged key by key, later layers winning."""
+    merged: dict = {}
+    for layer in layers:
+        merged = _merge(merged, layer or {})
+    return merged
 
 
 def preset_path(name: str) -> Path:
@@ -395,28 +403,16 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def build_config(*layers: dict) -> Config:
-    """Merge dicts (later wins), build the typed Config (with the method's own options) and validate it."""
-    merged: dict = {}
-    for layer in layers:
-        merged = _merge(merged, layer or {})
-    options = merged.pop("options", None)
-    cfg = _build(Config, merged, "")
-    cls = METHOD_OPTIONS.get(cfg.method)
-    if cls is None:
-        raise ConfigError(f"unknown method '{cfg.method}'; known: {', '.join(sorted(METHOD_OPTIONS))}")
-    cfg.options = _build(cls, options, "options")
-    return validate(cfg)
+def config_from_dict(raw: dict, options_class: Callable[[str], type]) -> Config:
+    """The typed, validated Config of one merged layer (:func:`merge_layers`); ``options_class(name)``
+    gives the method's ``Options`` dataclass (ConfigError for an unknown method)."""
+    raw = dict(raw)
+    options = raw.pop("options", None)
+    cfg = _build(Config, raw, "")
+    return validate(dataclasses.replace(cfg, options=_build(options_class(cfg.method), options, "options")))
 
 
 def validate(cfg: Config) -> Config:
     """Every range and choice of every option, the method's included, in one place."""
-    _check(cfg.method in METHOD_OPTIONS,
-           f"unknown method '{cfg.method}'; known: {', '.join(sorted(METHOD_OPTIONS))}")
-    _check(isinstance(cfg.options, METHOD_OPTIONS[cfg.method]), f"options do not belong to method {cfg.method}")
     check_fields(cfg, "")
     return cfg
-
-
-def load_config(path: str | Path) -> Config:
-    return build_config(read_yaml(str(path)))

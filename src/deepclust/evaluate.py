@@ -111,3 +111,35 @@ def collapse_report(labels, n_clusters: int, *, dominant_fraction: float = 0.5) 
         problems.append(f"one cluster holds {largest:.0%} of the images")
     return {"sizes": sizes, "empty": empty, "largest_fraction": round(largest, 4),
             "collapsed": bool(problems), "warning": "; ".join(problems) or None}
+
+
+def head_scores(labels_true, heads: list[tuple[str, str, Any, float]]) -> list[dict[str, Any]]:
+    """One row per fitted head (kind, layer, predicted labels, seconds): its ACC, NMI and ARI."""
+    rows = []
+    for kind, layer, pred, seconds in heads:
+        scores = clustering_scores(labels_true, pred)
+        rows.append({"head": kind, "features": layer, **{key: scores[key] for key in ("acc", "nmi", "ari")},
+                     "head_seconds": round(seconds, 3)})
+    return rows
+
+
+def knn_report(embedding, features, labels, split, *, k: int, temperature: float, seed: int = 0,
+               probe: bool = False) -> dict[str, Any]:
+    """Weighted kNN top-1 of ``embedding``: the test split against the train split when ``split``
+    (0 train, 1 test) has both, else leave-one-out; with ``probe`` and both splits, a linear probe
+    on ``features`` too."""
+    m: dict[str, Any] = {}
+    kk = min(k, len(labels) - 1)
+    both = split is not None and bool((split == 0).any()) and bool((split == 1).any())
+    if both:
+        tr, te = split == 0, split == 1
+        m["knn_top1"] = knn_top1(embedding[tr], labels[tr], embedding[te], labels[te],
+                                 k=min(kk, int(tr.sum())), temperature=temperature)
+        m["knn_protocol"] = "test split against train split"
+    else:
+        m["knn_top1"] = knn_top1(embedding, labels, k=kk, temperature=temperature)
+        m["knn_protocol"] = "leave-one-out"
+    if probe and both:
+        m["linear_probe_top1"] = linear_probe(features[split == 0], labels[split == 0],
+                                              features[split == 1], labels[split == 1], seed=seed)
+    return m

@@ -11,6 +11,7 @@ was built on). Nothing here reads labels.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,37 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
         labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
         return head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
     return ClusterHead(kind, n_clusters, centroids, labels)
+
+
+def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
+                 eigenvectors: int | None = None, method_labels: np.ndarray | None = None,
+                 trained_rows: np.ndarray | None = None) -> ClusterHead:
+    """The head ``cluster.head`` names, read off ``features`` (never labels): k-means, spectral
+    (``eigenvectors`` per cluster), or the method's own clusters (``method``: kept for the rows it
+    was trained on, other rows by the head's kNN vote)."""
+    if kind != "method":
+        comps = eigenvectors * n_clusters if eigenvectors else None
+        return fit_head(features, kind, n_clusters, seed=seed, n_neighbors=n_neighbors, n_components=comps)
+    if method_labels is None:
+        raise ConfigError("cluster.head: this method has no clusters of its own; use kmeans or spectral")
+    rows = np.arange(len(features)) if trained_rows is None else trained_rows
+    head = head_from_labels(features[rows], method_labels, max(n_clusters, int(method_labels.max()) + 1),
+                            kind="method")
+    labels = head.predict(features)
+    labels[rows] = method_labels
+    head.labels_ = labels
+    return head
+
+
+def fit_heads(layers: dict[str, np.ndarray], combos, n_clusters: int, **options) -> dict[tuple[str, str], tuple]:
+    """(head, seconds) of every (kind, layer) of ``combos``, each read off ``layers[layer]``;
+    ``options`` as :func:`cluster_head` takes them."""
+    out = {}
+    for kind, layer in combos:
+        t0 = time.perf_counter()
+        head = cluster_head(layers[layer], kind, n_clusters, **options)
+        out[(kind, layer)] = (head, time.perf_counter() - t0)
+    return out
 
 
 def head_from_labels(features: np.ndarray, labels: np.ndarray, n_clusters: int, *, kind: str = "method",

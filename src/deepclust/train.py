@@ -23,7 +23,12 @@ RNG states, the history of log records and the cumulative timings.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,31 +40,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, OptimConfig
-from .errors import DataError
+from .config import Config, EvalConfig, OptimConfig, TrainConfig
+from .errors import ConfigError, DataError
+from .evaluate import knn_top1
 from .io import save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
 from .nets import EmbeddingNet, sync_batchnorm
-from .views import BatchViews, draw_generator
+from .views import BatchViews, ViewSpec, draw_generator
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 2
 PASS_BATCH = 512  # images per forward in full feature passes
 
 
-def make_fabric(cfg: Config):
-    """A Lightning Fabric for the configured devices (DDP when more than one process)."""
+def make_fabric(train: TrainConfig):
+    """A Lightning Fabric for the configured devices (``cfg.train``; DDP when more than one process)."""
+    # Imported here, not at the top: importing lightning takes 2.3 s, and at the top it would more than
+    # double every command's start-up (``python -X importtime -c "import deepclust.cli"``: 1.5 s -> 3.9 s).
     from lightning.fabric import Fabric
 
-    accelerator = cfg.train.accelerator
+    accelerator = train.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = cfg.train.precision
+    precision = train.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator in ("cuda", "gpu") else "32-true"
-    world = cfg.train.devices * cfg.train.num_nodes
+    world = train.devices * train.num_nodes
     strategy = "ddp" if world > 1 else "auto"
-    return Fabric(accelerator=accelerator, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes,
+    return Fabric(accelerator=accelerator, devices=train.devices, num_nodes=train.num_nodes,
                   strategy=strategy, precision=precision)
 
 
@@ -83,8 +91,8 @@ def learning_rate(o: OptimConfig, schedule_epoch: int, iteration: int = 0) -> fl
     return lr
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
+def build_optimizer(o: OptimConfig, params) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.optim`` names over ``params``."""
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                weight_decay=o.weight_decay)
@@ -110,8 +118,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's content, loaded with ``weights_only=True`` (tensors, numbers, strings, lists and
     dicts only: a file carrying code is refused, never run). DataError in one line otherwise."""
-    import pickle
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -168,11 +174,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, images: np.ndarray, out_dir: str | Path, *, fabric=None,
                  labels: np.ndarray | None = None, view_spec=None):
-        from .views import ViewSpec
-
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.fabric = fabric if fabric is not None else make_fabric(cfg)
+        self.fabric = fabric if fabric is not None else make_fabric(cfg.train)
         self.labels = labels
         self.data_cpu = images_to_tensor(images)
         n, c, h, w = self.data_cpu.shape
@@ -223,8 +227,6 @@ class Trainer:
 
     def _identical_across_ranks(self, tensors: list[Tensor]) -> bool:
         """Every replica's tensors bit for bit the same (SHA-256 of their bytes, compared across ranks)."""
-        import hashlib
-
         h = hashlib.sha256()
         for t in tensors:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -327,7 +329,8 @@ class Trainer:
         if self.rank == 0:
             record.update(self.method.describe(self.labels))
             if self.labels is not None and self.method.bank is not None:
-                record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg)
+                record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg.eval,
+                                                       self.cfg.memory.temperature)
 
     # -- one epoch -------------------------------------------------------------------------------
     def _views(self, epoch: int, step: int, gidx: Tensor, part: Tensor, batch: Tensor):
@@ -430,7 +433,7 @@ class Trainer:
         module = TrainModule(self.net, self.method)
         if self.world > 1 and cfg.train.sync_batchnorm:  # the network's and the method modules' BatchNorm
             module = sync_batchnorm(module, device=fabric.device)
-        optimizer = build_optimizer(cfg, module.parameters())
+        optimizer = build_optimizer(cfg.optim, module.parameters())
         start_epoch, history = 0, []
         if resume and self.checkpoint_path().exists():
             start_epoch, history = self._load_checkpoint(optimizer)
@@ -446,8 +449,6 @@ class Trainer:
     def _write_log(self, history: list[dict[str, Any]], append: dict[str, Any] | None = None) -> None:
         """log.jsonl: one record per finished epoch (rewritten from the checkpoint's history on resume,
         so a kill between the log and the checkpoint leaves no duplicate)."""
-        import json
-
         if self.rank != 0:
             return
         path = self.out_dir / "log.jsonl"
@@ -492,12 +493,11 @@ class Trainer:
         return None if labels is None else np.asarray(labels, dtype=np.int64)
 
 
-def bank_knn_top1(bank: Tensor, labels: np.ndarray, cfg: Config) -> float:
-    """Leave-one-out weighted kNN on the memory bank (the AND reference code's protocol)."""
-    from .evaluate import knn_top1
-
-    t = cfg.eval.knn_temperature or cfg.memory.temperature
-    return round(float(knn_top1(bank.float().cpu().numpy(), labels, k=cfg.eval.knn_k, temperature=t)), 4)
+def bank_knn_top1(bank: Tensor, labels: np.ndarray, ev: EvalConfig, bank_temperature: float) -> float:
+    """Leave-one-out weighted kNN on the memory bank (the AND reference code's protocol); T is
+    ``eval.knn_temperature`` or the bank's."""
+    t = ev.knn_temperature or bank_temperature
+    return round(float(knn_top1(bank.float().cpu().numpy(), labels, k=ev.knn_k, temperature=t)), 4)
 
 
 @torch.no_grad()
@@ -507,8 +507,6 @@ def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | 
     """(features of ``layer``, L2-normalised embeddings) of un-augmented images, float32, dataset
     order. ``layer``: "backbone" (the layer before the head), "embedding", or a stage name of the
     backbone (``net.layer_names()``, e.g. "conv5" of AlexNet)."""
-    from .errors import ConfigError
-
     if layer not in net.layer_names():
         raise ConfigError(f"unknown feature layer '{layer}'; this network has: {', '.join(net.layer_names())}")
     data = images if isinstance(images, Tensor) else images_to_tensor(images)
@@ -522,3 +520,60 @@ def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | 
         embs.append(taps["embedding"].float().cpu())
     net.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(embs).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing the training on this machine (the time budget, ``budget.py``)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """The global RNG states (torch, numpy, python) as they were before the block, afterwards."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
+
+
+class TrainingProbe:
+    """A :class:`Trainer`'s training steps and discoveries, timed one at a time with nothing written:
+    the trainer is set up as for a fresh run, the steps are epoch 0's batches in order, and a
+    discovery runs as the loop runs it (with the label diagnostics it logs). Training changes the
+    global RNG states: measure inside :func:`preserved_rng`."""
+
+    def __init__(self, trainer: Trainer, clock=time.perf_counter):
+        self.trainer, self.clock = trainer, clock
+        self.model, self.optimizer, _, _ = trainer._setup(resume=False)
+        cfg = trainer.cfg
+        self.batches = trainer.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
+        self.steps = 0
+        self.model.train()
+
+    def _sync(self) -> None:
+        if self.trainer.fabric.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_step(self) -> tuple[int, float]:
+        """(images, seconds) of the next training step: forward, loss, backward, optimiser step and
+        the method's bank update."""
+        gidx = self.batches[self.steps % len(self.batches)]
+        t = self.clock()
+        self.trainer._step(self.model, self.optimizer, 0, self.steps, gidx)
+        self._sync()
+        self.steps += 1
+        return len(gidx), self.clock() - t
+
+    def time_discovery(self, epoch: int) -> float:
+        """Seconds of the structure discovery of ``epoch`` on the current state."""
+        t = self.clock()
+        self.trainer._discover(epoch, self.optimizer, {})
+        self._sync()
+        return self.clock() - t
+
+    def checkpoint_seconds(self) -> float:
+        """Seconds to serialise an epoch's checkpoint (network, optimiser, method), in memory."""
+        t = self.clock()
+        torch.save({"model": self.trainer.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "method": self.trainer.method.state_dict()}, io.BytesIO())
+        return self.clock() - t

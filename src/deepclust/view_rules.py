@@ -55,7 +55,7 @@ least ``MIN_CROP_SIDE`` = 14 px (sqrt(0.2) x 32: the published CIFAR crop, so 32
 papers' 0.2), i.e. the lower area bound is raised to (14 / side)^2, and never above the mild
 object crop's 0.85 (tiny images get the mild crop, not none).
 
-The returned fields are those of ``deepclust.config.ViewsConfig`` (``runs.resolve`` writes them into
+The returned fields are those of ``deepclust.config.ViewsConfig`` (``resolution.resolve`` writes them into
 the resolved configuration, so a run is reproducible from its ``config.yaml``) and the evidence is
 every statistic and decision, with the thresholds, for the log.
 """

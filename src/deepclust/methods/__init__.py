@@ -1,9 +1,10 @@
 """Methods: each a short file composing the shared parts (memory bank, structure, losses), with its
-own options. The registry below is the one line a new method adds."""
+own options. The registry below is the one line a new method adds; it is asked by name
+(:func:`method_class`), and nothing is registered anywhere else by importing this package."""
 
 from __future__ import annotations
 
-from ..config import Config, register_options
+from ..config import Config
 from ..errors import ConfigError
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
@@ -19,10 +20,6 @@ METHODS: dict[str, type[Method]] = {
     "deepcluster": DeepCluster,
     "pad": Pad,
 }
-
-for _name, _cls in METHODS.items():
-    register_options(_name, _cls.Options)
-
 
 def method_class(name: str) -> type[Method]:
     try:

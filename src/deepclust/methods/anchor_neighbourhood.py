@@ -51,20 +51,27 @@ class AnchorNeighbourhoodDiscovery(Method):
         if options.neighbours >= n_images:
             raise ConfigError(f"options.neighbours (k={options.neighbours}) must be smaller than N={n_images}")
 
-    def _round0(self) -> int:
-        o = self.options
-        return self.cfg.train.epochs if o.round0_epochs is None else o.round0_epochs
+    @staticmethod
+    def _round0(cfg) -> int:
+        o = cfg.options
+        return cfg.train.epochs if o.round0_epochs is None else o.round0_epochs
 
-    def total_epochs(self) -> int:
-        return self._round0() + self.options.rounds * self.cfg.train.epochs
+    @classmethod
+    def epochs_of(cls, cfg) -> int:
+        return cls._round0(cfg) + cfg.options.rounds * cfg.train.epochs
+
+    @classmethod
+    def rounds_of(cls, cfg, epoch: int) -> tuple[int, int]:
+        """(round, epoch within the round) of a run of ``cfg``."""
+        r0 = cls._round0(cfg)
+        if epoch < r0:
+            return 0, epoch
+        per = max(cfg.train.epochs, 1)
+        return 1 + (epoch - r0) // per, (epoch - r0) % per
 
     def round_of(self, epoch: int) -> tuple[int, int]:
         """(round, epoch within the round)."""
-        r0 = self._round0()
-        if epoch < r0:
-            return 0, epoch
-        per = max(self.cfg.train.epochs, 1)
-        return 1 + (epoch - r0) // per, (epoch - r0) % per
+        return self.rounds_of(self.cfg, epoch)
 
     def schedule_epoch(self, epoch: int) -> int:
         return self.round_of(epoch)[1]
@@ -72,8 +79,9 @@ class AnchorNeighbourhoodDiscovery(Method):
     def phase(self, epoch: int) -> str:
         return f"round {self.round_of(epoch)[0]}"
 
-    def needs_discovery(self, epoch: int) -> bool:
-        r, e = self.round_of(epoch)
+    @classmethod
+    def discovers_at(cls, cfg, epoch: int) -> bool:
+        r, e = cls.rounds_of(cfg, epoch)
         return r >= 1 and e == 0
 
     def discover(self, ctx: DiscoveryContext) -> Structure:

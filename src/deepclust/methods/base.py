@@ -186,8 +186,21 @@ class Method:
                           seed=self.cfg.train.seed)
 
     # -- schedule ---------------------------------------------------------------------------
+    # A question of the configuration alone, answered by the class (the time budget asks it before
+    # any network or bank exists, ``budget.method_schedule``): a method overrides ``epochs_of`` and
+    # ``discovers_at``; the instance hooks ``total_epochs`` / ``needs_discovery`` ask them.
+    @classmethod
+    def epochs_of(cls, cfg: Config) -> int:
+        """Epochs of a run of ``cfg`` (all rounds)."""
+        return cfg.train.epochs
+
+    @classmethod
+    def discovers_at(cls, cfg: Config, epoch: int) -> bool:
+        """Whether a run of ``cfg`` discovers structure before ``epoch``."""
+        return False
+
     def total_epochs(self) -> int:
-        return self.cfg.train.epochs
+        return self.epochs_of(self.cfg)
 
     def schedule_epoch(self, epoch: int) -> int:
         """The epoch the learning-rate schedule sees (AND restarts it each round)."""
@@ -213,7 +226,7 @@ class Method:
 
     # -- structure discovery ------------------------------------------------------------------
     def needs_discovery(self, epoch: int) -> bool:
-        return False
+        return self.discovers_at(self.cfg, epoch)
 
     def discovery_features(self, epoch: int) -> tuple[FeatureRequest, ...]:
         return ()

@@ -71,8 +71,9 @@ class DeepCluster(Method):
             raise ConfigError(f"options.clusters (K'={options.clusters}) is larger than the number of images "
                               f"(N={n_images})")
 
-    def needs_discovery(self, epoch: int) -> bool:
-        return epoch % self.options.reassign == 0
+    @classmethod
+    def discovers_at(cls, cfg, epoch: int) -> bool:
+        return epoch % cfg.options.reassign == 0
 
     def discovery_features(self, epoch: int) -> tuple[FeatureRequest, ...]:
         return (FEATURES,)

@@ -118,8 +118,9 @@ class Pad(Method):
         return (offsets[1:] - offsets[:-1]).to(gidx.device)[g] == 1
 
     # -- structure ------------------------------------------------------------------------------
-    def needs_discovery(self, epoch: int) -> bool:
-        return epoch >= self.options.start_epoch  # Algorithm 1: every epoch
+    @classmethod
+    def discovers_at(cls, cfg, epoch: int) -> bool:
+        return epoch >= cfg.options.start_epoch  # Algorithm 1: every epoch
 
     def discover(self, ctx: DiscoveryContext) -> Structure:
         o = self.options

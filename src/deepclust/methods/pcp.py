@@ -100,8 +100,9 @@ class ProgressiveClusterPurification(Method):
                 raise ConfigError(f"options.{name} ({value}) is larger than the number of images (N={n_images})")
 
     # -- schedule -------------------------------------------------------------------------------
-    def total_epochs(self) -> int:
-        return self.options.rounds * self.cfg.train.epochs
+    @classmethod
+    def epochs_of(cls, cfg) -> int:
+        return cfg.options.rounds * cfg.train.epochs
 
     def round_of(self, epoch: int) -> tuple[int, int]:
         per = max(self.cfg.train.epochs, 1)
@@ -140,7 +141,8 @@ class ProgressiveClusterPurification(Method):
             return self.floor()
         return progressive_cluster_count(e, self.cfg.train.epochs, self.n_images, self.floor(), start=o.start)  # PCP Eq 1
 
-    def needs_discovery(self, epoch: int) -> bool:
+    @classmethod
+    def discovers_at(cls, cfg, epoch: int) -> bool:
         return True
 
     def discover(self, ctx: DiscoveryContext) -> Structure | None:

@@ -340,8 +340,9 @@ def _check_max_size(max_size) -> int | None:
     return int(max_size)
 
 
-def _scs_raw(neighbours, max_size, cyclic, order) -> tuple[np.ndarray, int]:
-    """Validated search; returns (raw SCS id per vertex or -1, sweeps over the start order)."""
+def search_scs(neighbours, max_size: int | None = 10, cyclic: bool = True, order=None) -> tuple[np.ndarray, int]:
+    """The validated search of :func:`strongly_connected_subgraphs` before its ids are made
+    canonical: (raw SCS id per vertex or -1, sweeps over the start order)."""
     nbr = _check_neighbours(neighbours)
     s = _check_max_size(max_size)
     if not isinstance(cyclic, (bool, np.bool_)):
@@ -372,7 +373,7 @@ def strongly_connected_subgraphs(neighbours, *, max_size: int | None = 10, cycli
     Returns (N,) int64 group ids 0..G-1, numbered by smallest member; every vertex outside an SCS
     has a group of its own. The module docstring defines the search exactly.
     """
-    raw, _ = _scs_raw(neighbours, max_size, cyclic, order)
+    raw, _ = search_scs(neighbours, max_size, cyclic, order)
     return _canonical_ids(raw)
 
 

@@ -1,0 +1,112 @@
+"""A finished run used again: its network loaded, its features re-clustered and re-scored
+(``evaluate``), new images assigned to its clusters (``predict``). Nothing of the run is changed;
+``evaluate`` writes ``metrics_evaluate.json`` beside the run's own metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file
+
+from .config import Config
+from .configure import run_config
+from .data import ImageSet
+from .errors import ConfigError, DataError
+from .heads import ClusterHead
+from .io import save_json
+from .methods import method_class
+from .nets import EmbeddingNet
+from .resolution import load_data, view_spec
+from .scoring import ALL_HEADS, compute_metrics, score_heads
+from .train import extract_features
+from .views import BatchViews
+
+
+def load_network(run: Path, cfg: Config, images: ImageSet) -> tuple[EmbeddingNet, BatchViews]:
+    """The trained network of ``run`` (its ``model.safetensors``) and its un-augmenting views, for
+    ``images`` of the size and channels it was trained on (DataError in one line otherwise)."""
+    shape = [images.channels, *images.image_size]
+    if cfg.net.input_shape is not None and list(cfg.net.input_shape) != shape:
+        c, h, w = cfg.net.input_shape
+        raise DataError(f"data '{images.spec}' is {shape[1]}x{shape[2]} with {shape[0]} channel(s) but run {run} "
+                        f"was trained on {h}x{w} with {c}; pass --resize {h} (square images) or use matching images")
+    net = EmbeddingNet(cfg.net.backbone, images.channels, images.image_size, dim=cfg.net.dim, sobel=cfg.net.sobel,
+                       head=method_class(cfg.method).embedding_head)
+    path = run / "model.safetensors"
+    if not path.exists():
+        raise DataError(f"run {run} has no model.safetensors (did training finish?)")
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot load the network of run {run} for data '{images.spec}': "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    return net, BatchViews(view_spec(cfg.views), images.channels)
+
+
+def _run_dir(run: str | Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise DataError(f"no such run directory: {run}")
+    return run
+
+
+def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | None = None,
+                 write: bool = True) -> dict[str, Any]:
+    """Recompute a finished run's features, clusters and metrics (optionally on other data or with
+    another head: ``overrides={"cluster": {"head": "kmeans"}}``)."""
+    run = _run_dir(run)
+    cfg = run_config(run, overrides)
+    if cfg.cluster.head == "method":
+        raise ConfigError("evaluate cannot re-run a method's own clustering; use the run's labels.npy, "
+                          "or --cluster-head kmeans|spectral")
+    images = load_data(cfg.data, data)
+    net, views = load_network(run, cfg, images)
+    features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)
+    if cfg.cluster.n_clusters > len(images):
+        raise ConfigError(f"n_clusters (K={cfg.cluster.n_clusters}) is larger than the number of images "
+                          f"(N={len(images)})")
+    metrics, head = compute_metrics(cfg, images, features, embedding)
+    metrics = {"method": cfg.method, "data": data or cfg.data.spec, **metrics}
+    prior = run / "metrics.json"
+    if prior.exists():
+        old = json.loads(prior.read_text())
+        for key in ("epochs", "train_seconds", "images_per_second"):
+            if key in old:
+                metrics.setdefault(key, old[key])
+    if write:  # beside, never over, the run's own metrics.json
+        save_json(run / "metrics_evaluate.json", metrics)
+    return metrics
+
+
+def compare_heads(run: str | Path, combos=ALL_HEADS) -> list[dict]:
+    """Scores of several (head, features) choices on one finished run, features extracted once.
+    Needs labels for the scores (the heads never see them)."""
+    run = Path(run)
+    cfg = run_config(run)
+    images = load_data(cfg.data)
+    net, views = load_network(run, cfg, images)
+    layers = {}
+    for layer in {f for _, f in combos}:
+        layers[layer], _ = extract_features(net, views, images.images, layer=layer)
+    return score_heads(cfg.cluster, cfg.train.seed, images, layers)
+
+
+def predict_run(run: str | Path, data: str, *, split: str = "all",
+                resize: int | str | None = None) -> tuple[np.ndarray, ImageSet]:
+    """Assign new images to a finished run's clusters with its saved head (``resize``: to the run's
+    square image size). Size and channels must match the run's. Returns (cluster per image, the
+    images)."""
+    run = _run_dir(run)
+    data_layer = {"split": split} if resize is None else {"split": split, "resize": resize}
+    cfg = run_config(run, {"data": data_layer})
+    images = load_data(cfg.data, data)
+    net, views = load_network(run, cfg, images)
+    head_path = run / "head.npz"
+    if not head_path.exists():
+        raise DataError(f"run {run} has no head.npz (did training finish?)")
+    head = ClusterHead.load(head_path)
+    features, _ = extract_features(net, views, images.images, layer=cfg.cluster.features)
+    return head.predict(features), images

@@ -1,0 +1,129 @@
+"""The configuration resolved once from the data: every ``auto`` / ``None`` filled in, with the
+evidence of each automatic choice (``Config.resolution``), into one frozen Config.
+
+ - views: an ``auto`` preset chosen from the pixels (``view_rules.py``), fields given explicitly win;
+ - network: the backbone for the image size and channels, the input shape recorded;
+ - clusters: K from the labels when known (else 10), head / features / eigenvectors from the
+   method's defaults;
+ - epochs: fitted to ``train.budget`` by timing the real training step (``budget.py``) when none are
+   given.
+The resolved configuration is what ``config.yaml`` holds: resolving it again changes nothing and
+measures nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from . import budget, view_rules
+from .config import ClusterConfig, Config, DataConfig, NetConfig, ViewsConfig, validate
+from .data import ImageSet, load_images
+from .errors import ConfigError, DataError
+from .methods import method_class
+from .nets import EmbeddingNet, default_backbone
+from .rundir import is_launched_child
+from .views import VIEW_PRESETS, ViewSpec
+
+VIEW_FIELDS = ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p")
+
+
+def load_data(data: DataConfig, spec: str | None = None) -> ImageSet:
+    """The images ``cfg.data`` names (``spec`` instead of its own, for evaluate / predict)."""
+    return load_images(spec or data.spec, split=data.split, root=data.root, download=data.download,
+                       resize=data.resize)
+
+
+def resolve(cfg: Config, images: ImageSet) -> Config:
+    """Fill every ``auto`` / ``None`` from the data, check what depends on it, and return the new
+    Config, its ``resolution`` holding the evidence and measurements of each automatic choice."""
+    n = len(images)
+    if n < 2:
+        raise DataError(f"data '{images.spec}' has {n} image(s); at least 2 are needed")
+    method = method_class(cfg.method)
+    method.check_data(cfg.options, n)
+    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, images)
+    net = _resolve_net(cfg.net, cluster.features, images)
+    notes: dict = {}
+    views = _resolve_views(cfg.views, images, notes)
+    world = cfg.train.devices * cfg.train.num_nodes
+    optim = cfg.optim if cfg.optim.batch_size <= n else dataclasses.replace(cfg.optim, batch_size=n - n % world)
+    resolved = validate(dataclasses.replace(cfg, net=net, views=views, cluster=cluster, optim=optim))
+    if resolved.train.epochs is None:  # epochs (and an auto backbone) fitted to train.budget (budget.py)
+        train, spec = training_subset(resolved.data, images), view_spec(views)
+        resolved, notes["budget"] = budget.fit_to_budget(
+            resolved, train.images, spec, labels=train.labels,
+            backbone_auto=cfg.net.backbone == "auto" and cluster.features in ("backbone", "embedding"))
+    elif resolved.train.budget is not None:  # explicit epochs win over a budget; say so
+        notes["budget"] = budget.unused_budget_note(resolved.train)
+    if notes and not is_launched_child():
+        _announce(notes)
+    return dataclasses.replace(resolved, resolution=notes)
+
+
+def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], images: ImageSet) -> ClusterConfig:
+    """K from the labels when known (else 10); the head, features and eigenvector count from the
+    method's ``defaults`` (chosen on the development data)."""
+    k = cl.n_clusters
+    if k is None:
+        k = int(len(np.unique(images.labels))) if images.labels is not None else 10
+    if k > len(images):
+        raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
+    head, features, eigenvectors = defaults
+    return dataclasses.replace(cl, n_clusters=k, head=head if cl.head == "auto" else cl.head,
+                               features=features if cl.features == "auto" else cl.features,
+                               eigenvectors=eigenvectors if cl.eigenvectors is None else cl.eigenvectors)
+
+
+def _resolve_net(net: NetConfig, features: str, images: ImageSet) -> NetConfig:
+    """The backbone for the image size and channels (``auto``), the input shape, and the layer the
+    clusters are read from checked against the network."""
+    backbone = default_backbone(images.channels, images.image_size) if net.backbone == "auto" else net.backbone
+    if features not in ("backbone", "embedding"):
+        names = EmbeddingNet(backbone, images.channels, images.image_size, dim=net.dim, sobel=net.sobel).layer_names()
+        if features not in names:
+            raise ConfigError(f"cluster.features: unknown layer '{features}'; this network has: {', '.join(names)}")
+    return dataclasses.replace(net, backbone=backbone, input_shape=[images.channels, *images.image_size])
+
+
+def _resolve_views(views: ViewsConfig, images: ImageSet, notes: dict) -> ViewsConfig:
+    """An ``auto`` preset chosen from the pixels (view_rules.py; fields given explicitly win), then
+    every unset field from the preset."""
+    given = {f: getattr(views, f) for f in VIEW_FIELDS}
+    preset = views.preset
+    if preset == "auto":
+        chosen, notes["views"] = view_rules.choose_views(images.images)
+        preset = notes["views"]["preset"]
+        given.update({f: v for f, v in chosen.items() if given[f] is None})
+    spec = VIEW_PRESETS[preset]
+    for f, value in given.items():
+        if value is None:
+            value = getattr(spec, f)
+            given[f] = list(value) if isinstance(value, tuple) else value
+    return dataclasses.replace(views, preset=preset, **given)
+
+
+def _announce(notes: dict) -> None:
+    """One stderr line per automatic choice (views from the pixels, epochs fitted to the budget)."""
+    for key, line in (("views", view_rules.describe), ("budget", budget.describe)):
+        if key in notes:
+            print(f"deepclust: {line(notes[key])}", file=sys.stderr)
+
+
+def training_subset(data: DataConfig, images: ImageSet) -> ImageSet:
+    """The images trained on: all loaded, or only the train split (``data.train_on: train``)."""
+    if data.train_on == "all":
+        return images
+    if images.split is None or not (images.split == 0).any():
+        raise DataError(f"data '{images.spec}' has no train split; use data.train_on=all")
+    return images.subset(images.split == 0)
+
+
+def view_spec(views: ViewsConfig) -> ViewSpec:
+    """The augmentation of a resolved ``views`` section."""
+    return dataclasses.replace(
+        VIEW_PRESETS[views.preset], crop_scale=tuple(views.crop_scale), flip=views.flip, rotation=views.rotation,
+        shift=views.shift, rescale=tuple(views.rescale), color_jitter=views.color_jitter,
+        grayscale_p=views.grayscale_p)

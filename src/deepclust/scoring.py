@@ -1,0 +1,85 @@
+"""Features -> clusters -> metrics: the configured cluster head read off the features (never the
+labels), and, when labels exist, every head's scores, the kNN accuracy and the collapse report."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from .config import ClusterConfig, Config
+from .data import ImageSet
+from .evaluate import clustering_scores, collapse_report, head_scores, knn_report
+from .heads import ClusterHead, fit_heads
+
+ALL_HEADS = (("kmeans", "embedding"), ("kmeans", "backbone"), ("spectral", "embedding"), ("spectral", "backbone"))
+SCORES = ("acc", "nmi", "ari")
+
+
+def head_options(cluster: ClusterConfig, seed: int) -> dict[str, Any]:
+    """What ``heads.fit_heads`` / ``heads.cluster_head`` take from ``cfg.cluster`` and the seed."""
+    return {"n_clusters": cluster.n_clusters, "seed": seed, "n_neighbors": cluster.n_neighbors,
+            "eigenvectors": cluster.eigenvectors}
+
+
+def _combos(cluster: ClusterConfig, layers: dict[str, np.ndarray], method_labels) -> list[tuple[str, str]]:
+    """Every post-hoc head on every given layer, and the method's own clusters when it has them."""
+    combos = [c for c in ALL_HEADS if c[1] in layers]
+    if method_labels is not None:
+        combos.append(("method", cluster.features if cluster.features in layers else "embedding"))
+    return combos
+
+
+def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embedding: np.ndarray,
+                    *, method_labels: np.ndarray | None = None, trained_rows=None,
+                    layers: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], ClusterHead]:
+    """Cluster ``features`` (the layer ``cluster.features`` names) with the configured head (labels
+    never enter it), then score against labels if any: first every head is fitted, then scored.
+
+    Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
+    head_seconds; with labels: acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every
+    post-hoc head on the backbone and embedding layers, and the method's own clusters when it has
+    them: acc / nmi / ari / seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
+    knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
+    """
+    cl, labels, seed = cfg.cluster, images.labels, cfg.train.seed
+    chosen = (cl.head, cl.features)
+    layers = {"embedding": embedding, **(layers or {}), cl.features: features}
+    combos = _combos(cl, layers, method_labels) if labels is not None else []
+    options = head_options(cl, seed)
+    knn = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature or cfg.memory.temperature, "seed": seed,
+           "probe": cfg.eval.linear_probe}  # T: eval.knn_temperature, else the bank's
+    fitted = fit_heads(layers, [chosen, *(c for c in combos if c != chosen)], method_labels=method_labels,
+                       trained_rows=trained_rows, **options)
+    head, head_seconds = fitted[chosen]
+    k, pred = cl.n_clusters, head.labels_
+    collapse = collapse_report(pred, max(k, int(pred.max()) + 1))
+    sizes = collapse.pop("sizes")
+    if collapse["collapsed"]:
+        print(f"deepclust: warning: the clustering collapsed: {collapse['warning']}", file=sys.stderr)
+    m: dict[str, Any] = {"n_images": len(images), "n_clusters": k, "cluster_head": cl.head,
+                         "cluster_features": cl.features, "head_seconds": round(head_seconds, 3),
+                         "cluster_sizes": sizes, "collapse": collapse}
+    if labels is not None:
+        m.update(clustering_scores(labels, pred))
+        m["heads"] = head_scores(labels, [(*c, fitted[c][0].labels_, fitted[c][1]) for c in combos])
+        km = next(h for h in m["heads"] if (h["head"], h["features"]) == ("kmeans", "embedding"))
+        m.update({f"kmeans_embedding_{key}": km[key] for key in SCORES})
+        m.update(knn_report(embedding, features, labels, images.split, **knn))
+    return _plain(m), head
+
+
+def score_heads(cluster: ClusterConfig, seed: int, images: ImageSet, layers: dict[str, np.ndarray],
+                method_labels=None, trained_rows=None) -> list[dict[str, Any]]:
+    """Scores of every post-hoc head on every given layer (and of the method's own clusters)."""
+    combos, options = _combos(cluster, layers, method_labels), head_options(cluster, seed)
+    fitted = fit_heads(layers, combos, method_labels=method_labels, trained_rows=trained_rows, **options)
+    return head_scores(images.labels, [(*c, fitted[c][0].labels_, fitted[c][1]) for c in combos])
+
+
+def _plain(m: dict[str, Any]) -> dict[str, Any]:
+    for key, v in list(m.items()):
+        if isinstance(v, (np.floating, np.integer)):
+            m[key] = v.item()
+    return m
