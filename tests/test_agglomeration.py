@@ -42,31 +42,36 @@ def ref_loss(values: list[float], kc: int, lam: float) -> float:
 def ref_merge(wd: np.ndarray, labels, n_merges: int, kc: int = 5, lam: float = 1.0):
     """Greedy merges, recomputing every affinity from W each timestep. Ties and the fallback as
     documented in the module: lower id first; the merged cluster keeps the id of the larger one;
-    no positive affinity left -> smallest cluster joins the one it shares most edge weight with."""
+    a cluster without positive affinity is merged first (lowest id), into the cluster it shares
+    the most edge weight with; clusters sharing no edge wait; then the two smallest merge."""
     _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first))
     lab = rank[inv]
     clusters = {c: list(np.flatnonzero(lab == c)) for c in range(lab.max() + 1)}
     merges = []
     for _ in range(n_merges):
-        best = None
+        best, isolated = None, []
         for i in sorted(clusters):
             aff = [(ref_affinity(wd, clusters[i], clusters[j]), j) for j in sorted(clusters) if j != i]
             if not any(a > 0 for a, _ in aff):
+                isolated.append(i)
                 continue
             loss = ref_loss([a for a, _ in aff], kc, lam)
             nearest = max(aff, key=lambda p: (p[0], -p[1]))[1]
             if best is None or loss < best[0]:
                 best = (loss, i, nearest)
-        if best is not None:
-            x, y = best[1], best[2]
-        else:
-            x = min(clusters, key=lambda c: (len(clusters[c]), c))
-            others = [c for c in sorted(clusters) if c != x]
-            shared = [wd[np.ix_(clusters[x], clusters[c])].sum() + wd[np.ix_(clusters[c], clusters[x])].sum()
+        x = y = None
+        for i in isolated:  # no positive affinity: joins the cluster it shares most edge weight with
+            others = [c for c in sorted(clusters) if c != i]
+            shared = [wd[np.ix_(clusters[i], clusters[c])].sum() + wd[np.ix_(clusters[c], clusters[i])].sum()
                       for c in others]
-            y = others[int(np.argmax(shared))] if max(shared) > 0 else min(
-                others, key=lambda c: (len(clusters[c]), c))
+            if max(shared) > 0:
+                x, y = i, others[int(np.argmax(shared))]
+                break
+        if x is None and best is not None:
+            x, y = best[1], best[2]
+        if x is None:  # closed components only: the two smallest
+            x, y = sorted(clusters, key=lambda c: (len(clusters[c]), c))[:2]
         keep, gone = (x, y) if (len(clusters[x]), -x) > (len(clusters[y]), -y) else (y, x)
         clusters[keep] = sorted(clusters[keep] + clusters.pop(gone))
         merges.append(frozenset(clusters[keep]))
@@ -239,3 +244,32 @@ def test_bad_input_is_refused():
         merge_clusters(w, np.arange(4), 1, mode="fast")
     with pytest.raises(DataError):
         directed_knn_graph(np.ones((3, 2)), 5)
+
+
+# ----------------------------------------------------------------------------- the benchmark script
+
+def test_benchmark_smoke_run_writes_its_json(tmp_path):
+    """benchmarks/agglomerative.py at a tiny N, its JSON to --out, lock in a private directory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DEEPCLUST_LOCK_DIR": str(tmp_path / "locks"),
+           "DEEPCLUST_RESULTS_DIR": str(tmp_path / "results")}
+    out = tmp_path / "agg.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "agglomerative.py"), "--n", "600",
+                        "--data", "mnist-test", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for key in ("n", "seconds", "reference_seconds", "ratio", "peak_memory_mb", "features"):
+        assert key in r
+    assert r["n"] == 600 and r["ratio"] == pytest.approx(r["seconds"] / r["reference_seconds"], rel=0.05)
+    assert len(r["ours"]["scores"]["sizes"]) == 10 and not (tmp_path / "results").exists()
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "agglomerative.py"), "--n", "600",
+                          "--target", "1", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=root)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

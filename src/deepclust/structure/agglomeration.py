@@ -36,12 +36,14 @@ each cluster caches its K_c best neighbours, so a merge recomputes only the loss
 The authors' code applies (7b) only while more than 100 clusters remain; we apply Eq 7 throughout.
 
 Where the paper is silent (ours):
-  * Clusters without any positive affinity (GDL needs a vertex with edges both to and from the
-    other cluster) are never chosen by Eq 7 while others remain. When no pair with positive
-    affinity is left and merges remain, the smallest cluster (then the lowest id) is joined to the
-    cluster it shares the most kNN edge weight with (both directions), or, if its kNN edges never
-    leave it, to the smallest other cluster. The authors' code joins such clusters to the cluster
-    with the nearest mean feature before agglomerating; we need no features here.
+  * A cluster without any positive affinity (GDL needs a vertex with edges both to and from the
+    other cluster) can never be chosen by Eq 7, and left alone it would survive to the end as a
+    tiny cluster. Such clusters are merged first, lowest id first, each into the cluster it shares
+    the most kNN edge weight with (both directions); these merges count as timesteps of the
+    period. A cluster that shares no kNN edge at all (a closed component of the graph) waits until
+    no other merge is left; then the two smallest clusters (size, then id) merge. The authors' code
+    (``affinity.compute4cluster``) likewise joins them first, to the cluster with the nearest mean
+    feature, outside the period's count; we need no features here.
   * Ties (equal losses, equal affinities) go to the lower cluster id of the compiled loop's slots:
     deterministic, but not meaningful.
 
@@ -325,14 +327,8 @@ def _refresh(adj, size, x, changed, gone_a, gone_b, top_id, top_val, lam, heap, 
 
 
 @numba.njit(cache=True)
-def _fallback_pair(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head, nxt, size, alive, acc):
-    """No positive affinity left: the smallest cluster and the cluster it shares the most kNN edge
-    weight with (else the smallest other cluster)."""
-    c = acc.shape[0]
-    x = -1
-    for y in range(c):
-        if alive[y] and (x < 0 or size[y] < size[x]):
-            x = y
+def _edge_partner(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head, nxt, x, acc):
+    """The cluster x shares the most kNN edge weight with (both directions), or -1 if none."""
     best, best_w = -1, 0.0
     for ptr, idx, wt in ((o_ptr, o_idx, o_w), (i_ptr, i_idx, i_w)):
         u = head[x]
@@ -342,15 +338,39 @@ def _fallback_pair(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head, nxt, size,
                 if y != x:
                     acc[y] += wt[e]
             u = nxt[u]
-    for y in range(c):
+    for y in range(acc.shape[0]):
         if acc[y] > best_w:
             best, best_w = y, acc[y]
         acc[y] = 0.0
-    if best < 0:
-        for y in range(c):
-            if alive[y] and y != x and (best < 0 or size[y] < size[best]):
-                best = y
-    return x, best
+    return best
+
+
+@numba.njit(cache=True)
+def _pop_isolated(iso, adj, alive, o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head, nxt, acc):
+    """The lowest-id live cluster without positive affinity that shares kNN edges with another
+    cluster, and that cluster; (-1, -1) if none. A cluster sharing no edge at all (a closed kNN
+    component) stays so and is dropped from the queue."""
+    while len(iso) > 0:
+        x = heapq.heappop(iso)
+        if alive[x] and len(adj[x]) == 0:
+            y = _edge_partner(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head, nxt, x, acc)
+            if y >= 0:
+                return x, y
+    return -1, -1
+
+
+@numba.njit(cache=True)
+def _smallest_pair(size, alive):
+    """The two smallest live clusters (size, then id): the last resort, closed components only."""
+    x, y = -1, -1
+    for z in range(size.shape[0]):
+        if not alive[z]:
+            continue
+        if x < 0 or size[z] < size[x]:
+            x, y = z, x
+        elif y < 0 or size[z] < size[y]:
+            y = z
+    return x, y
 
 
 @numba.njit(cache=True)
@@ -426,6 +446,7 @@ def _merge_loop(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, s_ptr, s_idx, s_val
         if top_id[x, 0] >= 0:
             heap.append((_loss(top_val, x, lam), np.int64(x), np.int64(0)))
     heapq.heapify(heap)
+    iso = [np.int64(x) for x in range(c) if alive[x] and len(adj[x]) == 0]  # ascending: a heap
     acc = np.zeros(n)  # per vertex, for the cross terms
     shared = np.zeros(c)  # per cluster, for the fallback
     stamp = np.zeros(n, np.int64)
@@ -433,14 +454,15 @@ def _merge_loop(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, s_ptr, s_idx, s_val
     touched = np.empty(c, np.int64)
     record = np.empty((n_merges, 2), np.int64)
     for t in range(n_merges):
-        x = _pop_best(heap, alive, version, top_id)
-        if x >= 0:
-            y = top_id[x, 0]
-        else:
-            x, y = _fallback_pair(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head, nxt, size,
-                                  alive, shared)
-            if y < 0:
-                return record[:t], adj
+        x, y = _pop_isolated(iso, adj, alive, o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, head,
+                             nxt, shared)
+        if x < 0:
+            x = _pop_best(heap, alive, version, top_id)
+            y = top_id[x, 0] if x >= 0 else -1
+        if x < 0:
+            x, y = _smallest_pair(size, alive)
+        if y < 0:
+            return record[:t], adj
         keep, gone = (x, y) if (size[x] > size[y] or (size[x] == size[y] and x < y)) else (y, x)
         n_touched = 0
         if mode == 0:
@@ -449,6 +471,8 @@ def _merge_loop(o_ptr, o_idx, o_w, i_ptr, i_idx, i_w, label, s_ptr, s_idx, s_val
         new = _merged_pairs(adj, size, keep, gone, mode, alpha, cross, touched, n_touched)
         _absorb(label, head, nxt, size, alive, keep, gone)
         _install(adj, new, size, keep, gone, top_id, top_val, lam, heap, version)
+        if len(adj[keep]) == 0:
+            heapq.heappush(iso, keep)
         record[t, 0], record[t, 1] = keep, gone
     return record, adj
 
