@@ -181,9 +181,22 @@ def test_agglomeration_equals_literal_reference(seed, kc):
     labels = rng.integers(0, n // 2, n) if seed % 2 else np.arange(n)
     c = np.unique(labels).size
     out, rec = merge_clusters(w, labels, c - 2, k_c=kc, return_record=True)
-    expect, _ = ref_merge(w.toarray(), labels, c - 2, kc=kc)
+    expect, merges = ref_merge(w.toarray(), labels, c - 2, kc=kc)
     np.testing.assert_array_equal(out, expect)
-    assert len(rec) == c - 2
+    assert replay(labels, rec) == merges  # the same merge at every timestep
+
+
+def replay(labels, record) -> list[frozenset]:
+    """The members of the merged cluster at each timestep of a merge record (slot ids are the
+    compacted input labels)."""
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    slots = np.argsort(np.argsort(first))[inv]
+    members = {c: set(np.flatnonzero(slots == c)) for c in range(slots.max() + 1)}
+    out = []
+    for keep, gone in record:
+        members[keep] |= members.pop(gone)
+        out.append(frozenset(members[keep]))
+    return out
 
 
 def test_fallback_joins_clusters_without_affinity():
