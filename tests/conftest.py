@@ -73,9 +73,13 @@ METHOD_SMOKE: dict[str, dict] = {
     # re-clustered at epochs 0 and 2; the resumed epoch 3 trains the classifier of epoch 2's clusters
     "deepcluster": {"train": {"epochs": 4}, "options": {"clusters": 20, "reassign": 2}},
     "pad": {"train": {"epochs": 4}},  # SCS discovery at epochs 1, 2 and 3 (epoch 0: instance + HPE)
+    # the paper's net and optimiser; its diagnostics pass (a discovery) at every epoch start
+    "dccm": {"train": {"epochs": 3}, "net": {"backbone": "dccm_cnn"},
+             "optim": {"optimizer": "rmsprop", "lr": 0.001, "weight_decay": 0},
+             "options": {"discriminator_width": 32}},
 }
 # The epoch whose checkpoint a SIGKILL prevents (after its log record): the resume restarts there.
-KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3}
+KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3, "dccm": 2}
 
 
 def smoke_layer(method: str, data: str, out, **extra) -> dict:

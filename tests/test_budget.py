@@ -310,6 +310,7 @@ def test_the_schedule_asked_of_the_class_is_the_instances(method):
     for epochs in (1, 3, 4):
         cfg = build_config(METHOD_SMOKE[method], {"method": method, "train": {"epochs": epochs},
                                                   "options": {"reassign": 2} if method == "deepcluster" else {}})
-        m = build_method(cfg, 50, tap_dims={"backbone": 32, "embedding": 128})
+        m = build_method(cfg, 50, tap_dims={"conv2": 128, "backbone": 32, "embedding": 128},
+                         tap_shapes={"conv2": (8, 4, 4), "backbone": (32,), "embedding": (128,)}, shallow_layer="conv2")
         total = m.total_epochs()
         assert method_schedule(cfg)(epochs) == (total, sum(m.needs_discovery(e) for e in range(total)))

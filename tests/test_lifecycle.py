@@ -24,12 +24,13 @@ from deepclust.nets import GlobalBatchNorm
 from deepclust.train import Trainer, learning_rate
 
 N = 120
-TAPS = {"backbone": 24, "embedding": 128}
+TAPS = {"conv2": 128, "backbone": 24, "embedding": 128}
+SHAPES = {"conv2": (8, 4, 4), "backbone": (24,), "embedding": (128,)}
 
 
 def _method(name: str):
     cfg = build_config(smoke_layer(name, "digits", "/nonexistent"))
-    return build_method(cfg, N, tap_dims=TAPS)
+    return build_method(cfg, N, tap_dims=TAPS, tap_shapes=SHAPES, shallow_layer="conv2")
 
 
 def _context(method, epoch: int, seed: int = 0) -> DiscoveryContext:

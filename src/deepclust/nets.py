@@ -59,8 +59,10 @@ ImageSize = tuple[int, int]
 class Backbone(nn.Sequential):
     """Named stages applied in order; the output of the last one, flattened, is the feature vector.
 
-    ``out_dim`` is the feature dimension. ``shallow_layer`` (DCCM only, else None) names the stage
-    DCCM pairs with its fc layer in the mutual-information loss.
+    ``out_dim`` is the feature dimension. ``shallow_layer`` names the stage a shallow-vs-deep loss
+    reads (DCCM's S, paired with the fc output in its mutual-information loss): DCCM's nets mark it
+    as the paper does; the others take their second convolutional stage (the first where there is
+    only one; ``fc1`` of the MLP, ``layer1`` of a ResNet: ``SHALLOW``).
     """
 
     out_dim: int
@@ -318,7 +320,14 @@ def build_backbone(name: str, in_channels: int, image_size: ImageSize | int) -> 
         net = _resnet(name, in_channels, hw)
     else:
         raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    if net.shallow_layer is None:
+        names = [n for n, _ in net.named_children()]
+        convs = [n for n in names if n.startswith("conv")]
+        net.shallow_layer = SHALLOW.get(name) or (convs[1] if len(convs) > 1 else convs[0] if convs else names[0])
     return net, net.out_dim
+
+
+SHALLOW = {"mlp": "fc1", "resnet18": "layer1", "resnet50": "layer1"}  # the rest: build_backbone's rule
 
 
 def default_backbone(channels: int, image_size: ImageSize | int) -> str:
@@ -383,6 +392,11 @@ class EmbeddingNet(nn.Module):
 
     def _input(self, x: Tensor) -> Tensor:
         return self.sobel(x) if self.sobel is not None else x
+
+    @property
+    def shallow_layer(self) -> str:
+        """The backbone stage a shallow-vs-deep loss reads (DCCM's S; see :class:`Backbone`)."""
+        return self.backbone.shallow_layer
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, dim) L2-normalised embedding."""

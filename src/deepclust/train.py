@@ -185,19 +185,21 @@ class Trainer:
         self.net = EmbeddingNet(cfg.net.backbone, c, (h, w), dim=cfg.net.dim, sobel=cfg.net.sobel,
                                 head=method_class(cfg.method).embedding_head)
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
-        self.method = build_method(cfg, n, tap_dims=self._tap_dims())
+        shapes = self._tap_shapes()
+        self.method = build_method(cfg, n, tap_dims={k: int(np.prod(v)) for k, v in shapes.items()},
+                                   tap_shapes=shapes, shallow_layer=self.net.shallow_layer)
         # cumulative over a resumed run (checkpointed); ``steps`` drives the per-step rate schedules
         self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0, "steps": 0}
 
-    def _tap_dims(self) -> dict[str, int]:
-        """Flat size of every tap, for methods that size their own modules from it."""
+    def _tap_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every tap, for methods that size their own modules from it."""
         with torch.no_grad():
             was = self.net.training
             self.net.eval()
             x = torch.zeros(1, *self.data_cpu.shape[1:])
             taps = self.net.taps(x, tuple(self.net.layer_names()))
             self.net.train(was)
-        return {k: int(v[0].numel()) for k, v in taps.items()}
+        return {k: tuple(v.shape[1:]) for k, v in taps.items()}
 
     # -- collectives -----------------------------------------------------------------------------
     @property

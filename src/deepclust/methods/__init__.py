@@ -8,6 +8,7 @@ from ..config import Config
 from ..errors import ConfigError
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
+from .dccm import Dccm
 from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
 from .pad import Pad
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "pcp": ProgressiveClusterPurification,
     "deepcluster": DeepCluster,
     "pad": Pad,
+    "dccm": Dccm,
 }
 
 def method_class(name: str) -> type[Method]:
@@ -28,8 +30,10 @@ def method_class(name: str) -> type[Method]:
         raise ConfigError(f"unknown method '{name}'; known: {', '.join(METHODS)}") from None
 
 
-def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None) -> Method:
-    return method_class(cfg.method)(cfg, n_images, tap_dims)
+def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None, **net_info) -> Method:
+    """The configured method for ``n_images`` training images; ``net_info``: ``tap_shapes``,
+    ``shallow_layer`` (see ``Method.__init__``)."""
+    return method_class(cfg.method)(cfg, n_images, tap_dims, **net_info)
 
 
 __all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "method_class"]

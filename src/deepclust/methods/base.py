@@ -161,10 +161,15 @@ class Method:
     # the best or tied-best way for instance discrimination, AND, PCP and DeepCluster there.
     cluster_head: tuple[str, str, int] = ("spectral", "backbone", 2)
 
-    def __init__(self, cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None):
+    def __init__(self, cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None,
+                 tap_shapes: dict[str, tuple[int, ...]] | None = None, shallow_layer: str | None = None):
+        """``tap_dims`` / ``tap_shapes``: the flat size / per-sample shape of every network tap;
+        ``shallow_layer``: the stage a shallow-vs-deep loss reads (``nets.Backbone.shallow_layer``)."""
         self.cfg = cfg
         self.n_images = n_images
         self.tap_dims = tap_dims or {}
+        self.tap_shapes = tap_shapes or {}
+        self.shallow_layer = shallow_layer
         self.structure: Structure | None = None
         self.modules = nn.ModuleDict()
         self.bank: MemoryBank | None = self.make_bank()

@@ -60,8 +60,8 @@ class DeepCluster(Method):
     embedding_head = False
     taps = ("backbone",)
 
-    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None):
-        super().__init__(cfg, n_images, tap_dims)
+    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
+        super().__init__(cfg, n_images, tap_dims, **net_info)
         self.k = self.options.clusters or cfg.cluster.n_clusters or 10
         self.modules["classifier"] = nn.Linear(self.tap_dims["backbone"], self.k)
 

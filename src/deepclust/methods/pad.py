@@ -84,8 +84,8 @@ class Pad(Method):
     # embedding with K eigenvectors, mean ACC 0.941, against 0.871 with 2K and 0.856 on the backbone.
     cluster_head = ("spectral", "embedding", 1)
 
-    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None):
-        super().__init__(cfg, n_images, tap_dims)
+    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
+        super().__init__(cfg, n_images, tap_dims, **net_info)
         self._table: tuple[Tensor, Tensor] | None = None  # SCS members in CSR layout (members, offsets)
         self._isolated = True  # does the current structure leave any sample on its own?
 
