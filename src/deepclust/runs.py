@@ -23,8 +23,10 @@ import numpy as np
 from .config import Config, build_config
 from .data import ImageSet, load_images
 from .errors import ConfigError, DataError
+from .data.sources import MAX_LISTED
 from .io import save_array, save_json, save_text
-from .rundir import finished_run, is_launched_child, prepare_out_dir, read_run_config, swap_in
+from .limits import check_training
+from .rundir import finished_run, is_launched_child, prepare_out_dir, read_run_config, real_out, swap_in
 
 ALL_HEADS = (("kmeans", "embedding"), ("kmeans", "backbone"), ("spectral", "embedding"), ("spectral", "backbone"))
 RESUME_MAY_CHANGE = ("train.progress", "train.threads", "out")  # flags that --resume accepts
@@ -275,6 +277,9 @@ def _resume_config(out: Path, cfg: Config, given: dict | None) -> Config:
 
     run_cfg = build_config(read_run_config(out))
     run = run_cfg.to_dict()
+    if str((given or {}).get("method", run["method"])).strip().lower() != run["method"]:  # issue 23
+        raise ConfigError(f"--resume continues the {run['method']} run in {out}, not a {given['method']} run; "
+                          "drop --method or start a new run with another --out")
     for key, value in _flatten(given or {}):
         if key in RESUME_MAY_CHANGE:
             continue
@@ -311,7 +316,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     against the run on ``resume``)."""
     from .locks import claim_run_dir, machine_activity
 
-    out = Path(cfg.out)
+    out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
     primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
     try:
@@ -333,6 +338,7 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     from .train import Trainer, make_fabric
 
     images = load_data(cfg)
+    check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
     cfg = resolve(cfg, images)
     work = out.with_name(out.name + ".partial") if overwrite else out
     if primary:
@@ -373,7 +379,8 @@ def _write_outputs(cfg: Config, images: ImageSet, result, work: Path, device) ->
     metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
                "train_seconds": round(result.train_seconds, 2),
                "images_per_second": round(ips, 1) if ips is not None else None, **metrics,
-               "resolution": getattr(cfg, "resolution", {})}  # views chosen from the data, budget plan
+               "resolution": getattr(cfg, "resolution", {}),  # views chosen from the data, budget plan
+               "skipped_images": {"count": len(images.skipped), "first": images.skipped[:MAX_LISTED]}}
     save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
     return metrics
 
@@ -394,6 +401,9 @@ def load_network(run: Path, cfg: Config, images: ImageSet):
     from .views import BatchViews
 
     shape = [images.channels, *images.image_size]
+    if cfg.net.input_shape is not None and cfg.net.input_shape[0] != shape[0]:
+        raise DataError(f"data '{images.spec}' has {shape[0]} channel(s) but run {run} was trained on images "
+                        f"with {cfg.net.input_shape[0]}; use images with {cfg.net.input_shape[0]} channel(s)")
     if cfg.net.input_shape is not None and list(cfg.net.input_shape) != shape:
         c, h, w = cfg.net.input_shape
         raise DataError(f"data '{images.spec}' is {shape[1]}x{shape[2]} with {shape[0]} channel(s) but run {run} "
