@@ -362,6 +362,12 @@ def test_a_start_that_left_no_checkpoint_is_not_a_run(tmp_path, small_npz):
     assert "seed: 4" in (out / "config.yaml").read_text() and (out / "metrics.json").exists()
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files were cleared
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    mine = tmp_path / "mine"  # a config.yaml fit did not write is never cleared
+    mine.mkdir()
+    (mine / "config.yaml").write_text("method: pad\n")
+    _error_line(run_cli("fit", "--data", f"npz:{small_npz}", "--epochs", "1", "--out", str(mine), *FAST),
+                "already holds a run")
+    assert (mine / "config.yaml").read_text() == "method: pad\n"
 
 
 def test_a_dangling_link_as_out_is_one_line(tmp_path, small_npz):

@@ -7,9 +7,10 @@ What a run directory guarantees:
    however its path is spelled (symbolic links, ``..``), gets one line and exits. ``--out`` is used
    as the directory it names (:func:`real_out`); a dangling symbolic link is refused in one line.
  - **What a run is.** A directory holding a checkpoint or ``metrics.json``. One holding only what a
-   first start writes before its first checkpoint (``config.yaml``, ``log.jsonl``) is not a run: a
-   plain ``fit`` clears those files (:data:`RUN_FILES`, nothing else) and starts again, and
-   ``--resume`` says so in one line.
+   first start writes before its first checkpoint (the resolved ``config.yaml``, ``log.jsonl``) is
+   not a run: a plain ``fit`` clears those files (:data:`RUN_FILES`, nothing else) and starts again,
+   and ``--resume`` says so in one line. A ``config.yaml`` that fit did not write (no resolved
+   ``net.input_shape``) is never removed: such a directory is refused as holding a run.
  - **Atomic files.** Every file is written to a unique temporary name and renamed over (``io``); a
    reader sees an old or a new file, never half of one.
  - **Nothing lost.** An existing run is refused unless ``--resume`` or ``--overwrite``; with
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import read_yaml
-from .errors import ConfigError, DataError, WriteError
+from .errors import ConfigError, DataError, DeepclustError, WriteError
 
 
 def is_launched_child() -> bool:
@@ -62,6 +63,18 @@ def holds_run(out: Path) -> bool:
     return checkpoint_file(out).exists() or (out / "metrics.json").exists()
 
 
+def failed_start(out: Path) -> bool:
+    """No run, but the config.yaml fit writes (resolved: ``net.input_shape`` filled, so never a file of
+    the user's): a first start that stopped before its first checkpoint."""
+    if holds_run(out) or not (out / "config.yaml").is_file():
+        return False
+    try:
+        raw = read_yaml(str(out / "config.yaml"))
+    except (DeepclustError, OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("net"), dict) and raw["net"].get("input_shape") is not None
+
+
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an earlier run unless asked to (called while holding the run's claim)."""
     if out.exists() and not out.is_dir():
@@ -70,16 +83,16 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise DataError(f"--out {out} is not writable")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
-    failed_start = not holds_run(out) and (out / "config.yaml").exists()
+    stopped = failed_start(out)
     if resume:
-        if failed_start:
+        if stopped:
             raise DataError(f"nothing to resume in {out}: its first start stopped before its first checkpoint; "
                             "run fit without --resume to start it again")
         if not checkpoint_file(out).exists():
             raise DataError(f"nothing to resume: no checkpoint under {out / 'checkpoints'}")
-    elif holds_run(out) and not overwrite:
+    elif (holds_run(out) or (out / "config.yaml").exists() and not stopped) and not overwrite:
         raise DataError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    elif failed_start and not overwrite:
+    elif stopped and not overwrite:
         clear_failed_start(out)
         print(f"deepclust: {out} held a start that stopped before its first checkpoint; starting again",
               file=sys.stderr)
