@@ -22,8 +22,8 @@ import numpy as np
 
 from .config import Config, build_config
 from .data import ImageSet, load_images
-from .errors import ConfigError, DataError
 from .data.sources import MAX_LISTED
+from .errors import ConfigError, DataError
 from .io import save_array, save_json, save_text
 from .limits import check_training
 from .rundir import finished_run, is_launched_child, prepare_out_dir, read_run_config, real_out, swap_in
