@@ -48,7 +48,7 @@ def test_digits():
 
 # -- npz ------------------------------------------------------------------------------------------
 
-def test_npz_single_multi_float_and_splits(tmp_path):
+def test_npz_single_multi_float_and_splits(tmp_path, capsys):
     a, b, c = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "c.npz"
     np.savez(a, images=np.full((3, 4, 4), 7, np.uint8), labels=np.array([0, 1, 2]), split=np.array([0, 0, 1]),
              names=np.array(["a0", "a1", "a2"]))
@@ -77,10 +77,12 @@ def test_npz_single_multi_float_and_splits(tmp_path):
     np.savez(only_test, images=np.zeros((2, 4, 4), np.uint8), split=np.ones(2, np.int8))
     with pytest.raises(DataError, match="has no train images"):
         load_images(f"npz:{only_test}", split="train")
-    with pytest.warns(UserWarning) as caught:  # only_test has no labels and no names: both dropped
-        mixed = load_images(f"npz:{a},{only_test}")
+    capsys.readouterr()
+    mixed = load_images(f"npz:{a},{only_test}")  # only_test has no labels and no names: both dropped
     assert mixed.labels is None and mixed.names is None and mixed.split.tolist() == [0, 0, 1, 1, 1]
-    assert sorted(str(w.message).split(":")[0] for w in caught) == ["'labels' dropped", "'names' dropped"]
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(line.split(":")[2].strip() for line in lines) == ["'labels' dropped", "'names' dropped"]
+    assert all(line.startswith("deepclust: warning: ") for line in lines)
 
 
 def test_npz_errors(tmp_path):
@@ -182,7 +184,7 @@ def test_folder_grayscale_modes(tmp_path):
     assert by_name == {"l.png": 100, "one.png": 255, "p.gif": 60, "two.tif": 255, "w16.png": 255}
 
 
-def test_folder_corrupt_files_are_skipped_with_one_warning(tmp_path):
+def test_folder_corrupt_files_are_skipped_with_one_warning(tmp_path, capsys):
     root = tmp_path / "imgs"
     _save(root / "a" / "ok.png", np.full((4, 4), 1, np.uint8))
     _save(root / "b" / "ok.jpg", np.full((4, 4), 2, np.uint8))
@@ -191,24 +193,26 @@ def test_folder_corrupt_files_are_skipped_with_one_warning(tmp_path):
     (root / "b" / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (root / "b" / "garbage.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (root / "b" / "empty.webp").write_bytes(b"")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one stderr line, never a Python warning (issue 23)
         d = load_images(f"folder:{root}")
-    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert len(messages) == 1 and messages[0].startswith("skipped 3 unreadable image file(s)")
+    messages = capsys.readouterr().err.splitlines()
+    assert len(messages) == 1 and messages[0].startswith("deepclust: warning: skipped 3 unreadable image file(s)")
     assert all(n in messages[0] for n in ("b/truncated.png", "b/garbage.jpg", "b/empty.webp"))
     assert d.names == ["a/ok.png", "b/ok.jpg"] and d.labels.tolist() == [0, 1]
+    assert sorted(d.skipped) == ["b/empty.webp", "b/garbage.jpg", "b/truncated.png"]
+    assert d.subset([0]).skipped == d.skipped
 
 
-def test_folder_flat_empty_missing_and_stray_top_level_images(tmp_path):
+def test_folder_flat_empty_missing_and_stray_top_level_images(tmp_path, capsys):
     flat = tmp_path / "flat"
     _save(flat / "x.png", np.zeros((4, 4), np.uint8))
     _save(flat / "y.png", np.zeros((4, 4), np.uint8))
     d = load_images(f"folder:{flat}")
     assert d.labels is None and d.classes is None and d.names == ["x.png", "y.png"]
     _save(flat / "sub" / "z.png", np.zeros((4, 4), np.uint8))
-    with pytest.warns(UserWarning, match="outside class sub-folders"):
-        assert load_images(f"folder:{flat}").labels is None
+    assert load_images(f"folder:{flat}").labels is None
+    assert "outside class sub-folders" in capsys.readouterr().err
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "readme.txt").write_text("no images here")
@@ -217,8 +221,9 @@ def test_folder_flat_empty_missing_and_stray_top_level_images(tmp_path):
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"nope")
-    with pytest.warns(UserWarning, match="x.png"), pytest.raises(DataError, match="no images found"):
+    with pytest.raises(DataError, match="no images found"):
         load_images(f"folder:{only_bad}")
+    assert "x.png" in capsys.readouterr().err
     with pytest.raises(DataError, match="^no such file or directory"):
         load_images(f"folder:{tmp_path / 'nope'}")
     with pytest.raises(DataError, match="^no such file or directory"):

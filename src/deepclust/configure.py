@@ -55,6 +55,10 @@ def resume_config(out: Path, request: Config, given: dict | None = None) -> Conf
     """The configuration of the run in ``out``, with what ``request`` may change (progress, threads,
     the directory). A flag in ``given`` that contradicts the run is refused in one line."""
     run = read_run_config(out)
+    asked = str((given or {}).get("method", run["method"])).strip().lower()
+    if asked != run["method"]:  # named before its options are read as the other method's
+        raise ConfigError(f"--resume continues the {run['method']} run in {out}, not a {asked} run; "
+                          "drop --method or start a new run with another --out")
     run_cfg = build_config(run)
     changed = {k: v for k, v in _flatten(given or {}) if k not in RESUME_MAY_CHANGE}
     if changed:

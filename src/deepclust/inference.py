@@ -29,6 +29,9 @@ def load_network(run: Path, cfg: Config, images: ImageSet) -> tuple[EmbeddingNet
     """The trained network of ``run`` (its ``model.safetensors``) and its un-augmenting views, for
     ``images`` of the size and channels it was trained on (DataError in one line otherwise)."""
     shape = [images.channels, *images.image_size]
+    if cfg.net.input_shape is not None and cfg.net.input_shape[0] != shape[0]:
+        raise DataError(f"data '{images.spec}' has {shape[0]} channel(s) but run {run} was trained on images "
+                        f"with {cfg.net.input_shape[0]}; use images with {cfg.net.input_shape[0]} channel(s)")
     if cfg.net.input_shape is not None and list(cfg.net.input_shape) != shape:
         c, h, w = cfg.net.input_shape
         raise DataError(f"data '{images.spec}' is {shape[1]}x{shape[2]} with {shape[0]} channel(s) but run {run} "

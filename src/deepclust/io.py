@@ -4,6 +4,12 @@ A file is written to a uniquely named temporary file beside it (``.NAME.<pid>.<r
 writers never share one), flushed to disk, then renamed over the target (``os.replace``): a reader
 sees the old file or the new one, never a half-written one, and a killed writer leaves at worst a
 stray temporary file, never a broken target.
+
+A write that fails (no space, quota, permission, read-only file system) raises
+:class:`~deepclust.errors.WriteError` in one line naming the path and the errno, after removing its
+temporary file: the target keeps its previous content. Writers that wrap the file (``torch.save``
+reports a failed write as ``RuntimeError: unexpected pos``) are seen through: every write goes
+through :func:`_write`, which keeps the first ``OSError``.
 """
 
 from __future__ import annotations
@@ -16,20 +22,81 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
+from .errors import WriteError
+
+
+def _write(f: BinaryIO, data) -> int:
+    """The one low-level write under every atomic write and every log append."""
+    return f.write(data)
+
+
+class _Recorded:
+    """The temporary file as the writer sees it: every write goes through :func:`_write`, and the
+    first ``OSError`` is kept (some writers turn it into another exception)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return _write(self._f, data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically; ``write`` receives the open temporary file (binary)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    recorded = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+            recorded = _Recorded(f)
+            write(recorded)
+            recorded.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        _remove(tmp)
+        cause = recorded.error if recorded is not None and recorded.error is not None else e
+        if isinstance(cause, OSError) and not isinstance(e, KeyboardInterrupt):
+            raise WriteError(path, cause) from None
         raise
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:  # a directory that cannot be written was never written: nothing to remove
+        pass
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a file (a log); a failed write raises WriteError naming the path and the errno."""
+    try:
+        with open(path, "ab") as f:
+            _write(f, text.encode("utf-8"))
+    except OSError as e:
+        raise WriteError(path, e) from None
+
+
+def ensure_dir(path: str | Path) -> None:
+    """Create a directory (and its parents); a failure raises WriteError naming the path and the errno."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(path, e) from None
 
 
 def save_bytes(path: str | Path, data: bytes) -> None:

@@ -2,7 +2,9 @@
 dies, so a kill -9 never leaves a stale lock).
 
 * **One writer per run directory** (:func:`claim_run_dir`): an exclusive lock on a file beside the
-  run directory (``.<name>.lock`` in its parent), taken before anything of the run is written.
+  run directory (``.<name>.lock`` in its parent), taken before anything of the run is written. The
+  lock is named from the directory's real path (symbolic links and ``..`` resolved, the missing
+  tail of a directory not made yet kept as typed), so every spelling of one ``--out`` shares it.
   A second ``fit`` on the same ``--out`` gets one line and exits; the lock stays valid while the run
   directory itself is swapped for a rebuilt one (``--overwrite``).
 * **Machine activity** (:func:`machine_activity`, :func:`exclusive_machine`): every ``fit`` holds a
@@ -36,7 +38,7 @@ def _open_lock(path: Path) -> int:
 
 
 def run_lock_path(out: Path) -> Path:
-    out = Path(out).expanduser().absolute()
+    out = Path(os.path.realpath(Path(out).expanduser()))
     return out.parent / f".{out.name}.lock"
 
 

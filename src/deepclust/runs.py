@@ -24,9 +24,11 @@ from safetensors.torch import save
 from .config import Config
 from .configure import resume_config
 from .data import ImageSet
+from .data.sources import MAX_LISTED
 from .io import save_array, save_bytes, save_json, save_text
+from .limits import check_training
 from .locks import claim_run_dir, machine_activity
-from .rundir import finished_run, is_launched_child, prepare_out_dir, swap_in
+from .rundir import finished_run, is_launched_child, prepare_out_dir, real_out, swap_in
 from .resolution import load_data, resolve, training_subset, view_spec
 from .scoring import compute_metrics
 from .train import Trainer, TrainResult, extract_features, make_fabric
@@ -37,7 +39,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     """Train, cluster, evaluate and write the run directory. Returns metrics.json's content (an empty
     dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
     against the run on ``resume``)."""
-    out = Path(cfg.out)
+    out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
     primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
     try:
@@ -57,6 +59,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
 
 def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool) -> dict[str, Any]:
     images = load_data(cfg.data)
+    check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
     cfg = resolve(cfg, images)
     train_images, spec = training_subset(cfg.data, images), view_spec(cfg.views)
     work = out.with_name(out.name + ".partial") if overwrite else out
@@ -94,7 +97,8 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
     metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
                "train_seconds": round(result.train_seconds, 2),
                "images_per_second": round(ips, 1) if ips is not None else None, **metrics,
-               "resolution": cfg.resolution}  # views chosen from the data, budget plan
+               "resolution": cfg.resolution,  # views chosen from the data, budget plan
+               "skipped_images": {"count": len(images.skipped), "first": images.skipped[:MAX_LISTED]}}
     save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
     return metrics
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .config import Config, EvalConfig, OptimConfig, TrainConfig
 from .errors import ConfigError, DataError
 from .evaluate import knn_top1
-from .io import save_text, save_torch
+from .io import append_text, ensure_dir, save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
 from .nets import EmbeddingNet, sync_batchnorm
 from .views import BatchViews, ViewSpec, draw_generator
@@ -255,7 +255,7 @@ class Trainer:
     def _save_checkpoint(self, epoch: int, optimizer, history) -> None:
         if self.rank == 0:
             path = self.checkpoint_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(path.parent)
             save_torch(path, {
                 "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": self.net.state_dict(),
                 "optimizer": optimizer.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
@@ -457,15 +457,14 @@ class Trainer:
         if append is None:
             save_text(path, "".join(json.dumps(r) + "\n" for r in history))
         else:
-            with open(path, "a") as f:
-                f.write(json.dumps(append) + "\n")
+            append_text(path, json.dumps(append) + "\n")
 
     def fit(self, resume: bool = False) -> TrainResult:
         t_start = time.perf_counter()
         model, optimizer, start_epoch, history = self._setup(resume)
         base_seconds = self.timing["train_seconds"]
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.out_dir)
             self._write_log(history)
         epoch = start_epoch
         while epoch < self.method.total_epochs():  # re-read: a method's length may follow its structure (JULE)

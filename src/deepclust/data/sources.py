@@ -4,21 +4,24 @@ arrays and folders of image files.
 Conventions shared by every source (the torchvision-backed ones in :mod:`.torchvision_sets` too):
 images are ``uint8``, shaped ``(N, H, W)`` for grayscale or ``(N, H, W, 3)`` for RGB, C-contiguous;
 ``labels`` int64 ``(N,)``; ``split`` int8 ``(N,)`` with 0 = train and 1 = test. Every user mistake
-raises :class:`~deepclust.errors.DataError` with a one-line message.
+raises :class:`~deepclust.errors.DataError` with a one-line message; what is loaded anyway but said
+(unreadable files skipped, a field dropped) is one ``deepclust: warning:`` line on stderr. A resize
+is checked against the available memory before any image is resized (``limits.check_resized``).
 """
 
 from __future__ import annotations
 
 import heapq
 import os
-import warnings
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..limits import check_resized
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MAX_LISTED = 20  # unreadable files named in the folder warning before "and N more"
@@ -34,6 +37,7 @@ class ImageSet:
     names: list[str] | None = None  # file names / ids where they exist (folder: path relative to root)
     classes: list[str] | None = None  # class names where known, indexed by label
     spec: str = ""  # the spec string it was loaded from
+    skipped: list[str] = field(default_factory=list)  # unreadable files skipped while loading (folder)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -68,10 +72,16 @@ class ImageSet:
             names=None if self.names is None else [self.names[i] for i in index.tolist()],
             classes=self.classes,
             spec=self.spec,
+            skipped=self.skipped,
         )
 
 
 # -- helpers shared by the sources ---------------------------------------------------------------
+
+def warn(message: str) -> None:
+    """One line on stderr for something loaded anyway (never a Python warning with its source line)."""
+    print(f"deepclust: warning: {message}", file=sys.stderr)
+
 
 def to_uint8(images: np.ndarray, where: str) -> np.ndarray:
     """uint8 as is; bool as 0/255; other integers in [0, 255] cast; floats in [0, 1] scaled to 0..255
@@ -116,7 +126,10 @@ def check_resize(resize: int | None) -> int | None:
 
 
 def resize_all(images: np.ndarray | list[np.ndarray], side: int) -> np.ndarray:
-    """Bilinear resize of every image to side x side (Pillow); returns the stacked uint8 array."""
+    """Bilinear resize of every image to side x side (Pillow); returns the stacked uint8 array.
+    Refused in one line (DataError) when the result cannot fit in the available memory."""
+    if len(images):
+        check_resized(len(images), 1 if images[0].ndim == 2 else int(images[0].shape[2]), side)
     out = [np.asarray(Image.fromarray(im).resize((side, side), Image.BILINEAR)) for im in images]
     return np.stack(out)
 
@@ -227,7 +240,7 @@ def load_npz(paths: str, spec: str, resize: int | None = None) -> ImageSet:
             return None
         if not all(have):
             missing = [str(f) for f, h in zip(files, have) if not h]
-            warnings.warn(f"'{key}' dropped: not in {', '.join(missing)}", UserWarning, stacklevel=4)
+            warn(f"'{key}' dropped: not in {', '.join(missing)}")
             return None
         if key == "names":
             return [name for p in parts for name in p[key]]
@@ -325,8 +338,10 @@ def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
     """Every image file under ``root`` (extensions png jpg jpeg bmp gif tif tiff webp, any case),
     sorted by relative path. When every image sits in a sub-folder, the first-level sub-folder name is
     its class (labels index the sorted class names); images at the top level mean no labels.
-    Unreadable or truncated files are skipped and named in one UserWarning. If any image is colour,
-    all become RGB (grayscale ones repeated over 3 channels). Mixed sizes need ``resize``."""
+    Unreadable or truncated files are skipped, counted and named (the first MAX_LISTED) in one
+    warning line and kept in ``skipped``. If any image is colour, all become RGB (grayscale ones
+    repeated over 3 channels). Mixed sizes need ``resize`` (its memory checked before any file is
+    read, for at least one channel)."""
     base = Path(root).expanduser()
     if not base.exists():
         raise DataError(f"no such file or directory: {base}")
@@ -335,7 +350,10 @@ def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
     images: list[np.ndarray] = []
     names: list[str] = []
     bad: list[str] = []
-    for rel in _image_files(base):
+    files = _image_files(base)
+    if resize and files:
+        check_resized(len(files), 1, resize)
+    for rel in files:
         try:
             images.append(read_image(base / rel))
             names.append(rel)
@@ -343,8 +361,7 @@ def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
             bad.append(rel)
     if bad:
         shown = ", ".join(bad[:MAX_LISTED]) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {base}: {shown}", UserWarning,
-                      stacklevel=3)
+        warn(f"skipped {len(bad)} unreadable image file(s) under {base}: {shown}")
     if not images:
         raise DataError(f"no images found under {base}")
     if any(im.ndim == 3 for im in images):
@@ -365,6 +382,6 @@ def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
         lookup = {c: i for i, c in enumerate(classes)}
         labels = np.array([lookup[t] for t in tops], dtype=np.int64)
     elif tops:
-        warnings.warn(f"{len(names) - len(tops)} image(s) sit directly under {base}, outside class sub-folders; "
-                      "sub-folder names are not used as labels", UserWarning, stacklevel=3)
-    return ImageSet(stacked, labels, None, names, classes, spec)
+        warn(f"{len(names) - len(tops)} image(s) sit directly under {base}, outside class sub-folders; "
+             "sub-folder names are not used as labels")
+    return ImageSet(stacked, labels, None, names, classes, spec, skipped=bad)
