@@ -73,9 +73,14 @@ METHOD_SMOKE: dict[str, dict] = {
     # re-clustered at epochs 0 and 2; the resumed epoch 3 trains the classifier of epoch 2's clusters
     "deepcluster": {"train": {"epochs": 4}, "options": {"clusters": 20, "reassign": 2}},
     "pad": {"train": {"epochs": 4}},  # SCS discovery at epochs 1, 2 and 3 (epoch 0: instance + HPE)
+    # 2 epochs a period, the paper's optimiser (inv per step); 64 initial clusters of the 300 digits,
+    # eta 0.7: 64 -> 19 -> 10 at epochs 2 and 4, so the run ends after 6 epochs (4 periods planned)
+    "jule": {"train": {"epochs": 2}, "options": {"eta": 0.7},
+             "optim": {"lr": 0.01, "nesterov": False, "weight_decay": 5e-5, "schedule": "inv"}},
 }
 # The epoch whose checkpoint a SIGKILL prevents (after its log record): the resume restarts there.
-KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3}
+KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3,
+                             "jule": 3}  # jule: the second epoch of period 1; the resume discovers at 4
 
 
 def smoke_layer(method: str, data: str, out, **extra) -> dict:

@@ -10,6 +10,7 @@ from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
 from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
+from .jule import Jule
 from .pad import Pad
 from .pcp import ProgressiveClusterPurification
 
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "pcp": ProgressiveClusterPurification,
     "deepcluster": DeepCluster,
     "pad": Pad,
+    "jule": Jule,
 }
 
 def method_class(name: str) -> type[Method]:
