@@ -13,7 +13,7 @@ The recurrence (Alg 1, Sec 3.6), in periods of ``train.epochs`` epochs each (the
  * every period trains the network on the weighted triplet loss of Eq 35 (``losses.jule``;
    gamma = 2, margin 0.2) against the current clusters; Alg 1 trains once more after the merges
    that reach n_c* (its step 6 precedes the test of step 10), so the run ends with the period whose
-   discovery reached n_c*.
+   discovery reached n_c* (the authors' ``train.lua`` breaks before that last training).
 The structure is the current labels, the period and the cluster count; ``set_structure`` only
 stores them; ``discover`` reads the previous labels and returns the new ones.
 
@@ -24,6 +24,9 @@ first discovery (the progress bar of epoch 0, and the time budget, which asks th
 ``epochs_of``) the number of initial clusters is unknown: the plan is ``options.planned_periods``
 periods (4: period 0 and three merging ones, what eta = 0.9 needs from ~N/4 initial clusters down
 to 10 for N from about 4,000 to 40,000). Discoveries are at every period's first epoch.
+
+The rate: ``optim.schedule: inv`` counts the run's optimiser steps without restarting per period,
+as the authors' ``train.lua`` does (its iteration counter runs over the whole recurrence).
 
 Batches (ours; the authors' code draws uniform batches, where clusters of ~4 images rarely meet in
 a batch of 100): each epoch the images of every cluster, in a seeded random order, are cut into
