@@ -77,9 +77,14 @@ METHOD_SMOKE: dict[str, dict] = {
     "dccm": {"train": {"epochs": 3}, "net": {"backbone": "dccm_cnn"},
              "optim": {"optimizer": "rmsprop", "lr": 0.001, "weight_decay": 0},
              "options": {"discriminator_width": 32}},
+    # 2 epochs a period, the paper's optimiser (inv per step); 64 initial clusters of the 300 digits,
+    # eta 0.7: 64 -> 19 -> 10 at epochs 2 and 4, so the run ends after 6 epochs (4 periods planned)
+    "jule": {"train": {"epochs": 2}, "options": {"eta": 0.7},
+             "optim": {"lr": 0.01, "nesterov": False, "weight_decay": 5e-5, "schedule": "inv"}},
 }
 # The epoch whose checkpoint a SIGKILL prevents (after its log record): the resume restarts there.
-KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3, "dccm": 2}
+KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 3, "pad": 3, "dccm": 2,
+                             "jule": 3}  # jule: the second epoch of period 1; the resume discovers at 4
 
 
 def smoke_layer(method: str, data: str, out, **extra) -> dict:

@@ -1,19 +1,25 @@
-"""The DRAFT JULE method (methods/jule.py, not registered yet): its pure parts, without the loop."""
+"""The JULE method (methods/jule.py): its pure parts without the loop (batches by cluster, the
+length from the structure, one period's merges), then whole runs: the data-dependent end, SF and
+RC both scored in metrics.json, and ``predict`` with either head."""
 
 from __future__ import annotations
 
-import types
+import json
 
 import numpy as np
+import pytest
 import torch
 
+from conftest import smoke_layer
+
+from deepclust.configure import build_config
 from deepclust.methods.base import DiscoveryContext
-from deepclust.methods.jule import FEATURES, Jule, JuleOptions
+from deepclust.methods.jule import FEATURES, Jule
 
 
-def make(n: int, target: int = 10, **options) -> Jule:
-    cfg = types.SimpleNamespace(options=JuleOptions(**options), cluster=types.SimpleNamespace(n_clusters=target),
-                                train=types.SimpleNamespace(seed=0))
+def make(n: int, target: int = 10, epochs: int = 20, **options) -> Jule:
+    cfg = build_config({"method": "jule", "cluster": {"n_clusters": target}, "train": {"epochs": epochs},
+                        "options": options})
     return Jule(cfg, n, {})
 
 
@@ -33,7 +39,8 @@ def test_batches_hold_every_image_once_with_same_cluster_rows():
 
 
 def test_periods_until_the_target_set_the_length():
-    m = make(2000, target=10, eta=0.9, period_epochs=20)
+    m = make(2000, target=10, eta=0.9, epochs=20, planned_periods=5)
+    assert m.total_epochs() == 100 == Jule.epochs_of(m.cfg)  # before any structure: the plan
     m.set_structure({"labels": torch.zeros(2000, dtype=torch.long), "period": torch.tensor(0),
                      "n_clusters": torch.tensor(500)})
     assert m.total_epochs() == 20 * (1 + 2)  # 500 -> 50 -> 10
@@ -45,7 +52,7 @@ def test_periods_until_the_target_set_the_length():
 def test_discovery_merges_one_period_from_the_current_clusters():
     rng = np.random.default_rng(0)
     x = np.repeat(np.eye(16)[:4], 50, axis=0) * 3 + rng.normal(size=(200, 16)) * 0.3
-    m = make(200, target=4, eta=0.9, k_s=10)
+    m = make(200, target=4, eta=0.9, k_s=10, epochs=20)
     images = torch.from_numpy(((x - x.min()) / np.ptp(x) * 255).astype(np.uint8)).reshape(200, 1, 4, 4)
     s0 = m.discover(DiscoveryContext(epoch=0, n_images=200, seed=0, device=torch.device("cpu"), images=images))
     m.set_structure(s0)
@@ -56,3 +63,73 @@ def test_discovery_merges_one_period_from_the_current_clusters():
     s1 = m.discover(ctx)
     assert int(s1["n_clusters"]) == max(4, n0 - int(np.ceil(0.9 * n0))) and int(s1["period"]) == 1
     assert torch.equal(m.structure["labels"], s0["labels"])  # discover mutates nothing
+
+
+# -- whole runs (300 digits, the contract's smoke configuration: 2 epochs a period) -----------------
+
+
+@pytest.fixture(scope="module")
+def sf_run(tmp_path_factory, small_npz):
+    out = tmp_path_factory.mktemp("jule") / "sf"
+    from deepclust.runs import fit_run
+
+    fit_run(build_config(smoke_layer("jule", f"npz:{small_npz}", out)))
+    return out
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_run_ends_with_the_period_that_reaches_the_target(sf_run):
+    log = _log(sf_run)
+    periods = [r for r in log if "n_clusters" in r]  # one record per discovery
+    epochs = 2
+    assert [r["epoch"] for r in periods] == list(range(0, len(log), epochs))
+    counts = [r["n_clusters"] for r in periods]
+    assert counts[-1] == 10 and all(c > 10 for c in counts[:-1])  # the last period starts at n_c*
+    assert len(log) == epochs * len(periods)  # and trains once, then the run stops
+    planned = Jule.epochs_of(build_config(smoke_layer("jule", "digits", "/nonexistent")))
+    assert planned != len(log)  # the length came from the structure, not the plan
+    assert json.loads((sf_run / "metrics.json").read_text())["epochs"] == len(log)
+
+
+def test_a_restored_method_stops_at_the_same_epoch(sf_run):
+    from deepclust.methods import build_method
+    from deepclust.train import read_checkpoint
+
+    state = read_checkpoint(sf_run / "checkpoints" / "last.pt")
+    fresh = build_method(build_config(state["config"]), 300, tap_dims={})
+    assert fresh.total_epochs() == Jule.epochs_of(fresh.cfg)  # the plan, before the structure
+    fresh.load_state_dict(state["method"])
+    assert fresh.total_epochs() == len(_log(sf_run)) == state["epoch"] + 1
+
+
+def test_sf_and_rc_both_scored_with_geometric_nmi(sf_run):
+    m = json.loads((sf_run / "metrics.json").read_text())
+    assert m["cluster_head"] == "method" and m["cluster_features"] == "embedding"  # SF, the default
+    rows = {(h["head"], h["features"]): h for h in m["heads"]}
+    sf, rc = rows[("method", "embedding")], rows[("agglomerative", "embedding")]
+    assert sf["acc"] == m["acc"] and sf["nmi_geometric"] == m["nmi_geometric"]
+    assert all(0 < h[k] <= 1 for h in (sf, rc) for k in ("acc", "nmi", "nmi_geometric"))
+    sf_labels = np.load(sf_run / "labels.npy")
+    assert np.unique(sf_labels).size == 10
+
+
+@pytest.mark.parametrize("head", ["method", "agglomerative"])
+def test_predict_new_images_with_sf_and_rc(tmp_path, small_npz, sf_run, head):
+    from deepclust.inference import predict_run
+    from deepclust.runs import fit_run
+
+    run = sf_run
+    if head != "method":
+        run = tmp_path / "rc"
+        fit_run(build_config(smoke_layer("jule", f"npz:{small_npz}", run, cluster={"head": head})))
+    labels = np.load(run / "labels.npy")
+    pred, images = predict_run(run, f"npz:{small_npz}")
+    assert len(pred) == 300 and (pred == labels).mean() > 0.95  # the training images keep their clusters
+    d = dict(np.load(small_npz))
+    new = tmp_path / "new.npz"
+    np.savez(new, images=d["images"][::-1].copy())
+    again, _ = predict_run(run, f"npz:{new}")
+    assert np.array_equal(again, pred[::-1])  # new images (here re-ordered): the same rule, row by row

@@ -36,7 +36,7 @@ SPLITS = ("train", "test", "all")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-CLUSTER_HEADS = ("auto", "kmeans", "spectral", "method")
+CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "method")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
 

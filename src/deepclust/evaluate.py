@@ -114,11 +114,13 @@ def collapse_report(labels, n_clusters: int, *, dominant_fraction: float = 0.5) 
 
 
 def head_scores(labels_true, heads: list[tuple[str, str, Any, float]]) -> list[dict[str, Any]]:
-    """One row per fitted head (kind, layer, predicted labels, seconds): its ACC, NMI and ARI."""
+    """One row per fitted head (kind, layer, predicted labels, seconds): its ACC, NMI (arithmetic, and
+    geometric: JULE's convention) and ARI."""
     rows = []
     for kind, layer, pred, seconds in heads:
         scores = clustering_scores(labels_true, pred)
-        rows.append({"head": kind, "features": layer, **{key: scores[key] for key in ("acc", "nmi", "ari")},
+        kept = ("acc", "nmi", "nmi_geometric", "ari")
+        rows.append({"head": kind, "features": layer, **{key: scores[key] for key in kept},
                      "head_seconds": round(seconds, 3)})
     return rows
 

@@ -1,12 +1,15 @@
 """Reading clusters off features: a fitted, saveable cluster head.
 
-``kmeans`` (faiss; the papers' protocol) or ``spectral`` (normalised spectral clustering on the
-sparse kNN graph). Features are L2-normalised first (both heads work on cosine geometry: the
-memory-bank methods train cosine similarities). Out-of-sample rules, saved with the run:
-k-means assigns a new image to the nearest centroid; spectral clusters are not convex, so the
-spectral head keeps (up to 200,000) training features with their clusters and assigns a new image by
-a similarity-weighted vote of its 10 nearest training images (the same kNN graph rule the clustering
-was built on). Nothing here reads labels.
+``kmeans`` (faiss; the papers' protocol), ``spectral`` (normalised spectral clustering on the
+sparse kNN graph) or ``agglomerative`` (JULE's forward pass on fixed features: the graph-degree-
+linkage agglomeration of ``structure.agglomeration`` from its initial clusters down to K; JULE's
+"OURS-RC", its clusters re-computed from the final representation, usable after any method).
+Features are L2-normalised first (all heads work on cosine geometry: the memory-bank methods train
+cosine similarities). Out-of-sample rules, saved with the run: k-means assigns a new image to the
+nearest centroid; spectral and agglomerative clusters are not convex, so those heads keep (up to
+200,000) training features with their clusters and assign a new image by a similarity-weighted vote
+of its 10 nearest training images (the same kNN graph rule the clustering was built on). Nothing
+here reads labels.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .io import save_npz
+from .structure.agglomeration import directed_knn_graph, initial_clusters, merge_clusters
 from .structure.clustering import assign_to_centroids, kmeans, spectral
 from .structure.knn import topk_cosine
 
-HEADS = ("kmeans", "spectral")  # heads fitted here
+HEADS = ("kmeans", "spectral", "agglomerative")  # heads fitted here
 KINDS = (*HEADS, "method")  # kinds a saved head may have ("method": a method's own clusters)
 MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
-MAX_SPECTRAL_FIT = 200_000  # above this, spectral is fitted on a random subsample, the rest voted in
+MAX_SPECTRAL_FIT = 200_000  # above this, spectral / agglomerative is fitted on a random subsample, the rest voted in
+AGGLOMERATIVE_KS = 20  # JULE's K_s (Table 2): neighbours of the agglomerative head's graph (Eq 4)
 VOTE_K = 10
 _HEAD_KEYS = ("kind", "n_clusters", "centroids", "labels", "reference", "reference_labels")
 
@@ -123,9 +128,9 @@ class ClusterHead:
 def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
              max_spectral_fit: int = MAX_SPECTRAL_FIT, n_components: int | None = None) -> ClusterHead:
     """Fit a head on features (never labels). The path to N = 1.28M: k-means is faiss (linear in N);
-    spectral above ``max_spectral_fit`` images is fitted on a random subsample of that size and the
-    other images are assigned by the head's own out-of-sample rule (kNN vote), so the graph and the
-    eigensolver stay bounded."""
+    spectral and agglomerative above ``max_spectral_fit`` images are fitted on a random subsample of
+    that size and the other images are assigned by the head's own out-of-sample rule (kNN vote), so
+    the graph, the eigensolver and the merge loop stay bounded."""
     if kind not in HEADS:
         raise ConfigError(f"unknown cluster head '{kind}'; known: {', '.join(HEADS)}")
     x = normalise(features)
@@ -139,10 +144,30 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
         labels[sample] = head.labels_  # the subsample keeps its own spectral clusters
         head.labels_ = labels
         return head
+    elif kind == "agglomerative":
+        return head_from_labels(x, agglomerative_labels(x, n_clusters), n_clusters, kind=kind, seed=seed)
     else:
         labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
         return head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
     return ClusterHead(kind, n_clusters, centroids, labels)
+
+
+def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
+    """JULE's agglomeration on fixed features (its "RC" clusters): the directed kNN graph of Eq 4
+    (K_s = 20, a = 1), the initial clusters of Sec 3.6 (1-NN chains), then greedy merges by Eq 7
+    (K_c = 5, lambda = 1, exact Eq 13-14 updates) down to ``n_clusters``. Where the initial clusters
+    are already fewer than K (tiny data), the merges start from single images."""
+    x = normalise(features)
+    n = len(x)
+    if not 1 <= n_clusters <= n:
+        raise ConfigError(f"the agglomerative head needs 1 <= K <= N, got K={n_clusters}, N={n}")
+    if n_clusters == n:
+        return np.arange(n, dtype=np.int64)
+    w = directed_knn_graph(x, min(AGGLOMERATIVE_KS, n - 1))
+    start = initial_clusters(x)
+    if int(start.max()) + 1 < n_clusters:
+        start = np.arange(n, dtype=np.int64)
+    return merge_clusters(w, start, int(start.max()) + 1 - n_clusters)
 
 
 def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,

@@ -64,7 +64,7 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     cfg = run_config(run, overrides)
     if cfg.cluster.head == "method":
         raise ConfigError("evaluate cannot re-run a method's own clustering; use the run's labels.npy, "
-                          "or --cluster-head kmeans|spectral")
+                          "or --cluster-head kmeans|spectral|agglomerative")
     images = load_data(cfg.data, data)
     net, views = load_network(run, cfg, images)
     features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)

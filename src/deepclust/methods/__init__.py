@@ -11,6 +11,7 @@ from .base import DiscoveryContext, FeatureRequest, Method, Step
 from .dccm import Dccm
 from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
+from .jule import Jule
 from .pad import Pad
 from .pcp import ProgressiveClusterPurification
 
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     "deepcluster": DeepCluster,
     "pad": Pad,
     "dccm": Dccm,
+    "jule": Jule,
 }
 
 def method_class(name: str) -> type[Method]:

@@ -1,33 +1,47 @@
 """JULE: joint agglomerative clustering and representation learning (Yang, Parikh, Batra, CVPR 2016;
-``../shared/papers/JULE_cvpr2016.txt``). DRAFT for issue 24: not registered in ``METHODS`` yet; it
-assumes the loop hooks of the lifecycle issue (``total_epochs`` re-read every epoch, the ``inv``
-rate schedule per optimiser step, ``discover`` returning everything that persists).
+``../shared/papers/JULE_cvpr2016.txt``), on the method contract (issue 24).
 
-The recurrence (Alg 1, Sec 3.6), in periods of ``period_epochs`` epochs (the paper: "about 20"):
- * period 0: the initial over-clustering (1-NN components, ``structure.agglomeration``) of the raw
+The recurrence (Alg 1, Sec 3.6), in periods of ``train.epochs`` epochs each (the paper: "about 20";
+``--epochs`` counts epochs per period, as AND's per round):
+ * period 0: the initial over-clustering (1-NN chains, ``structure.agglomeration``) of the raw
    pixels (``ctx.images``), L2-normalised as the paper does; no merges (the authors' code trains
    its first period on the initial clusters);
  * period p >= 1: features of every image (un-augmented ``embedding`` = ip1 L2-normalised: the
-   network has no projection head), the directed kNN graph of Eq 4 rebuilt from them, then
-   ceil(eta x n_c) greedy merges by Eq 7 (``period_merges``), never past the target n_c*;
- * every period trains the network on the weighted triplet loss of Eq 35 (``losses.jule``) against
-   the current clusters; the run ends with the period whose discovery reached n_c*.
-The structure is the current labels and the period; ``set_structure`` only stores them.
+   network has no projection head, Table 9: ip1 -> l2-norm -> wt-loss), the directed kNN graph of
+   Eq 4 rebuilt from them (K_s = 20, a = 1), then ceil(eta x n_c) greedy merges by Eq 7 (K_c = 5,
+   lambda = 1; ``period_merges``), never past the target n_c* (``cluster.n_clusters``);
+ * every period trains the network on the weighted triplet loss of Eq 35 (``losses.jule``;
+   gamma = 2, margin 0.2) against the current clusters; Alg 1 trains once more after the merges
+   that reach n_c* (its step 6 precedes the test of step 10), so the run ends with the period whose
+   discovery reached n_c* (the authors' ``train.lua`` breaks before that last training).
+The structure is the current labels, the period and the cluster count; ``set_structure`` only
+stores them; ``discover`` reads the previous labels and returns the new ones.
+
+Length (``total_epochs``, re-read by the loop before every epoch): once a structure exists,
+``train.epochs`` x (periods so far + periods still needed from its cluster count to n_c*, each
+merging ceil(eta n_c)) -- exact, since the merge counts are fixed by the counts alone. Before the
+first discovery (the progress bar of epoch 0, and the time budget, which asks the class:
+``epochs_of``) the number of initial clusters is unknown: the plan is ``options.planned_periods``
+periods (4: period 0 and three merging ones, what eta = 0.9 needs from ~N/4 initial clusters down
+to 10 for N from about 4,000 to 40,000). Discoveries are at every period's first epoch.
+
+The rate: ``optim.schedule: inv`` counts the run's optimiser steps without restarting per period,
+as the authors' ``train.lua`` does (its iteration counter runs over the whole recurrence).
 
 Batches (ours; the authors' code draws uniform batches, where clusters of ~4 images rarely meet in
 a batch of 100): each epoch the images of every cluster, in a seeded random order, are cut into
 chunks of ``per_cluster`` images, the chunks shuffled and concatenated, then cut into batches; so a
 batch holds several same-cluster rows (positives) from many clusters (negatives).
 
-Discovery runs on rank 0 while the others wait in the broadcast: the slowest step is the kNN search
-plus the agglomeration of the first merging period (most clusters); at 70,000 images it is bounded
-by the agglomeration benchmark (<= 60 s target) plus a faiss kNN pass, far below the process
-group's time-out (torch.distributed's default 30 minutes).
+Discovery runs on rank 0 while the others wait in the structure broadcast: the slowest one is the
+first merging period (the most clusters): a faiss kNN pass plus the agglomeration, at 70,000 images
+bounded by the agglomeration benchmark's 60 s target, far below the process group's time-out
+(Lightning's DDP strategy passes torch's ``default_pg_timeout``, 30 minutes, to every backend,
+NCCL included), so no collective times out while rank 0 merges.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +54,13 @@ from ..errors import ConfigError
 from ..losses.jule import weighted_triplet_loss
 from ..structure.agglomeration import (
     MODES,
+    agglomerate,
     directed_knn_graph,
     initial_clusters,
     merge_clusters,
     period_merges,
 )
-from ..structure.batching import epoch_generator, split_batches
+from ..structure.batching import epoch_generator, split_batches, uniform_batches
 from .base import DiscoveryContext, FeatureRequest, Method, Step, Structure
 
 FEATURES = FeatureRequest("embedding", augmented=False)
@@ -53,7 +68,8 @@ FEATURES = FeatureRequest("embedding", augmented=False)
 
 @dataclass
 class JuleOptions:
-    """JULE (Yang et al. 2016), Table 2 and Sec 4.1.2."""
+    """JULE (Yang et al. 2016), Table 2, Sec 3.6 and appendix A.3; ``train.epochs`` is the epochs
+    per period (Sec 3.6: "about 20")."""
 
     k_s: int = option(20, low=1)  # neighbours of the sample graph (Eq 4)
     a: float = option(1.0, low=0, low_open=True)  # sigma^2 = a x mean squared kNN distance (Eq 4)
@@ -61,11 +77,11 @@ class JuleOptions:
     lam: float = option(1.0, low=0)  # lambda of Eq 7
     gamma: float = option(2.0, low=0, low_open=True)  # positive weight of Eq 35
     margin: float = option(0.2, low=0)  # triplet margin (appendix A.3)
-    eta: float = option(0.9, low=0, low_open=True, high=1)  # unrolling rate (0.2 for face data)
-    period_epochs: int = option(20, low=1)  # epochs of network training per period
+    eta: float = option(0.9, low=0, low_open=True, high=1)  # unrolling rate (Sec 3.6; 0.2 for face data)
     affinity: str = option("exact", choices=MODES)  # Eq 14, or the approximations Eq 19 / Eq 21
     alpha: float = option(0.0, low=-1, low_open=True)  # alpha of Eq 21
     per_cluster: int = option(4, low=2)  # same-cluster rows drawn together into a batch (ours)
+    planned_periods: int = option(4, low=1)  # the length planned before the first discovery (ours)
 
 
 class Jule(Method):
@@ -74,10 +90,10 @@ class Jule(Method):
     uses_bank = False
     embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss)
     taps = ("embedding",)
-    cluster_head = ("method", "embedding", 0)  # SF: the recurrence's own clusters
+    cluster_head = ("method", "embedding", 2)  # SF: the recurrence's own clusters (RC: --cluster-head agglomerative)
 
-    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None):
-        super().__init__(cfg, n_images, tap_dims)
+    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
+        super().__init__(cfg, n_images, tap_dims, **net_info)
         self.target = cfg.cluster.n_clusters or 10
 
     @classmethod
@@ -85,7 +101,16 @@ class Jule(Method):
         if options.k_s >= n_images:
             raise ConfigError(f"options.k_s ({options.k_s}) must be smaller than the number of images ({n_images})")
 
-    # -- length ----------------------------------------------------------------------------------
+    # -- length: periods of train.epochs, until n_c* is reached -----------------------------------
+    @classmethod
+    def epochs_of(cls, cfg) -> int:
+        """The planned length (no structure yet): ``options.planned_periods`` periods."""
+        return (cfg.train.epochs or 0) * cfg.options.planned_periods
+
+    @classmethod
+    def discovers_at(cls, cfg, epoch: int) -> bool:
+        return bool(cfg.train.epochs) and epoch % cfg.train.epochs == 0  # each period's first epoch
+
     def _periods_left(self, n_clusters: int) -> int:
         """Merging periods still needed to go from n_clusters to the target (Sec 3.6)."""
         left = 0
@@ -95,22 +120,21 @@ class Jule(Method):
         return left
 
     def total_epochs(self) -> int:
-        """Periods until n_c* is reached, each ``period_epochs`` long; before the first discovery an
-        estimate from initial clusters of ~4 images (Sec 3.6), replaced once they are known."""
+        """Periods until n_c* is reached (see the module doc); the plan before the first discovery."""
         if self.structure is None:
-            return self.options.period_epochs * (1 + self._periods_left(math.ceil(self.n_images / 4)))
+            return self.epochs_of(self.cfg)
         period, n_c = int(self.structure["period"]), int(self.structure["n_clusters"])
-        return self.options.period_epochs * (period + 1 + self._periods_left(n_c))
+        return (self.cfg.train.epochs or 0) * (period + 1 + self._periods_left(n_c))
+
+    def phase(self, epoch: int) -> str:
+        return f"period {epoch // max(self.cfg.train.epochs or 1, 1)}"
 
     # -- structure -------------------------------------------------------------------------------
-    def needs_discovery(self, epoch: int) -> bool:
-        return epoch % self.options.period_epochs == 0
-
     def discovery_features(self, epoch: int) -> tuple[FeatureRequest, ...]:
         return () if epoch == 0 else (FEATURES,)
 
     def discover(self, ctx: DiscoveryContext) -> Structure:
-        period = ctx.epoch // self.options.period_epochs
+        period = ctx.epoch // self.cfg.train.epochs
         if period == 0:
             pixels = ctx.images.reshape(len(ctx.images), -1).float().cpu().numpy()
             labels = initial_clusters(pixels)  # Sec 3.6: raw intensities, L2-normalised
@@ -121,13 +145,16 @@ class Jule(Method):
             n_c = int(current.max()) + 1
             w = directed_knn_graph(x, o.k_s, a=o.a)  # Eq 4, rebuilt from this period's features
             labels = merge_clusters(w, current, period_merges(n_c, o.eta, self.target), k_c=o.k_c,
-                                    lam=o.lam, mode=o.affinity, alpha=o.alpha)
+                                    lam=o.lam, mode=o.affinity, alpha=o.alpha)  # Eq 7, Eq 13-14
         return {"labels": torch.from_numpy(labels), "period": torch.tensor(period),
                 "n_clusters": torch.tensor(int(labels.max()) + 1)}
 
     # -- batches and loss ------------------------------------------------------------------------
     def batches(self, epoch: int, n: int, batch_size: int, seed: int) -> list[Tensor]:
-        """Chunks of ``per_cluster`` same-cluster images, shuffled, cut into batches (see above)."""
+        """Chunks of ``per_cluster`` same-cluster images, shuffled, cut into batches (see above);
+        uniform before any structure exists (the budget's probe cuts its batches first)."""
+        if self.structure is None:
+            return uniform_batches(n, batch_size, seed, epoch)
         g = epoch_generator(seed, epoch)
         labels = self.structure["labels"].cpu()
         order = torch.randperm(n, generator=g)
@@ -144,6 +171,7 @@ class Jule(Method):
         o = self.options
         labels = self.structure["labels"].to(step.idx.device)
         z = step.outputs[0]["embedding"]
+        # JULE Eq 35 against the gathered global batch (the contract's DDP rule)
         return weighted_triplet_loss(z, labels[step.idx], step.gather(z), labels[step.gidx.to(labels.device)],
                                      step.positions, k_c=o.k_c, gamma=o.gamma, margin=o.margin)
 
@@ -164,13 +192,17 @@ class Jule(Method):
         return (FEATURES,)
 
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
-        """SF: the recurrence's clusters; if training stopped above the target (a shortened run),
-        the remaining merges on the final features."""
+        """SF: the recurrence's clusters. If training stopped above the target (a run of 0 epochs),
+        the remaining merges on the final features (from the initial clusters if none exist)."""
+        o = self.options
+        x = ctx.features(FEATURES.tap).float().cpu().numpy()
+        if self.structure is None:
+            return agglomerate(x, min(self.target, len(x)), k_s=o.k_s, a=o.a, k_c=o.k_c, lam=o.lam,
+                               mode=o.affinity, alpha=o.alpha)
         current = self.structure["labels"].cpu().numpy()
         n_c = int(current.max()) + 1
         if n_c <= self.target:
             return current.astype(np.int64)
-        o = self.options
-        w = directed_knn_graph(ctx.features(FEATURES.tap).float().cpu().numpy(), o.k_s, a=o.a)
+        w = directed_knn_graph(x, o.k_s, a=o.a)
         return merge_clusters(w, current, n_c - self.target, k_c=o.k_c, lam=o.lam, mode=o.affinity,
                               alpha=o.alpha)
