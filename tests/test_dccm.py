@@ -199,3 +199,38 @@ def test_ablation_options_switch_the_terms(tmp_path, small_npz):
         m = build_method(cfg, 300, tap_dims={"backbone": 64, "conv2": 4096},
                          tap_shapes={"backbone": (64,), "conv2": (64, 8, 8)}, shallow_layer="conv2")
         assert m.views_at(0) == views and ("discriminator" in m.modules) == disc
+
+
+def test_the_assignment_map_is_the_heads_argmax_in_eval_mode(small_npz, tmp_path):
+    from deepclust.methods import build_method
+
+    cfg = build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x"))
+    m = build_method(cfg, 300, tap_dims={"backbone": 64, "conv2": 4096},
+                     tap_shapes={"backbone": (64,), "conv2": (64, 8, 8)}, shallow_layer="conv2")
+    head = m.modules["head"]
+    with torch.no_grad():  # statistics and affine parameters away from their initial values
+        head[1].running_mean.normal_(0, 0.3), head[1].running_var.uniform_(0.5, 2.0)
+        head[1].weight.uniform_(0.5, 1.5), head[1].bias.normal_(0, 0.2), head[0].weight.normal_(0, 0.3)
+    head.eval()
+    x = torch.randn(200, 64)
+    with torch.no_grad():
+        expected = torch.softmax(head(x), dim=1).argmax(1).numpy()
+    layer, a, c = m.assignment_map()
+    assert layer == "backbone"
+    assert ((x.numpy() @ a.T + c).argmax(1) == expected).all()
+
+
+def test_predict_uses_the_head_on_new_images(tmp_path, small_npz):
+    from deepclust.heads import ClusterHead
+    from deepclust.inference import predict_run
+
+    out = tmp_path / "run"
+    fit_run(build_config(smoke_layer("dccm", f"npz:{small_npz}", out)))
+    assert ClusterHead.load(out / "head.npz").kind == "linear"
+    labels = np.load(out / "labels.npy")
+    pred, _ = predict_run(out, f"npz:{small_npz}")
+    assert (pred == labels).all()  # the argmax of the head on the fitted images is the method's clusters
+    with np.load(small_npz) as z:  # new images: a reversed subset, written as another file
+        np.savez(tmp_path / "new.npz", images=z["images"][::-3])
+    new, _ = predict_run(out, f"npz:{tmp_path / 'new.npz'}")
+    assert (new == labels[::-3]).all()

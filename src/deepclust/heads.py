@@ -27,12 +27,15 @@ from .structure.clustering import assign_to_centroids, kmeans, spectral
 from .structure.knn import topk_cosine
 
 HEADS = ("kmeans", "spectral", "agglomerative")  # heads fitted here
-KINDS = (*HEADS, "method")  # kinds a saved head may have ("method": a method's own clusters)
+# kinds a saved head may have ("method": a method's own clusters, new images by the kNN vote;
+# "linear": a method's own clusters that are the argmax of an affine map of the features, DCCM's head)
+KINDS = (*HEADS, "method", "linear")
 MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
 MAX_SPECTRAL_FIT = 200_000  # above this, spectral / agglomerative is fitted on a random subsample, the rest voted in
 AGGLOMERATIVE_KS = 20  # JULE's K_s (Table 2): neighbours of the agglomerative head's graph (Eq 4)
 VOTE_K = 10
 _HEAD_KEYS = ("kind", "n_clusters", "centroids", "labels", "reference", "reference_labels")
+_OPTIONAL_KEYS = ("bias",)  # the linear head's offsets (absent from heads of other kinds and older runs)
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -48,8 +51,11 @@ class ClusterHead:
     labels_: np.ndarray | None = None
     reference: np.ndarray | None = None  # (M, D) float16 normalised training features (spectral)
     reference_labels: np.ndarray | None = None
+    bias: np.ndarray | None = None  # (K,) "linear": cluster = argmax(features @ centroids.T + bias)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
+        if self.kind == "linear":  # the raw features, as the method's head reads them
+            return (np.asarray(features, np.float32) @ self.centroids.T + self.bias).argmax(1).astype(np.int64)
         x = normalise(features)
         if self.reference is None:
             return assign_to_centroids(x, self.centroids)
@@ -66,7 +72,8 @@ class ClusterHead:
         save_npz(path, kind=np.array(self.kind), n_clusters=np.array(self.n_clusters), centroids=self.centroids,
                  labels=self.labels_ if self.labels_ is not None else empty,
                  reference=self.reference if self.reference is not None else np.zeros((0, 0), np.float16),
-                 reference_labels=self.reference_labels if self.reference_labels is not None else empty)
+                 reference_labels=self.reference_labels if self.reference_labels is not None else empty,
+                 bias=self.bias if self.bias is not None else np.zeros(0, np.float32))
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterHead":
@@ -83,7 +90,7 @@ class ClusterHead:
                 missing = [k for k in _HEAD_KEYS if k not in z.files]
                 if missing:
                     raise DataError(f"cluster head {path} lacks {', '.join(missing)}; not a head.npz")
-                a = {k: z[k] for k in _HEAD_KEYS}
+                a = {k: z[k] for k in _HEAD_KEYS + tuple(k for k in _OPTIONAL_KEYS if k in z.files)}
         except DataError:
             raise
         except Exception as e:  # whatever a crafted or damaged file makes the reader raise
@@ -116,6 +123,11 @@ class ClusterHead:
         if centroids.shape[0] != k or centroids.shape[1] < 1:
             raise bad(f"centroids have shape {centroids.shape} for {k} clusters")
         labels = integers(a["labels"], "labels", k)
+        if str(kind) == "linear":
+            bias = a.get("bias", np.zeros(0))
+            if bias.shape != (k,) or bias.dtype.kind != "f" or not np.isfinite(bias).all():
+                raise bad(f"a linear head needs {k} finite offsets, got {bias.dtype} of shape {bias.shape}")
+            return cls("linear", k, centroids, labels if labels.size else None, bias=bias)
         if not ref.size:
             return cls(str(kind), k, centroids, labels if labels.size else None)
         ref_labels = integers(a["reference_labels"], "reference_labels", k)
@@ -172,15 +184,22 @@ def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
 
 def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
                  eigenvectors: int | None = None, method_labels: np.ndarray | None = None,
-                 trained_rows: np.ndarray | None = None) -> ClusterHead:
+                 trained_rows: np.ndarray | None = None,
+                 method_map: tuple[np.ndarray, np.ndarray] | None = None) -> ClusterHead:
     """The head ``cluster.head`` names, read off ``features`` (never labels): k-means, spectral
     (``eigenvectors`` per cluster), or the method's own clusters (``method``: kept for the rows it
-    was trained on, other rows by the head's kNN vote)."""
+    was trained on, other rows by the head's kNN vote; with ``method_map`` = (A, c), the method's
+    clusters are argmax(A x + c) of these features for any image: a ``linear`` head)."""
     if kind != "method":
         comps = eigenvectors * n_clusters if eigenvectors else None
         return fit_head(features, kind, n_clusters, seed=seed, n_neighbors=n_neighbors, n_components=comps)
     if method_labels is None:
         raise ConfigError("cluster.head: this method has no clusters of its own; use kmeans or spectral")
+    if method_map is not None:
+        a, c = (np.asarray(v, np.float32) for v in method_map)
+        head = ClusterHead("linear", len(c), a, bias=c)
+        head.labels_ = head.predict(features)
+        return head
     rows = np.arange(len(features)) if trained_rows is None else trained_rows
     head = head_from_labels(features[rows], method_labels, max(n_clusters, int(method_labels.max()) + 1),
                             kind="method")
@@ -190,13 +209,17 @@ def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int 
     return head
 
 
-def fit_heads(layers: dict[str, np.ndarray], combos, n_clusters: int, **options) -> dict[tuple[str, str], tuple]:
+def fit_heads(layers: dict[str, np.ndarray], combos, n_clusters: int, method_map=None,
+              **options) -> dict[tuple[str, str], tuple]:
     """(head, seconds) of every (kind, layer) of ``combos``, each read off ``layers[layer]``;
-    ``options`` as :func:`cluster_head` takes them."""
+    ``options`` as :func:`cluster_head` takes them; ``method_map`` = (layer, A, c): the method's
+    clusters as argmax(A x + c) of that layer (``Method.assignment_map``), used for its own head there."""
     out = {}
     for kind, layer in combos:
         t0 = time.perf_counter()
-        head = cluster_head(layers[layer], kind, n_clusters, **options)
+        own = method_map is not None and kind == "method" and layer == method_map[0]
+        head = cluster_head(layers[layer], kind, n_clusters, method_map=tuple(method_map[1:]) if own else None,
+                            **options)
         out[(kind, layer)] = (head, time.perf_counter() - t0)
     return out
 

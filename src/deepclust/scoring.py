@@ -36,7 +36,7 @@ def _combos(cluster: ClusterConfig, layers: dict[str, np.ndarray], method_labels
 
 def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embedding: np.ndarray,
                     *, method_labels: np.ndarray | None = None, trained_rows=None,
-                    layers: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], ClusterHead]:
+                    layers: dict[str, np.ndarray] | None = None, method_map=None) -> tuple[dict[str, Any], ClusterHead]:
     """Cluster ``features`` (the layer ``cluster.features`` names) with the configured head (labels
     never enter it), then score against labels if any: first every head is fitted, then scored.
 
@@ -45,6 +45,7 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     post-hoc head on the backbone and embedding layers, and the method's own clusters when it has
     them: acc / nmi / ari / seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
     knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
+    ``method_map``: the method's clusters as an affine map of a layer (``Method.assignment_map``).
     """
     cl, labels, seed = cfg.cluster, images.labels, cfg.train.seed
     chosen = (cl.head, cl.features)
@@ -54,7 +55,7 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     knn = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature or cfg.memory.temperature, "seed": seed,
            "probe": cfg.eval.linear_probe}  # T: eval.knn_temperature, else the bank's
     fitted = fit_heads(layers, [chosen, *(c for c in combos if c != chosen)], method_labels=method_labels,
-                       trained_rows=trained_rows, **options)
+                       trained_rows=trained_rows, method_map=method_map, **options)
     head, head_seconds = fitted[chosen]
     k, pred = cl.n_clusters, head.labels_
     collapse = collapse_report(pred, max(k, int(pred.max()) + 1))

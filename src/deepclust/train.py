@@ -159,6 +159,7 @@ class TrainResult:
     epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
     method_clusters: np.ndarray | None = None
+    method_map: tuple[str, np.ndarray, np.ndarray] | None = None  # Method.assignment_map()
 
     @property
     def bank(self):
@@ -484,7 +485,8 @@ class Trainer:
         clusters = self._final_clusters(total)
         self.timing["train_seconds"] = base_seconds + time.perf_counter() - t_start
         return TrainResult(self.net, self.views, self.method, self.timing["train_seconds"],
-                           self.timing["step_seconds"], int(self.timing["images_seen"]), total, history, clusters)
+                           self.timing["step_seconds"], int(self.timing["images_seen"]), total, history, clusters,
+                           self.method.assignment_map() if self.rank == 0 else None)
 
     def _final_clusters(self, epoch: int) -> np.ndarray | None:
         passes = self._full_passes(self.method.final_features(), epoch)

@@ -276,6 +276,12 @@ class Method:
     def final_features(self) -> tuple[FeatureRequest, ...]:
         return ()
 
+    def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """(layer, A, c) when the method's own clusters of any image are argmax(A x + c) of the
+        network's ``layer`` (DCCM's softmax head in eval mode): ``predict`` then uses it on new
+        images. None: new images join the method's clusters by the kNN vote over the trained ones."""
+        return None
+
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray | None:
         """The method's own clusters of the training images (int64 (N,)), or None (post-hoc heads only)."""
         return None

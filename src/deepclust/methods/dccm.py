@@ -194,5 +194,16 @@ class Dccm(Method):
     def final_features(self) -> tuple[FeatureRequest, ...]:
         return (PROBABILITIES,)
 
+    @torch.no_grad()
+    def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray]:
+        """The head in eval mode is affine (Linear, then BatchNorm with its running statistics) and
+        the softmax keeps the order, so Eq 7's argmax of any image is argmax(A x + c) of its backbone
+        features: what ``predict`` applies to new images."""
+        linear, norm = self.modules["head"][0], self.modules["head"][1]
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        a = linear.weight * scale[:, None]
+        c = (linear.bias - norm.running_mean) * scale + norm.bias
+        return "backbone", a.float().cpu().numpy(), c.float().cpu().numpy()
+
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
         return ctx.features(PROBABILITIES.tap).argmax(dim=1).cpu().numpy()  # Eq 7
