@@ -95,7 +95,7 @@ def test_bad_input_is_one_line(tmp_path, mlp_run):
                           "no such directory")
 
 
-def resnet_features(model, x):
+def eval_features(model, x):
     model.eval()
     with torch.no_grad():
         return model(x)
@@ -122,16 +122,40 @@ def test_resnet_weights_load_into_torchvision(tmp_path, small_npz):
     net = EmbeddingNet("resnet18", 1, 8)
     net.load_state_dict(load_file(str(run / "model.safetensors")))
     x = torch.rand(5, 1, 8, 8)
-    assert torch.allclose(resnet_features(model, x), resnet_features(net.backbone, x), atol=1e-5)
+    assert torch.allclose(eval_features(model, x), eval_features(net.backbone, x), atol=1e-5)
 
 
 def test_resnet_keys_on_the_imagenet_stem_load_strictly_but_for_fc():
     torchvision = pytest.importorskip("torchvision")
     net = EmbeddingNet("resnet18", 3, 72)
-    state = export.torchvision_keys("resnet18", net.state_dict())
+    state, meta = export.backbone_weights("resnet18", (3, 72, 72), False, net.state_dict())
+    assert meta["format"] == "torchvision" and "then" not in meta["note"]  # no stem to change
     model = torchvision.models.resnet18(weights=None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_alexnet_weights_load_into_torchvision_with_batchnorm_folded():
+    """The ImageNet-size AlexNet: torchvision's names and shapes; with BatchNorm statistics that are
+    not the identity, the loaded torchvision model computes the same features in eval mode."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = EmbeddingNet("alexnet", 3, 224)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    state, meta = export.backbone_weights("alexnet", (3, 224, 224), False, net.state_dict())
+    assert meta["format"] == "torchvision"
+    model = torchvision.models.alexnet(weights=None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["classifier.6.bias", "classifier.6.weight"] and unexpected == []
+    model.classifier[6] = torch.nn.Identity()
+    x = torch.rand(2, 3, 224, 224)
+    ours, theirs = eval_features(net.backbone, x), eval_features(model, x)
+    assert torch.allclose(ours, theirs, atol=1e-4 * ours.abs().max().item())
+    small = EmbeddingNet("alexnet", 3, 32)  # 3x3 convs: no torchvision layout
+    assert export.backbone_weights("alexnet", (3, 32, 32), False, small.state_dict())[1]["format"] == "deepclust"
 
 
 def test_other_backbones_keep_the_projects_own_state_dict(mlp_run, tmp_path):

@@ -17,10 +17,14 @@ Weights (``--weights FILE``): the backbone as a safetensors state dict.
    classifier and is left out). A run on images <= 64 px or on other than 3 channels has the CIFAR
    stem (3x3 stride-1 conv, no max-pool) or another input width: replace ``model.conv1`` (and
    ``model.maxpool`` by ``nn.Identity()``) as the file's metadata says before loading;
- - every other backbone (``mlp``, ``jule_cnn``, ``dccm_cnn``, ``alexnet``: ours is the BatchNorm
-   variant of the instance-discrimination papers, not torchvision's) has no torchvision model of the
-   same layout: the file holds the project's own backbone state dict (``deepclust.nets``'
-   ``build_backbone(name, channels, size)`` loads it) and its metadata says so.
+ - ``alexnet`` on images > 64 px (the 11x11/4 stem) whose conv5 map is 6x6 (e.g. 224 px):
+   torchvision's ``alexnet`` names and shapes, each BatchNorm folded into the conv / linear before it
+   (torchvision's AlexNet has none), so the loaded model computes the same features in eval mode;
+   ``strict=False`` misses only ``classifier.6`` (the ImageNet classifier);
+ - every other backbone (``mlp``, ``jule_cnn``, ``dccm_cnn``, the small-image ``alexnet`` of 3x3
+   convs) has no torchvision model of the same layout: the file holds the project's own backbone
+   state dict (``deepclust.nets``' ``build_backbone(name, channels, size)`` loads it) and its
+   metadata says so.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from .structure.knn import topk_cosine
 VOTE_K = 10
 FORMATS = ("csv", "parquet")
 TORCHVISION = ("resnet18", "resnet50")
+BN_EPS = 1e-5  # torch's BatchNorm default, which every backbone of nets.py uses
 
 
 def knn_confidence(embedding: np.ndarray, clusters: np.ndarray, k: int = VOTE_K) -> np.ndarray:
@@ -130,18 +135,75 @@ def _check_out(out: Path) -> None:
         raise DataError(f"no such directory: {out.parent}")
 
 
-def torchvision_keys(backbone: str, state: dict) -> dict:
-    """The backbone's tensors (keys of ``model.safetensors`` under ``backbone.``) with torchvision's
-    names for ``resnet18`` / ``resnet50``, the project's own names for every other backbone."""
-    inner = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if backbone not in TORCHVISION:
-        return inner
+def _inner(state: dict) -> dict:
+    """The backbone's tensors of ``model.safetensors`` (keys under ``backbone.``), prefix removed."""
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def resnet_keys(inner: dict) -> dict:
+    """A resnet backbone's tensors under torchvision's names (``stem.0`` -> ``conv1``, ``stem.1`` ->
+    ``bn1``; ``layerN`` are torchvision's own modules)."""
     rename = {"stem.0.": "conv1.", "stem.1.": "bn1."}
     out = {}
     for key, value in inner.items():
         prefix = next((p for p in rename if key.startswith(p)), None)
         out[rename[prefix] + key[len(prefix):] if prefix else key] = value
     return out
+
+
+def _fold(weight, bias, inner: dict, bn: str) -> tuple:
+    """A conv / linear followed by BatchNorm ``bn`` (eval-mode statistics) as one conv / linear:
+    w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta."""
+    scale = inner[f"{bn}.weight"] / (inner[f"{bn}.running_var"] + BN_EPS).sqrt()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return weight * scale.reshape(shape), (bias - inner[f"{bn}.running_mean"]) * scale + inner[f"{bn}.bias"]
+
+
+def alexnet_folded(inner: dict) -> dict | None:
+    """Our ImageNet-size AlexNet (11x11/4 stem; > 64 px, 3 channels, conv5 map 6x6) as torchvision's
+    ``alexnet`` without its last classifier layer: the layers have torchvision's shapes, and each
+    BatchNorm is folded into the conv / linear before it, so in eval mode the loaded network computes
+    the same function (torchvision has no BatchNorm; its adaptive 6x6 pool is then the identity).
+    None for the small-image variant (3x3 convs) or other input sizes."""
+    if tuple(inner["conv1.0.weight"].shape) != (64, 3, 11, 11) or inner["fc1.1.weight"].shape[1] != 256 * 6 * 6:
+        return None
+    out = {}
+    for i, j in enumerate((0, 3, 6, 8, 10)):
+        w, b = _fold(inner[f"conv{i + 1}.0.weight"], inner[f"conv{i + 1}.0.bias"], inner, f"conv{i + 1}.1")
+        out[f"features.{j}.weight"], out[f"features.{j}.bias"] = w, b
+    for i, j in ((1, 1), (2, 4)):
+        w, b = _fold(inner[f"fc{i}.1.weight"], inner[f"fc{i}.1.bias"], inner, f"fc{i}.2")
+        out[f"classifier.{j}.weight"], out[f"classifier.{j}.bias"] = w, b
+    return out
+
+
+def backbone_weights(name: str, input_shape, sobel: bool, state: dict) -> tuple[dict, dict[str, str]]:
+    """The tensors and metadata ``--weights`` writes for a backbone ``name`` trained on
+    ``input_shape`` (C, H, W) images, from ``model.safetensors``' ``state``."""
+    c, h, w = input_shape
+    inner = _inner(state)
+    channels = 2 if sobel else c  # DeepCluster's Sobel filter feeds the backbone 2 channels
+    meta = {"backbone": name, "input_shape": f"{c}x{h}x{w}", "backbone_in_channels": str(channels)}
+    folded = alexnet_folded(inner) if name == "alexnet" else None
+    if name in TORCHVISION:
+        stem = []
+        if max(h, w) <= 64:
+            stem.append(f"model.conv1 = nn.Conv2d({channels}, 64, 3, 1, 1, bias=False); "
+                        "model.maxpool = nn.Identity()")
+        elif channels != 3:
+            stem.append(f"model.conv1 = nn.Conv2d({channels}, 64, 7, 2, 3, bias=False)")
+        note = (f"torchvision.models.{name}(weights=None)" + "".join(f"; then {s}" for s in stem)
+                + "; load_state_dict(strict=False): fc.weight / fc.bias (the ImageNet classifier) "
+                  "are not in a clustering backbone")
+        return resnet_keys(inner), meta | {"format": "torchvision", "note": note}
+    if folded is not None:
+        note = ("torchvision.models.alexnet(weights=None).load_state_dict(strict=False): BatchNorm folded into "
+                "the layers (the same function in eval mode); classifier.6 (the ImageNet classifier) is not "
+                "in a clustering backbone")
+        return folded, meta | {"format": "torchvision", "note": note}
+    note = (f"no torchvision model has this layout: deepclust.nets.build_backbone('{name}', "
+            f"{channels}, ({h}, {w}))[0].load_state_dict(...) loads it")
+    return inner, meta | {"format": "deepclust", "note": note}
 
 
 def export_weights(run: str | Path, out: str | Path) -> tuple[Path, dict[str, str]]:
@@ -157,25 +219,7 @@ def export_weights(run: str | Path, out: str | Path) -> tuple[Path, dict[str, st
     path = run / "model.safetensors"
     if not path.exists():
         raise DataError(f"run {run} has no model.safetensors (did training finish?)")
-    name, (c, h, w) = cfg.net.backbone, cfg.net.input_shape
     state = {k: torch.from_numpy(v) for k, v in load_file(str(path)).items()}
-    tensors = {k: v.contiguous() for k, v in torchvision_keys(name, state).items()}
-    channels = 2 if cfg.net.sobel else c  # DeepCluster's Sobel filter feeds the backbone 2 channels
-    meta = {"backbone": name, "input_shape": f"{c}x{h}x{w}", "backbone_in_channels": str(channels)}
-    if name in TORCHVISION:
-        meta["format"] = "torchvision"
-        stem = []
-        if max(h, w) <= 64:
-            stem.append(f"model.conv1 = nn.Conv2d({channels}, 64, 3, 1, 1, bias=False); "
-                        "model.maxpool = nn.Identity()")
-        elif channels != 3:
-            stem.append(f"model.conv1 = nn.Conv2d({channels}, 64, 7, 2, 3, bias=False)")
-        meta["note"] = (f"torchvision.models.{name}(weights=None)" + "".join(f"; then {s}" for s in stem)
-                        + "; load_state_dict(strict=False): fc.weight / fc.bias (the ImageNet classifier) "
-                          "are not in a clustering backbone")
-    else:
-        meta["format"] = "deepclust"
-        meta["note"] = (f"no torchvision model has this layout: deepclust.nets.build_backbone('{name}', "
-                        f"{channels}, ({h}, {w}))[0].load_state_dict(...) loads it")
-    save_bytes(out, save(tensors, metadata=meta))
+    tensors, meta = backbone_weights(cfg.net.backbone, cfg.net.input_shape, cfg.net.sobel, state)
+    save_bytes(out, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
     return out, meta
