@@ -153,13 +153,13 @@ def build_page(view: RunView, bar, steps, progress: bool) -> str:
     bar.set_postfix_str(steps[4])
     galleries = gallery_html(view, typical, atypical, k, progress)
     bar.update()
-    sections = [summary_html(view, k), _figure("sizes", "Cluster sizes", sizes_png),
-                _figure("map", f"Map of the embeddings ({how})", map_png),
-                _figure("curves", "Training curves", curves_png) if curves_png else
+    # the first screen: what ran, the sizes and the map side by side; then the clusters themselves
+    top = ('<div class="top"><div>' + summary_html(view, k) + _figure("sizes", "Cluster sizes", sizes_png)
+           + "</div>" + _figure("map", f"Map of the embeddings ({how})", map_png) + "</div>")
+    sections = [top, galleries, _figure("curves", "Training curves", curves_png) if curves_png else
                 '<section id="curves"><h2>Training curves</h2><p>log.jsonl has no records.</p></section>']
     if view.images.labels is not None:
         sections.append(labels_html(view.clusters, view.images.labels, k, view.images.classes))
-    sections.append(galleries)
     title = html.escape(f"deepclust report: {view.config.method} on {view.config.data.spec}")
     return PAGE.format(title=title, body="\n".join(sections))
 
@@ -221,7 +221,7 @@ def _colours(k: int) -> np.ndarray:
 def plot_map(xy: np.ndarray, clusters: np.ndarray, k: int, how: str) -> str:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(6.4, 5.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     colours = _colours(k)
     ax.scatter(xy[:, 0], xy[:, 1], c=colours[clusters], s=max(1.0, min(12.0, 4000 / len(xy))), linewidths=0)
@@ -238,7 +238,7 @@ def plot_map(xy: np.ndarray, clusters: np.ndarray, k: int, how: str) -> str:
 def plot_sizes(sizes: np.ndarray) -> str:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(min(12, 2 + 0.35 * len(sizes)), 2.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(min(12, 2 + 0.3 * len(sizes)), 2.4), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     ax.bar(np.arange(len(sizes)), sizes, color=_colours(len(sizes)))
     ax.set_xlabel("cluster"), ax.set_ylabel("images")
@@ -304,6 +304,9 @@ def gallery_html(view: RunView, typical: list, atypical: list, k: int, progress:
     thumbs = {int(i): thumbnail(view.images.images[i])
               for i in tqdm(picked, desc="thumbnails", file=sys.stderr, disable=not progress, leave=False)}
     names = view.images.names
+    from matplotlib.colors import to_hex
+
+    swatch = [to_hex(c) for c in _colours(k)]  # the cluster's colour on the map and the size chart
 
     def img(i: int) -> str:
         label = names[i] if names else f"image {i}"
@@ -314,7 +317,8 @@ def gallery_html(view: RunView, typical: list, atypical: list, k: int, progress:
     for c in np.argsort(-sizes, kind="stable"):
         if sizes[c] == 0:
             continue
-        parts.append(f'<div class="cluster" id="cluster-{c}"><h3>Cluster {c} <span>{sizes[c]} images</span></h3>')
+        parts.append(f'<div class="cluster" id="cluster-{c}"><h3><i style="background:{swatch[c]}"></i>Cluster {c} '
+                     f'<span>{sizes[c]} images</span></h3>')
         parts.append('<div class="row">' + "".join(img(i) for i in typical[c]) + "</div>")
         if len(atypical[c]):
             parts.append('<div class="row atypical"><span>least typical</span>'
@@ -374,9 +378,11 @@ def _figure(ident: str, title: str, png: str) -> str:
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1.5em; max-width: 1280px; color: #222; }}
+.top {{ display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }}
 h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }}
 h3 {{ font-size: 1em; margin: 0.8em 0 0.3em; }} h3 span {{ font-weight: normal; color: #666; }}
+h3 i {{ display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em; border-radius: 2px; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
 table.summary th {{ text-align: left; background: #f4f4f4; }} table.summary td {{ text-align: left; }}
