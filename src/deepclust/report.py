@@ -42,6 +42,7 @@ from .resolution import load_data
 TYPICAL, ATYPICAL = 16, 8  # thumbnails per cluster: most typical first, then a row of the least typical
 THUMB = 64  # thumbnail side in pixels (small images are enlarged with nearest-neighbour sampling)
 TSNE_MAX = 10_000  # above this (without UMAP) the map is PCA
+MAP_POINTS = 50_000  # points drawn on the map (a seeded sample above this)
 TIMING_KEYS = ("epoch", "seconds", "images_per_second")
 
 
@@ -223,15 +224,18 @@ def plot_map(xy: np.ndarray, clusters: np.ndarray, k: int, how: str) -> str:
 
     fig = Figure(figsize=(6.4, 5.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    colours = _colours(k)
-    ax.scatter(xy[:, 0], xy[:, 1], c=colours[clusters], s=max(1.0, min(12.0, 4000 / len(xy))), linewidths=0)
+    colours, n = _colours(k), len(xy)
+    shown = np.random.default_rng(0).choice(n, MAP_POINTS, replace=False) if n > MAP_POINTS else np.arange(n)
+    ax.scatter(xy[shown, 0], xy[shown, 1], c=colours[clusters[shown]], s=max(1.0, min(12.0, 4000 / len(shown))),
+               linewidths=0)
     if k <= 40:  # the cluster number at each cluster's median point
         for c in np.unique(clusters):
             mx, my = np.median(xy[clusters == c], axis=0)
             ax.text(mx, my, str(c), fontsize=11, weight="bold", ha="center", va="center",
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
     ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(f"{how} of {len(xy)} embeddings, coloured by cluster")
+    ax.set_title(f"{how} of {n} embeddings" + (f" ({len(shown)} shown)" if len(shown) < n else "")
+                 + ", coloured by cluster")
     return _png(fig)
 
 
