@@ -133,7 +133,7 @@ def _report_export_parsers(sub) -> None:
                                                     "confidence = kNN-vote share, embedding) (default csv)")
     x.add_argument("--out", help="table file to write (default RUN/clusters.FORMAT)")
     x.add_argument("--weights", help="also write the backbone as a safetensors state dict (torchvision's "
-                                     "names for resnet18 / resnet50)")
+                                     "names for resnet18 / resnet50 and the ImageNet-size alexnet)")
 
 
 def _layer_from_flags(args: argparse.Namespace, flags: dict[str, str]) -> dict:
