@@ -4,6 +4,8 @@
                   [--batch-size B] [--config FILE] [--seed S] [--devices D] [--out DIR] ...
     deepclust evaluate --run DIR [--data SPEC] [--cluster-head H] [--cluster-features F]
     deepclust predict --run DIR --data SPEC --out FILE.csv|FILE.npy
+    deepclust report --run DIR [--out FILE.html]
+    deepclust export --run DIR [--format csv|parquet] [--out FILE] [--weights FILE.safetensors]
 
 Every option is parsed as text and converted and checked by ``deepclust.config`` (the one place
 options are validated). User mistakes print one line on stderr and exit with status 2.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inference
+from . import export, inference, report
 from .config import Config, merge_layers, read_yaml, set_dotted
 from .configure import build_config, resume_request
 from .errors import ConfigError, DataError, DeepclustError
@@ -116,7 +118,22 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", default="all", help="train | test | all")
     pr.add_argument("--resize", help="resize every image to SIDE x SIDE (to the run's image size)")
     pr.add_argument("--out", required=True, help="output file: .csv (name,cluster) or .npy (int64 clusters)")
+    _report_export_parsers(sub)
     return p
+
+
+def _report_export_parsers(sub) -> None:
+    r = sub.add_parser("report", help="one self-contained HTML page to look at a run's clusters")
+    r.add_argument("--run", required=True, help="run directory written by fit")
+    r.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x = sub.add_parser("export", help="a run's clusters as a table, and its backbone as weights")
+    x.add_argument("--run", required=True, help="run directory written by fit")
+    x.add_argument("--format", default="csv", help="csv | parquet: one row per image (name or index, cluster, "
+                                                    "confidence = kNN-vote share, embedding) (default csv)")
+    x.add_argument("--out", help="table file to write (default RUN/clusters.FORMAT)")
+    x.add_argument("--weights", help="also write the backbone as a safetensors state dict (torchvision's "
+                                     "names for resnet18 / resnet50 and the ImageNet-size alexnet)")
 
 
 def _layer_from_flags(args: argparse.Namespace, flags: dict[str, str]) -> dict:
@@ -188,6 +205,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    out = report.write_report(args.run, args.out, progress=not args.no_progress)
+    print(json.dumps({"report": str(out)}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    done: dict = {"table": str(export.export_table(args.run, args.format, args.out))}
+    if args.weights:
+        path, meta = export.export_weights(args.run, args.weights)
+        done["weights"] = str(path)
+        print(f"deepclust: {meta['note']}", file=sys.stderr)
+    print(json.dumps(done))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -196,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", module="lightning")
     try:
-        return {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command](args)
+        commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "report": cmd_report,
+                    "export": cmd_export}
+        return commands[args.command](args)
     except DeepclustError as e:
         print(f"deepclust: error: {e}", file=sys.stderr)
         return 2
