@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NOT_TUNED, exclusive, fail, load_labelled, machine, save_result  # noqa: E402
-from scs_search import _memory_mb  # noqa: E402
+from common import NOT_TUNED, exclusive, fail, load_labelled, machine, memory_mb, save_result  # noqa: E402
 
 
 def features(name: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -75,7 +74,7 @@ def _time_side(side: str, tmp: str, args: dict) -> dict:
         merge_clusters(tiny, np.arange(3), 2, mode=args["mode"])
         out["compile_seconds"] = round(time.perf_counter() - t0, 3)
         c = int(init.max()) + 1
-        before = _memory_mb("VmRSS")
+        before = memory_mb("VmRSS")
         t0 = time.perf_counter()
         labels = merge_clusters(w, init, c - args["target"], k_c=args["k_c"], mode=args["mode"])
     else:
@@ -83,11 +82,11 @@ def _time_side(side: str, tmp: str, args: dict) -> dict:
 
         x = np.load(f"{tmp}/features.npy")
         conn = ((w + w.T) > 0).astype(np.float64).tocsr()
-        before = _memory_mb("VmRSS")
+        before = memory_mb("VmRSS")
         t0 = time.perf_counter()
         labels = AgglomerativeClustering(n_clusters=args["target"], connectivity=conn,
                                          linkage=args["linkage"]).fit_predict(x)
-    out.update(seconds=round(time.perf_counter() - t0, 3), peak_memory_mb=round(_memory_mb(), 1),
+    out.update(seconds=round(time.perf_counter() - t0, 3), peak_memory_mb=round(memory_mb(), 1),
                memory_before_mb=round(before, 1))
     np.save(f"{tmp}/{side}-labels.npy", labels)
     return out

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NOT_TUNED, SHARED_DATA, exclusive, machine, save_result  # noqa: E402
+from common import NOT_TUNED, SHARED_DATA, exclusive, machine, memory_mb, save_result  # noqa: E402
 
 REAL = {"mnist-test": SHARED_DATA / "mnist_test.npz", "usps": SHARED_DATA / "usps.npz",
         "cifar10-test": SHARED_DATA / "cifar10_test.npz"}
@@ -134,18 +133,6 @@ def reference_groups(nbr: np.ndarray, s: int) -> np.ndarray:
     return (np.cumsum(chunks) - chunks)[comp] + rank // s
 
 
-def _memory_mb(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident memory. VmHWM (Linux) starts afresh
-    at exec; ru_maxrss would carry the parent's peak over into a spawned child."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
 def _time_side(side: str, path: str, s: int, repeats: int, labels_path: str | None) -> dict:
     """Runs in a fresh process: load the graph, time one side, report its peak memory."""
     nbr = np.load(path)
@@ -160,7 +147,7 @@ def _time_side(side: str, path: str, s: int, repeats: int, labels_path: str | No
     else:
         reference_groups(np.array([[1], [0], [0]]), s)  # scipy's lazy imports, untimed
         fn = lambda: reference_groups(nbr, s)  # noqa: E731
-    before = _memory_mb("VmRSS")  # interpreter, libraries (torch: deepclust.structure), the graph
+    before = memory_mb("VmRSS")  # interpreter, libraries (torch: deepclust.structure), the graph
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -168,7 +155,7 @@ def _time_side(side: str, path: str, s: int, repeats: int, labels_path: str | No
         times.append(time.perf_counter() - t0)
     sizes = np.bincount(groups)
     out.update(seconds=round(statistics.median(times), 4), all_seconds=[round(t, 4) for t in times],
-               peak_memory_mb=round(_memory_mb(), 1),
+               peak_memory_mb=round(memory_mb(), 1),
                memory_before_mb=round(before, 1), n_groups_2_or_more=int((sizes >= 2).sum()),
                coverage=round(float((sizes[groups] >= 2).mean()), 4),
                mean_size=round(float(sizes[sizes >= 2].mean()), 3) if (sizes >= 2).any() else None)
