@@ -169,7 +169,8 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def _take(self, run: Path) -> None:
         """Hold the run directory's files in memory and read the fitted attributes from them."""
-        self.run_files_ = {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+        self.run_files_ = {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
+                           if p.is_file() and not p.name.endswith(".lock")}  # the checkpoint too: resumable
         for needed in ("config.yaml", "model.safetensors", "head.npz", "labels.npy", "metrics.json"):
             if needed not in self.run_files_:
                 raise DataError(f"{run} is not a finished run: it has no {needed}")
@@ -230,6 +231,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         work = out.with_name(out.name + ".partial")
         ensure_dir(work)
         for name, data in self.run_files_.items():
+            ensure_dir((work / name).parent)
             save_bytes(work / name, data)
         swap_in(work, out)  # an existing run is replaced only once the new one is complete
         return out
