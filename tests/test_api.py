@@ -87,11 +87,16 @@ def test_predict_transform_score(fitted, digits):
     assert set(s) >= {"acc", "nmi", "ari"} and s["acc"] == held_acc
 
 
-def test_fit_predict_equals_labels(digits):
-    x = digits[0][:300]
+def test_fit_predict_equals_labels_and_y_only_scores(digits):
+    x, y = digits[0][:300], digits[1][:300]
     est = Clusterer(method="instance", n_clusters=4, epochs=1, backbone="mlp", seed=1, progress=False)
     labels = est.fit_predict(x)
-    assert np.array_equal(labels, est.labels_) and labels.max() < 4
+    assert np.array_equal(labels, est.labels_) and labels.max() < 4 and "acc" not in est.metrics_
+    with_y = clone(est).fit(x, np.random.default_rng(0).permutation(y))  # labels never steer
+    assert np.array_equal(with_y.labels_, labels) and np.allclose(with_y.embedding_, est.embedding_)
+    assert "acc" in with_y.metrics_
+    with pytest.raises(DataError, match="labels"):
+        clone(est).fit(x, y[:10])
 
 
 def test_save_load_round_trip(fitted, digits, tmp_path):

@@ -93,13 +93,13 @@ def _from_files(paths: list[str], resize: int | None) -> ImageSet:
     return finalise(ImageSet(stacked, names=paths, spec=ARRAY_SPEC))
 
 
-def options_layer(method: str | None, n_clusters: Any, options: dict[str, Any]) -> dict:
-    """The configuration layer of ``Clusterer``'s parameters: short names (:data:`OPTION_KEYS`),
-    ``section__field`` for any other option, ``config=`` a preset name or YAML file underneath, and
-    any other name for the method's own options (``options.NAME``)."""
+def options_layers(method: str | None, n_clusters: Any, options: dict[str, Any]) -> tuple[dict, dict]:
+    """(base, layer): ``config=`` a preset name or YAML file as the base layer, and on top the layer
+    of ``Clusterer``'s parameters: short names (:data:`OPTION_KEYS`), ``section__field`` for any
+    other option, and any other name for the method's own options (``options.NAME``)."""
     options = dict(options)
-    base = read_yaml(str(options.pop("config"))) if options.get("config") is not None else {}
-    options.pop("config", None)
+    preset = options.pop("config", None)
+    base = read_yaml(str(preset)) if preset is not None else {}
     layer: dict = {}
     if method is not None:
         layer["method"] = method
@@ -108,7 +108,7 @@ def options_layer(method: str | None, n_clusters: Any, options: dict[str, Any]) 
     for name, value in options.items():
         key = OPTION_KEYS.get(name) or (name.replace("__", ".") if "__" in name else f"options.{name}")
         set_dotted(layer, key, value)
-    return {**base, **{"_layer": layer}}
+    return base, layer
 
 
 class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
@@ -116,7 +116,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     ``method``: a registered method (None: the configuration's default, or the ``config=`` preset's);
     ``n_clusters``: K, or "auto" (estimated from the images without labels, ``n_clusters.py``);
-    ``**options``: any configuration option (:func:`options_layer`), checked by the one validator.
+    ``**options``: any configuration option (:func:`options_layers`), checked by the one validator.
 
     Fitted attributes: ``labels_`` (cluster per image), ``embedding_`` (L2-normalised embeddings),
     ``n_clusters_``, ``metrics_`` (metrics.json's content), ``config_`` (the resolved Config).
@@ -144,20 +144,25 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def config(self, X: Any = None):
         """The Config ``fit(X)`` would start from (validated; nothing resolved from data yet)."""
-        layers = options_layer(self.method, self.n_clusters, self._options())
-        layer = layers.pop("_layer")
+        base, layer = options_layers(self.method, self.n_clusters, self._options())
         if isinstance(X, str):
             set_dotted(layer, "data.spec", X)
         elif X is not None:
             set_dotted(layer, "data.spec", ARRAY_SPEC)
-        return build_config(layers, layer)
+        return build_config(base, layer)
 
     # -- fitting ---------------------------------------------------------------------------------
 
     def fit(self, X: Any, y: Any = None) -> "Clusterer":
-        """Train on ``X`` (``y`` is ignored: labels never steer) and cluster it."""
+        """Train on ``X`` and cluster it. ``y``: optional true labels, only for the scores in
+        ``metrics_`` (as a data set's labels: they never reach training, K or the clusters)."""
         cfg = self.config(X)
         images = None if isinstance(X, str) else as_image_set(X, cfg.data.resize)
+        if y is not None:
+            if images is None:
+                raise DataError("y is given with a data spec; the spec's own labels are used")
+            images.labels = np.asarray(y)
+            images = finalise(images)  # one line if y does not match X
         with tempfile.TemporaryDirectory(prefix="deepclust-") as tmp:
             out = Path(tmp) / "run"
             fit_run(dataclasses.replace(cfg, out=str(out)), images=images)
@@ -165,7 +170,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         return self
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> np.ndarray:
-        return self.fit(X).labels_
+        return self.fit(X, y).labels_
 
     def _take(self, run: Path) -> None:
         """Hold the run directory's files in memory and read the fitted attributes from them."""
