@@ -47,7 +47,7 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     method = method_class(cfg.method)
     method.check_data(cfg.options, n)
     notes: dict = {}
-    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, training_subset(cfg.data, images), notes)
+    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, cfg.data, images, notes)
     net = _resolve_net(cfg.net, cluster.features, images)
     views = _resolve_views(cfg.views, images, notes)
     world = cfg.train.devices * cfg.train.num_nodes
@@ -65,14 +65,15 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     return dataclasses.replace(resolved, resolution=notes)
 
 
-def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], images: ImageSet,
+def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: DataConfig, images: ImageSet,
                      notes: dict) -> ClusterConfig:
-    """K estimated from the pixels when not given (never from the labels: the evidence goes to
-    ``notes["n_clusters"]``); the head, features and eigenvector count from the method's
-    ``defaults`` (chosen on the development data)."""
+    """K estimated from the pixels of the training images when not given (never from the labels:
+    the evidence goes to ``notes["n_clusters"]``); the head, features and eigenvector count from
+    the method's ``defaults`` (chosen on the development data)."""
     k = cl.n_clusters
     if k is None:
-        k, notes["n_clusters"] = estimate_n_clusters(pixel_features(images.images), seed=0)
+        pixels = pixel_features(training_subset(data, images).images)
+        k, notes["n_clusters"] = estimate_n_clusters(pixels, seed=0)
         notes["n_clusters"] = {"k": k, "features": "pixels, centred, PCA to 50", **notes["n_clusters"]}
     if k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
