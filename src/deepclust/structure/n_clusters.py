@@ -71,4 +71,5 @@ def estimate_n_clusters(features: np.ndarray, *, k_min: int = 2, k_max: int = 30
         scores[k] = float(silhouette_score(x[sample], sub)) if len(np.unique(sub)) > 1 else -1.0
     best = max(scores, key=scores.get)
     return best, {"criterion": CRITERION, "k_range": [k_min, k_max], "n_images": n,
-                  "n_neighbors": min(n_neighbors, n - 1), "silhouette": {str(k): round(s, 4) for k, s in scores.items()}}
+                  "n_neighbors": min(n_neighbors, n - 1),
+                  "silhouette": {str(k): round(s, 4) for k, s in scores.items()}}
