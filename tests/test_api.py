@@ -56,13 +56,18 @@ def test_exported_and_params():
 
 def test_options_go_through_the_one_validator():
     cfg = Clusterer(method="and", n_clusters="auto", epochs=2, backbone="mlp", rounds=2,
-                    optim__weight_decay=1e-4).config("digits")
+                    optim__weight_decay=1e-4).configuration("digits")
     assert (cfg.method, cfg.train.epochs, cfg.net.backbone, cfg.options.rounds) == ("and", 2, "mlp", 2)
     assert cfg.optim.weight_decay == 1e-4 and cfg.cluster.n_clusters is None and cfg.data.spec == "digits"
+    preset = Clusterer(config="dccm-cifar10", epochs=1).configuration()
+    assert (preset.method, preset.cluster.n_clusters, preset.train.epochs) == ("dccm", 10, 1)  # its K kept
+    assert Clusterer(config="dccm-cifar10", n_clusters="auto").configuration().cluster.n_clusters is None
     with pytest.raises(ConfigError, match="epochs"):
-        Clusterer(epochs=-1).config()
+        Clusterer(epochs=-1).configuration()
+    with pytest.raises(ConfigError, match="a Clusterer method"):
+        Clusterer(predict=1).configuration()
     with pytest.raises(ConfigError, match="unknown option"):
-        Clusterer(method="instance", no_such_option=1).config()
+        Clusterer(method="instance", no_such_option=1).configuration()
 
 
 def test_fitted_attributes(fitted, digits):

@@ -1,7 +1,7 @@
 """deepclust: unsupervised deep image clustering and representation learning.
 
     from deepclust import Clusterer
-    labels = Clusterer(method="pad", n_clusters="auto").fit(images).labels_
+    labels = Clusterer(method="pad").fit(images).labels_   # K estimated from the images
 """
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 data spec.
 
     from deepclust import Clusterer
-    c = Clusterer(method="pad", n_clusters="auto", epochs=5).fit(images)   # (N,H,W), (N,H,W,C), (N,C,H,W)
+    c = Clusterer(method="pad", epochs=5).fit(images)   # K auto; images (N,H,W), (N,H,W,C), (N,C,H,W)
     c.labels_, c.embedding_, c.predict(new_images), c.score(new_images, y), c.save("runs/mine")
 
 One way through the library: ``fit`` builds its configuration with ``configure.build_config`` (the one
@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load as load_safetensors
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.exceptions import NotFittedError
 
 from .config import read_yaml, set_dotted
 from .configure import build_config, run_config
 from .data import ImageSet
 from .data.sources import finalise, normalise_layout, read_image, resize_all, to_uint8
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluate import clustering_scores
 from .heads import ClusterHead
 from .inference import network_from_state
@@ -115,14 +116,15 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     """Unsupervised deep image clustering, scikit-learn style.
 
     ``method``: a registered method (None: the configuration's default, or the ``config=`` preset's);
-    ``n_clusters``: K, or "auto" (estimated from the images without labels, ``n_clusters.py``);
+    ``n_clusters``: K, or "auto" (estimated from the images without labels, ``structure/n_clusters.py``);
+    None: the ``config=`` preset's K, else auto;
     ``**options``: any configuration option (:func:`options_layers`), checked by the one validator.
 
     Fitted attributes: ``labels_`` (cluster per image), ``embedding_`` (L2-normalised embeddings),
     ``n_clusters_``, ``metrics_`` (metrics.json's content), ``config_`` (the resolved Config).
     """
 
-    def __init__(self, method: str | None = None, n_clusters: int | str = "auto", **options: Any):
+    def __init__(self, method: str | None = None, n_clusters: int | str | None = None, **options: Any):
         self.method = method
         self.n_clusters = n_clusters
         for name, value in options.items():  # each option a parameter, as scikit-learn expects
@@ -142,8 +144,11 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def _options(self) -> dict[str, Any]:
         return {k: v for k, v in self.get_params().items() if k not in ("method", "n_clusters")}
 
-    def config(self, X: Any = None):
+    def configuration(self, X: Any = None):
         """The Config ``fit(X)`` would start from (validated; nothing resolved from data yet)."""
+        clash = sorted(name for name in self._options() if hasattr(type(self), name))
+        if clash:
+            raise ConfigError(f"'{clash[0]}' is a Clusterer method, not an option")
         base, layer = options_layers(self.method, self.n_clusters, self._options())
         if isinstance(X, str):
             set_dotted(layer, "data.spec", X)
@@ -156,7 +161,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> "Clusterer":
         """Train on ``X`` and cluster it. ``y``: optional true labels, only for the scores in
         ``metrics_`` (as a data set's labels: they never reach training, K or the clusters)."""
-        cfg = self.config(X)
+        cfg = self.configuration(X)
         images = None if isinstance(X, str) else as_image_set(X, cfg.data.resize)
         if y is not None:
             if images is None:
@@ -193,8 +198,6 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "run_files_"):
-            from sklearn.exceptions import NotFittedError
-
             raise NotFittedError("this Clusterer is not fitted yet; call fit(X) or Clusterer.load(path)")
 
     def _features(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
