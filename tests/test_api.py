@@ -178,3 +178,14 @@ def test_sklearn_checks_that_apply_to_images(check):
     # no **options here: check_no_attributes_set_in_init reads parameters from the signature only, and
     # options (each stored as its own attribute) are not in it; clone with options: test above
     fn("Clusterer", Clusterer(method="instance", n_clusters=3))
+
+
+def test_fit_on_a_data_spec_uses_its_labels_for_scores_only(digits, tmp_path):
+    x, y = digits[0][:200], digits[1][:200]
+    np.savez(tmp_path / "d.npz", images=x, labels=y)
+    est = Clusterer(method="instance", n_clusters=3, epochs=1, backbone="mlp", progress=False)
+    est.fit(f"npz:{tmp_path / 'd.npz'}")
+    assert est.labels_.shape == (200,) and est.n_clusters_ == 3 and "acc" in est.metrics_
+    assert est.config_.data.spec == f"npz:{tmp_path / 'd.npz'}"
+    with pytest.raises(DataError, match="own labels"):
+        est.fit(f"npz:{tmp_path / 'd.npz'}", y)
