@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 
-from common import data_spec, exclusive, fail, mean_std, save_result
+from common import class_count, data_spec, exclusive, fail, mean_std, save_result
 
 TABLES: dict[str, list[tuple[str, list[str]]]] = {
     "pcp-components": [
@@ -64,7 +64,8 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int)
     from deepclust.runs import fit_run
 
     out = tempfile.mkdtemp(prefix="deepclust-ablation-")
-    layer: dict = {"method": method, "data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out}
+    layer: dict = {"method": method, "data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out,
+                   "cluster": {"n_clusters": class_count(spec)}}  # the papers' K (--set wins)
     for item in sets:
         key, _, value = item.partition("=")
         set_dotted(layer, key, None if value == "null" else value)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import NOT_TUNED, data_spec, exclusive, fail, mean_std, save_result
+from common import NOT_TUNED, class_count, data_spec, exclusive, fail, mean_std, save_result
 
 SCORES = ("acc", "nmi", "ari", "knn_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
@@ -64,7 +64,8 @@ def seed_config(method: str, spec: str, seed: int, args, out: str):
     from deepclust.configure import build_config
 
     layer: dict = {"method": method, "data": {"spec": spec, "split": args.split},
-                   "train": {"seed": seed, "progress": False}, "out": out}
+                   "train": {"seed": seed, "progress": False}, "out": out,
+                   "cluster": {"n_clusters": class_count(spec, args.split)}}  # the papers' K (--set wins)
     if args.epochs is not None:
         layer["train"]["epochs"] = args.epochs
     for item in args.set:

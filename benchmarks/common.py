@@ -65,6 +65,17 @@ def data_spec(name: str) -> str:
     return DATA_ALIASES.get(name, name)
 
 
+def class_count(spec: str, split: str = "all") -> int:
+    """K of the clustering papers' protocol: the number of classes of the labelled data, given to
+    every benchmark run explicitly (the library never reads K off labels: it estimates it)."""
+    from deepclust.data import load_images
+
+    labels = load_images(spec, split=split).labels
+    if labels is None:
+        fail(f"data '{spec}' has no labels: a benchmark needs them for K and the scores")
+    return len(set(labels.tolist()))
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr, then exit (2: bad input or a busy machine)."""
     prog = Path(sys.argv[0]).name or "benchmark"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import data_spec, exclusive, mean_std, save_result
+from common import class_count, data_spec, exclusive, mean_std, save_result
 
 VIEWS = {
     "mild": {"preset": "digits"},  # the package's geometric jitter preset as it stands
@@ -78,7 +78,9 @@ def one_run(data: str, method: str, views: str, seed: int, epochs: int) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="deepclust-dev-")) / "run"
     layer = merge_layers({"out": str(out), "data": {"spec": data_spec(data)},
-                          "views": VIEWS[views], "train": {"seed": seed, "progress": False}}, method_layer(method, epochs))
+                          "cluster": {"n_clusters": class_count(data_spec(data))},  # the papers' K
+                          "views": VIEWS[views], "train": {"seed": seed, "progress": False}},
+                         method_layer(method, epochs))
     try:
         m = fit_run(build_config(layer))
         heads = read_heads(out, m["n_clusters"], seed)

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import LIBRARY_DEFAULTS, data_spec, exclusive, fail, load_labelled, mean_std, save_result, write_npz
+from common import (LIBRARY_DEFAULTS, class_count, data_spec, exclusive, fail, load_labelled, mean_std, save_result,
+                    write_npz)
 
 PEERS = ("n2d", "dec")
 N2D_MANIFOLD = {"n_components": 2}  # ClustPy's default (n_components = K) fails at K = 10
@@ -81,7 +82,8 @@ def run_deepclust(spec: str, seed: int, args) -> dict:
     from deepclust.runs import fit_run
 
     out = tempfile.mkdtemp(prefix="deepclust-peers-")
-    layer: dict = {"data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out}
+    layer: dict = {"data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out,
+                   "cluster": {"n_clusters": class_count(spec)}}  # the peers' K (--set wins)
     if args.method:
         layer["method"] = args.method
     if args.epochs is not None:

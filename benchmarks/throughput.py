@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import LIBRARY_DEFAULTS, data_spec, exclusive, fail, load_labelled, save_result, write_npz
+from common import LIBRARY_DEFAULTS, class_count, data_spec, exclusive, fail, load_labelled, save_result, write_npz
 
 GOAL_RATIO = 1.5
 DEFAULT_DATA = "mnist-test"
@@ -157,6 +157,7 @@ def deepclust_epochs(method: str, spec: str, images, args) -> tuple[dict, object
     out = Path(tempfile.mkdtemp(prefix="deepclust-throughput-"))
     try:
         cfg = build_config({"method": method, "out": str(out), "data": {"spec": spec},
+                            "cluster": {"n_clusters": class_count(spec)},
                             "net": {"backbone": args.backbone}, "optim": {"batch_size": args.batch_size},
                             "train": {"epochs": args.epochs, "progress": False, "checkpoint": False, "seed": 0}})
         fit_run(cfg)

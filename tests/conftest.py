@@ -91,6 +91,6 @@ def smoke_layer(method: str, data: str, out, **extra) -> dict:
     """A full configuration layer for a quick run of ``method`` on ``data`` (CPU, no progress bar)."""
     from deepclust.config import merge_layers
 
-    layer = {"method": method, "out": str(out), "data": {"spec": data},
+    layer = {"method": method, "out": str(out), "data": {"spec": data}, "cluster": {"n_clusters": 10},  # the digits' K
              "optim": {"batch_size": 64}, "train": {"seed": 3, "progress": False, "accelerator": "cpu"}}
     return merge_layers(layer, METHOD_SMOKE[method], extra)

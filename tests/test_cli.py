@@ -28,7 +28,7 @@ def assert_one_line_error(proc, *fragments):
 def test_fit_writes_the_run_and_evaluate_recomputes_it(tmp_path, small_npz):
     out = tmp_path / "run"
     proc = run_cli("fit", "--method", "instance", "--data", f"npz:{small_npz}", "--epochs", "2",
-                   "--out", str(out), "--seed", "1", *FAST)
+                   "--out", str(out), "--seed", "1", "--n-clusters", "10", *FAST)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     for name in ("config.yaml", "checkpoints/last.pt", "embeddings.npy", "labels.npy", "metrics.json",

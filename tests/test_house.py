@@ -39,7 +39,10 @@ def _graph() -> dict[str, set[str]]:
     for module, (path, tree) in sources.items():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                graph[module] |= {t for t in _imported(module, path, node) if t in sources and t != module}
+                targets = _imported(module, path, node)
+                if isinstance(node, ast.ImportFrom) and all(t in sources for t in targets[:-1]):
+                    targets = targets[:-1]  # `from . import budget` imports the submodule, not the package's names
+                graph[module] |= {t for t in targets if t in sources and t != module}
     return graph
 
 

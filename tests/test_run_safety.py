@@ -403,7 +403,7 @@ def test_a_dangling_link_as_out_is_one_line(tmp_path, small_npz):
 def test_skipped_images_are_counted_in_one_line_and_in_the_metrics(tmp_path):
     data, out = _folder(tmp_path / "imgs", bad=("b/bad.png",)), tmp_path / "run"
     proc = run_cli("fit", "--data", f"folder:{data}", "--epochs", "1", "--out", str(out), "--views", "digits", *FAST,
-                   isolated=True)
+                   "--n-clusters", "2", isolated=True)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"deepclust: warning: skipped 1 unreadable image file(s) under {data}: b/bad.png"], lines

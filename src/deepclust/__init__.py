@@ -1,3 +1,20 @@
-"""deepclust: unsupervised deep image clustering and representation learning."""
+"""deepclust: unsupervised deep image clustering and representation learning.
+
+    from deepclust import Clusterer
+    labels = Clusterer(method="pad").fit(images).labels_   # K estimated from the images
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``deepclust.Clusterer`` imported on first use, so that ``import deepclust`` (and the command
+    line's start) does not load torch."""
+    if name == "Clusterer":
+        from .api import Clusterer
+
+        return Clusterer
+    raise AttributeError(f"module 'deepclust' has no attribute {name!r}")
+
+
+__all__ = ["Clusterer", "__version__"]

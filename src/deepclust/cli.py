@@ -6,6 +6,7 @@
     deepclust predict --run DIR --data SPEC --out FILE.csv|FILE.npy
     deepclust report --run DIR [--out FILE.html]
     deepclust export --run DIR [--format csv|parquet] [--out FILE] [--weights FILE.safetensors]
+    deepclust configs
 
 Every option is parsed as text and converted and checked by ``deepclust.config`` (the one place
 options are validated). User mistakes print one line on stderr and exit with status 2.
@@ -28,8 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from . import export, inference, report
-from .config import Config, merge_layers, read_yaml, set_dotted
-from .configure import build_config, resume_request
+from .config import (BACKBONE_NAMES, CLUSTER_HEADS, VIEW_PRESET_NAMES, Config, merge_layers, preset_path, read_yaml,
+                     set_dotted)
+from .configure import build_config, load_config, resume_request
+from .data import DATASET_NAMES, SPLITS
 from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
 from .methods import METHODS
@@ -61,15 +64,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"deepclust: error: {message}\n")
 
 
+def _choices(names, default: str | None = None) -> str:
+    """``a | b | c (default: a)`` from a registry, so that the help cannot go stale."""
+    return " | ".join(names) + (f" (default: {default})" if default is not None else "")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="deepclust", description="Unsupervised deep image clustering.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     f = sub.add_parser("fit", help="train a method on images, cluster them, write a run directory")
     f.add_argument("--method", help=f"{' | '.join(METHODS)} (default: {Config.method})")
-    f.add_argument("--data", help="digits (default) | npz:PATH[,PATH] | folder:PATH | mnist | "
-                                  "fashion-mnist | usps | cifar10 | cifar100 | cifar100-20 | svhn | stl10")
-    f.add_argument("--split", help="train | test | all (default: all, as in the clustering papers)")
+    f.add_argument("--data", help=_choices(DATASET_NAMES, Config().data.spec) + " | a folder or .npz path")
+    f.add_argument("--split", help=_choices(SPLITS, Config().data.split) + ", as in the clustering papers")
     f.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
     f.add_argument("--resize", help="resize every image to SIDE x SIDE (for folders of mixed sizes)")
     f.add_argument("--root", help="dataset cache directory (default ~/.cache/deepclust)")
@@ -79,17 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--rounds", help="AND: curriculum rounds R after round 0 (paper: 4)")
     f.add_argument("--neighbours", help="AND: neighbourhood size k (paper: 1)")
     f.add_argument("--curriculum", help="AND: linear (paper) | one-off")
-    f.add_argument("--n-clusters", help="number of clusters K (default: number of classes, else 10)")
-    f.add_argument("--cluster-head", help="auto | kmeans | spectral | agglomerative | method")
+    f.add_argument("--n-clusters", help="number of clusters K, or auto (default): estimated from the images "
+                                        "without labels, the run says which K and why")
+    f.add_argument("--cluster-head", help=_choices(CLUSTER_HEADS, Config().cluster.head))
     f.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
-    f.add_argument("--backbone", help="auto | mlp | jule_cnn | dccm_cnn | alexnet | resnet18 | resnet50")
+    f.add_argument("--backbone", help=_choices(BACKBONE_NAMES, Config().net.backbone))
     f.add_argument("--dim", help="embedding dimension (default 128)")
-    f.add_argument("--views", help="augmentation preset: auto | none | natural | digits | dccm")
+    f.add_argument("--views", help="augmentation preset: " + _choices(VIEW_PRESET_NAMES, Config().views.preset))
     f.add_argument("--batch-size", help="global batch size (default 128)")
     f.add_argument("--lr", help="learning rate")
     f.add_argument("--temperature", help="softmax temperature of the memory bank (default 0.1)")
     f.add_argument("--nce-k", help="NCE noise samples (0: full softmax)")
-    f.add_argument("--config", help="YAML file (e.g. a run's config.yaml) or a shipped preset name")
+    f.add_argument("--config", help="YAML file (e.g. a run's config.yaml) or a shipped preset name "
+                                    "(deepclust configs lists them)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any option by its dotted name, e.g. --set optim.weight_decay=1e-4")
     f.add_argument("--seed", help="random seed (a CPU run is repeatable for a seed)")
@@ -106,19 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="recompute the metrics of a finished run")
     e.add_argument("--run", required=True, help="run directory written by fit")
     e.add_argument("--data", help="evaluate on other data (default: the run's)")
-    e.add_argument("--split", help="train | test | all")
+    e.add_argument("--split", help=_choices(SPLITS))
     e.add_argument("--resize", help="resize every image to SIDE x SIDE (to the run's image size)")
-    e.add_argument("--n-clusters", help="number of clusters K")
-    e.add_argument("--cluster-head", help="auto | kmeans | spectral | agglomerative | method")
+    e.add_argument("--n-clusters", help="number of clusters K (default: the run's)")
+    e.add_argument("--cluster-head", help=_choices(CLUSTER_HEADS))
     e.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
     pr = sub.add_parser("predict", help="assign new images to the clusters of a finished run")
     pr.add_argument("--run", required=True, help="run directory written by fit")
     pr.add_argument("--data", required=True, help="the images to assign (same size and channels as the run's; "
                                                   "see --resize)")
-    pr.add_argument("--split", default="all", help="train | test | all")
+    pr.add_argument("--split", default="all", help=_choices(SPLITS, "all"))
     pr.add_argument("--resize", help="resize every image to SIDE x SIDE (to the run's image size)")
     pr.add_argument("--out", required=True, help="output file: .csv (name,cluster) or .npy (int64 clusters)")
     _report_export_parsers(sub)
+    sub.add_parser("configs", help="list the shipped presets (for --config), a line each")
     return p
 
 
@@ -177,6 +187,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = _layer_from_flags(args, EVAL_FLAGS)
+    if str(args.n_clusters).strip().lower() == "auto":
+        raise ConfigError("evaluate --n-clusters takes a number; K = auto is estimated when a run is fitted")
     metrics = inference.evaluate_run(args.run, data=args.data, overrides=overrides)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -221,6 +233,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_summary(name: str) -> tuple[str, str, str]:
+    """(method, data, summary) of a shipped preset: the method and data it runs (its configuration
+    built as ``--config NAME`` would) and the first sentence of its leading comment."""
+    cfg = load_config(name)
+    comment = []
+    for line in preset_path(name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    text = " ".join(comment)
+    end = text.find(". ")
+    sentence = text if end < 0 else text[:end + 1]
+    return cfg.method, cfg.data.spec, sentence if len(sentence) <= 100 else sentence[:97] + "..."
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    names = sorted(p.stem for p in preset_path("x").parent.glob("*.yaml"))
+    rows = [(name, *preset_summary(name)) for name in names]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -230,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="lightning")
     try:
         commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "report": cmd_report,
-                    "export": cmd_export}
+                    "export": cmd_export, "configs": cmd_configs}
         return commands[args.command](args)
     except DeepclustError as e:
         print(f"deepclust: error: {e}", file=sys.stderr)

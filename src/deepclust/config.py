@@ -41,11 +41,14 @@ VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
 
 def option(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False, choices: tuple | None = None) -> Any:
+           low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
+           auto: bool = False) -> Any:
     """A configuration field with its rule: numbers within [low, high] (``low_open`` / ``high_open``
     make a bound strict), or one of ``choices``. Lists are checked item by item; None (for Optional
-    fields) always passes. A list default is copied per instance."""
-    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
+    fields) always passes. ``auto``: the text "auto" is read as None (chosen from the data). A list
+    default is copied per instance."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices,
+            "auto": auto}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -180,7 +183,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    n_clusters: int | None = option(None, low=1)  # None: number of classes when labels exist, else 10
+    n_clusters: int | None = option(None, low=1, auto=True)  # None / auto: estimated from the images
+                                                          # (structure/n_clusters.py), never the labels
     head: str = option("auto", choices=CLUSTER_HEADS)  # auto: the method's choice (Method.cluster_head)
     features: str = "auto"  # auto: backbone | embedding | a layer name of the network
     n_neighbors: int = option(10, low=1)  # kNN graph of the spectral head
@@ -323,10 +327,13 @@ def _build(cls: type, values: dict | None, where: str) -> Any:
             continue
         tp = hints[f.name]
         key = f"{where}.{f.name}" if where else f.name
+        value = values[f.name]
+        if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
+            value = None
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, values[f.name], key)
+            kwargs[f.name] = _build(tp, value, key)
         else:
-            kwargs[f.name] = _coerce(values[f.name], tp, key)
+            kwargs[f.name] = _coerce(value, tp, key)
     return cls(**kwargs)
 
 

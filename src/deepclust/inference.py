@@ -26,7 +26,21 @@ from .views import BatchViews
 
 
 def load_network(run: Path, cfg: Config, images: ImageSet) -> tuple[EmbeddingNet, BatchViews]:
-    """The trained network of ``run`` (its ``model.safetensors``) and its un-augmenting views, for
+    """The trained network of ``run`` (its ``model.safetensors``) and its un-augmenting views
+    (:func:`network_from_state`)."""
+    path = run / "model.safetensors"
+    if not path.exists():
+        raise DataError(f"run {run} has no model.safetensors (did training finish?)")
+    try:
+        state = load_file(str(path))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot load the network of run {run}: {str(e).splitlines()[0][:200]}") from None
+    return network_from_state(cfg, images, state, run)
+
+
+def network_from_state(cfg: Config, images: ImageSet, state: dict, run) -> tuple[EmbeddingNet, BatchViews]:
+    """The network ``cfg`` describes with the trained weights ``state`` (a ``model.safetensors``
+    state dict, from a file or held in memory by ``api.Clusterer``), and its un-augmenting views, for
     ``images`` of the size and channels it was trained on (DataError in one line otherwise)."""
     shape = [images.channels, *images.image_size]
     if cfg.net.input_shape is not None and cfg.net.input_shape[0] != shape[0]:
@@ -38,11 +52,8 @@ def load_network(run: Path, cfg: Config, images: ImageSet) -> tuple[EmbeddingNet
                         f"was trained on {h}x{w} with {c}; pass --resize {h} (square images) or use matching images")
     net = EmbeddingNet(cfg.net.backbone, images.channels, images.image_size, dim=cfg.net.dim, sobel=cfg.net.sobel,
                        head=method_class(cfg.method).embedding_head)
-    path = run / "model.safetensors"
-    if not path.exists():
-        raise DataError(f"run {run} has no model.safetensors (did training finish?)")
     try:
-        net.load_state_dict(load_file(str(path)))
+        net.load_state_dict(state)
     except (RuntimeError, OSError) as e:
         raise DataError(f"cannot load the network of run {run} for data '{images.spec}': "
                         f"{str(e).splitlines()[0][:200]}") from None

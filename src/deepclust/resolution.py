@@ -3,7 +3,10 @@ evidence of each automatic choice (``Config.resolution``), into one frozen Confi
 
  - views: an ``auto`` preset chosen from the pixels (``view_rules.py``), fields given explicitly win;
  - network: the backbone for the image size and channels, the input shape recorded;
- - clusters: K from the labels when known (else 10), head / features / eigenvectors from the
+ - clusters: K when not given (``auto``) estimated from the pixels of the training images, never
+   from their labels (``structure/n_clusters.py``: the best silhouette of spectral clustering of the
+   pixels' PCA over K = 2..30). Pixels, because every method needs K before training (PCP's
+   floor, DeepCluster's K', DCCM's head, JULE's target); head / features / eigenvectors from the
    method's defaults;
  - epochs: fitted to ``train.budget`` by timing the real training step (``budget.py``) when none are
    given.
@@ -16,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import numpy as np
-
 from . import budget, view_rules
 from .config import ClusterConfig, Config, DataConfig, NetConfig, ViewsConfig, validate
 from .data import ImageSet, load_images
@@ -25,6 +26,7 @@ from .errors import ConfigError, DataError
 from .methods import method_class
 from .nets import EmbeddingNet, default_backbone
 from .rundir import is_launched_child
+from .structure.n_clusters import estimate_n_clusters, pixel_features
 from .views import VIEW_PRESETS, ViewSpec
 
 VIEW_FIELDS = ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p")
@@ -44,9 +46,9 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
         raise DataError(f"data '{images.spec}' has {n} image(s); at least 2 are needed")
     method = method_class(cfg.method)
     method.check_data(cfg.options, n)
-    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, images)
-    net = _resolve_net(cfg.net, cluster.features, images)
     notes: dict = {}
+    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, cfg.data, images, notes)
+    net = _resolve_net(cfg.net, cluster.features, images)
     views = _resolve_views(cfg.views, images, notes)
     world = cfg.train.devices * cfg.train.num_nodes
     optim = cfg.optim if cfg.optim.batch_size <= n else dataclasses.replace(cfg.optim, batch_size=n - n % world)
@@ -63,12 +65,16 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     return dataclasses.replace(resolved, resolution=notes)
 
 
-def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], images: ImageSet) -> ClusterConfig:
-    """K from the labels when known (else 10); the head, features and eigenvector count from the
-    method's ``defaults`` (chosen on the development data)."""
+def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: DataConfig, images: ImageSet,
+                     notes: dict) -> ClusterConfig:
+    """K estimated from the pixels of the training images when not given (never from the labels:
+    the evidence goes to ``notes["n_clusters"]``); the head, features and eigenvector count from
+    the method's ``defaults`` (chosen on the development data)."""
     k = cl.n_clusters
     if k is None:
-        k = int(len(np.unique(images.labels))) if images.labels is not None else 10
+        pixels = pixel_features(training_subset(data, images).images)
+        k, notes["n_clusters"] = estimate_n_clusters(pixels, seed=0)
+        notes["n_clusters"] = {"k": k, "features": "pixels, centred, PCA to 50", **notes["n_clusters"]}
     if k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     head, features, eigenvectors = defaults
@@ -106,10 +112,21 @@ def _resolve_views(views: ViewsConfig, images: ImageSet, notes: dict) -> ViewsCo
 
 
 def _announce(notes: dict) -> None:
-    """One stderr line per automatic choice (views from the pixels, epochs fitted to the budget)."""
-    for key, line in (("views", view_rules.describe), ("budget", budget.describe)):
+    """One stderr line per automatic choice (K, views from the pixels, epochs fitted to the budget)."""
+    for key, line in (("n_clusters", describe_n_clusters), ("views", view_rules.describe),
+                      ("budget", budget.describe)):
         if key in notes:
             print(f"deepclust: {line(notes[key])}", file=sys.stderr)
+
+
+def describe_n_clusters(note: dict) -> str:
+    """The stderr line of an estimated K: which K, and why."""
+    if "silhouette" not in note:
+        return f"n_clusters {note['k']} (auto) from the {note['features']}: {note['criterion']}"
+    score = note["silhouette"][str(note["k"])]
+    lo, hi = note["k_range"]
+    return (f"n_clusters {note['k']} (auto): the best silhouette ({score:.3f}) of spectral clustering of the "
+            f"{note['features']} for K = {lo}..{hi} on {note['n_images']} images; set --n-clusters to choose K")
 
 
 def training_subset(data: DataConfig, images: ImageSet) -> ImageSet:

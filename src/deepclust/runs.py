@@ -35,10 +35,11 @@ from .train import Trainer, TrainResult, extract_features, make_fabric
 
 
 def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabric=None,
-            given: dict | None = None) -> dict[str, Any]:
+            given: dict | None = None, images: ImageSet | None = None) -> dict[str, Any]:
     """Train, cluster, evaluate and write the run directory. Returns metrics.json's content (an empty
     dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
-    against the run on ``resume``)."""
+    against the run on ``resume``). ``images``: images held in memory (``api.Clusterer``), used
+    instead of loading ``cfg.data.spec``."""
     out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
     primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
@@ -51,14 +52,15 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
                 if primary and (done := finished_run(out)) is not None:
                     print(f"deepclust: the run in {out} has finished; nothing to resume", file=sys.stderr)
                     return done
-            return _fit(cfg, out, resume, overwrite, fabric, primary)
+            return _fit(cfg, out, resume, overwrite, fabric, primary, images)
     finally:
         if claim is not None:
             claim.release()
 
 
-def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool) -> dict[str, Any]:
-    images = load_data(cfg.data)
+def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool,
+         images: ImageSet | None) -> dict[str, Any]:
+    images = load_data(cfg.data) if images is None else images
     check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
     cfg = resolve(cfg, images)
     train_images, spec = training_subset(cfg.data, images), view_spec(cfg.views)
