@@ -261,8 +261,9 @@ def test_bad_input_is_refused():
 
 # ----------------------------------------------------------------------------- the benchmark script
 
-def test_benchmark_smoke_run_writes_its_json(tmp_path):
-    """benchmarks/agglomerative.py at a tiny N, its JSON to --out, lock in a private directory."""
+def test_benchmark_smoke_run_writes_its_json(tmp_path, small_npz):
+    """benchmarks/agglomerative.py at a tiny N (the tests' own 300 digits: no shared data needed),
+    its JSON to --out, lock in a private directory."""
     import json
     import os
     import subprocess
@@ -273,14 +274,14 @@ def test_benchmark_smoke_run_writes_its_json(tmp_path):
     env = {**os.environ, "DEEPCLUST_LOCK_DIR": str(tmp_path / "locks"),
            "DEEPCLUST_RESULTS_DIR": str(tmp_path / "results")}
     out = tmp_path / "agg.json"
-    p = subprocess.run([sys.executable, str(root / "benchmarks" / "agglomerative.py"), "--n", "600",
-                        "--data", "mnist-test", "--out", str(out)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "agglomerative.py"), "--n", "300",
+                        "--data", f"npz:{small_npz}", "--pca", "20", "--out", str(out)], capture_output=True, text=True,
                        timeout=300, env=env, cwd=root)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(out.read_text())
     for key in ("n", "seconds", "reference_seconds", "ratio", "peak_memory_mb", "features"):
         assert key in r
-    assert r["n"] == 600 and r["ratio"] == pytest.approx(r["seconds"] / r["reference_seconds"], rel=0.05)
+    assert r["n"] == 300 and r["ratio"] == pytest.approx(r["seconds"] / r["reference_seconds"], rel=0.05)
     assert len(r["ours"]["scores"]["sizes"]) == 10 and not (tmp_path / "results").exists()
     bad = subprocess.run([sys.executable, str(root / "benchmarks" / "agglomerative.py"), "--n", "600",
                           "--target", "1", "--out", str(out)], capture_output=True, text=True, timeout=120,
