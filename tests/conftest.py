@@ -23,6 +23,15 @@ def run_cli(*args: str, cwd=None, timeout: int = 300, env=None, isolated: bool =
                           cwd=cwd, timeout=timeout, env=e)
 
 
+def assert_one_line_error(proc, *fragments):
+    """A failed command that printed exactly one stderr line (no traceback) holding every fragment."""
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
 def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
     import contextlib
     import io

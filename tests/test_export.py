@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from deepclust import export
 from deepclust.nets import EmbeddingNet, build_backbone
 
@@ -26,14 +26,6 @@ def fit(out, data, *extra):
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory, small_npz):
     return fit(tmp_path_factory.mktemp("export") / "run", f"npz:{small_npz}", "--backbone", "mlp")
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_csv_holds_index_cluster_confidence_and_embedding(mlp_run, tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from deepclust import report
 
 FAST = ["--backbone", "mlp", "--no-progress", "--batch-size", "64", "--seed", "1"]
@@ -29,14 +29,6 @@ def page(run_dir, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"report": str(out)}
     return out
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_report_is_one_self_contained_file_with_every_part(page, run_dir):
