@@ -39,8 +39,8 @@ from safetensors.torch import save
 
 from .configure import run_config
 from .errors import DataError
-from .io import save_bytes, save_text
-from .resolution import load_data
+from .inference import fitted_images, run_dir, run_outputs
+from .io import check_target, save_bytes, save_text
 from .structure.knn import topk_cosine
 
 VOTE_K = 10
@@ -59,28 +59,12 @@ def knn_confidence(embedding: np.ndarray, clusters: np.ndarray, k: int = VOTE_K)
     return (clusters[idx] == clusters[:, None]).mean(1).astype(np.float32)
 
 
-def _run_arrays(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not run.is_dir():
-        raise DataError(f"no such run directory: {run}")
-    for name in ("labels.npy", "embeddings.npy"):
-        if not (run / name).exists():
-            raise DataError(f"run {run} has no {name} (did training finish?)")
-    clusters = np.load(run / "labels.npy", allow_pickle=False).astype(np.int64)
-    embedding = np.load(run / "embeddings.npy", allow_pickle=False).astype(np.float32)
-    if clusters.ndim != 1 or embedding.ndim != 2 or len(clusters) != len(embedding):
-        raise DataError(f"run {run}: labels.npy {clusters.shape} and embeddings.npy {embedding.shape} do not match")
-    return clusters, embedding
-
-
 def _names(run: Path, n: int) -> list[str] | None:
     """File names when the run's data is a folder (None otherwise: rows are named by index)."""
     cfg = run_config(run)
     if not cfg.data.spec.startswith("folder:"):
         return None
-    images = load_data(cfg.data)
-    if images.names is None or len(images.names) != n:
-        raise DataError(f"run {run} clustered {n} images but its folder '{cfg.data.spec}' now has "
-                        f"{len(images)}; export needs the images the run was fitted on")
+    images = fitted_images(run, cfg, n, "export")
     # names that are not valid UTF-8 (surrogate-escaped by Python) get \xNN escapes, as predict's CSV
     return [s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for s in images.names]
 
@@ -95,8 +79,8 @@ def export_table(run: str | Path, fmt: str = "csv", out: str | Path | None = Non
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     run = Path(run)
     out = Path(out) if out is not None else default_table(run, fmt)
-    _check_out(out)
-    clusters, embedding = _run_arrays(run)
+    check_target(out, f"clusters.{fmt}")
+    clusters, embedding = run_outputs(run)
     names = _names(run, len(clusters))
     ids = names if names is not None else [str(i) for i in range(len(clusters))]
     confidence = knn_confidence(embedding, clusters)
@@ -126,13 +110,6 @@ def _parquet(names: list[str] | None, clusters, confidence, embedding) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
-
-
-def _check_out(out: Path) -> None:
-    if out.is_dir():
-        raise DataError(f"--out {out} is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise DataError(f"no such directory: {out.parent}")
 
 
 def _inner(state: dict) -> dict:
@@ -211,10 +188,9 @@ def export_weights(run: str | Path, out: str | Path) -> tuple[Path, dict[str, st
     (``format``: ``torchvision`` or ``deepclust``, ``backbone``, ``note``)."""
     import torch
 
-    run, out = Path(run), Path(out)
-    _check_out(out)
-    if not run.is_dir():
-        raise DataError(f"no such run directory: {run}")
+    out = Path(out)
+    check_target(out, "backbone.safetensors")
+    run = run_dir(run)
     cfg = run_config(run)
     path = run / "model.safetensors"
     if not path.exists():

@@ -60,18 +60,46 @@ def network_from_state(cfg: Config, images: ImageSet, state: dict, run) -> tuple
     return net, BatchViews(view_spec(cfg.views), images.channels)
 
 
-def _run_dir(run: str | Path) -> Path:
+def run_dir(run: str | Path) -> Path:
+    """``run`` as a path, DataError in one line if it is not a directory."""
     run = Path(run)
     if not run.is_dir():
         raise DataError(f"no such run directory: {run}")
     return run
 
 
+def run_outputs(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A finished run's clusters (``labels.npy``, int64 (N,)) and embeddings (``embeddings.npy``,
+    float32 (N, D)); a missing, unreadable or inconsistent file is a one-line DataError."""
+    run = run_dir(run)
+    for name in ("labels.npy", "embeddings.npy"):
+        if not (run / name).exists():
+            raise DataError(f"run {run} has no {name} (did training finish?)")
+    try:
+        clusters = np.load(run / "labels.npy", allow_pickle=False).astype(np.int64)
+        embedding = np.load(run / "embeddings.npy", allow_pickle=False).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the clusters of run {run}: {str(e).splitlines()[0][:200]}") from None
+    if clusters.ndim != 1 or embedding.ndim != 2 or len(clusters) != len(embedding) or clusters.min() < 0:
+        raise DataError(f"run {run}: labels.npy {clusters.shape} and embeddings.npy {embedding.shape} do not match")
+    return clusters, embedding
+
+
+def fitted_images(run: Path, cfg: Config, n: int, purpose: str) -> ImageSet:
+    """The images a run of ``n`` was fitted on, read again through its data spec (DataError in one
+    line when the data no longer holds ``n`` images; ``purpose`` names who needs them)."""
+    images = load_data(cfg.data)
+    if len(images) != n:
+        raise DataError(f"run {run} clustered {n} images but its data '{cfg.data.spec}' now has "
+                        f"{len(images)}; {purpose} needs the images the run was fitted on")
+    return images
+
+
 def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | None = None,
                  write: bool = True) -> dict[str, Any]:
     """Recompute a finished run's features, clusters and metrics (optionally on other data or with
     another head: ``overrides={"cluster": {"head": "kmeans"}}``)."""
-    run = _run_dir(run)
+    run = run_dir(run)
     cfg = run_config(run, overrides)
     if cfg.cluster.head == "method":
         raise ConfigError("evaluate cannot re-run a method's own clustering; use the run's labels.npy, "
@@ -113,7 +141,7 @@ def predict_run(run: str | Path, data: str, *, split: str = "all",
     """Assign new images to a finished run's clusters with its saved head (``resize``: to the run's
     square image size). Size and channels must match the run's. Returns (cluster per image, the
     images)."""
-    run = _run_dir(run)
+    run = run_dir(run)
     data_layer = {"split": split} if resize is None else {"split": split, "resize": resize}
     cfg = run_config(run, {"data": data_layer})
     images = load_data(cfg.data, data)

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-from .errors import WriteError
+from .errors import DataError, WriteError
 
 
 def _write(f: BinaryIO, data) -> int:
@@ -89,6 +89,16 @@ def append_text(path: str | Path, text: str) -> None:
             _write(f, text.encode("utf-8"))
     except OSError as e:
         raise WriteError(path, e) from None
+
+
+def check_target(out: str | Path, example: str) -> None:
+    """Refuse, before any work, an output file that cannot be written there (one-line DataError;
+    ``example``: a file name to suggest when ``out`` is a directory)."""
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory; give a file name such as {out / example}")
+    if not out.parent.is_dir():
+        raise DataError(f"no such directory: {out.parent}")
 
 
 def ensure_dir(path: str | Path) -> None:

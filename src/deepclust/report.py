@@ -35,9 +35,8 @@ from tqdm.auto import tqdm
 
 from .configure import run_config
 from .data import ImageSet
-from .errors import DataError
-from .io import save_text
-from .resolution import load_data
+from .inference import fitted_images, run_dir, run_outputs
+from .io import check_target, save_text
 
 TYPICAL, ATYPICAL = 16, 8  # thumbnails per cluster: most typical first, then a row of the least typical
 THUMB = 64  # thumbnail side in pixels (small images are enlarged with nearest-neighbour sampling)
@@ -67,20 +66,9 @@ def read_run(run: str | Path) -> RunView:
 def read_run_files(run: str | Path) -> RunView:
     """The run's own files (no images yet): quick, so every check on them comes before any progress
     bar."""
-    run = Path(run)
-    if not run.is_dir():
-        raise DataError(f"no such run directory: {run}")
+    run = run_dir(run)
     cfg = run_config(run)
-    for name in ("labels.npy", "embeddings.npy"):
-        if not (run / name).exists():
-            raise DataError(f"run {run} has no {name} (did training finish?)")
-    try:
-        clusters = np.load(run / "labels.npy", allow_pickle=False).astype(np.int64)
-        embedding = np.load(run / "embeddings.npy", allow_pickle=False).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the clusters of run {run}: {str(e).splitlines()[0][:200]}") from None
-    if clusters.ndim != 1 or embedding.ndim != 2 or len(clusters) != len(embedding) or clusters.min() < 0:
-        raise DataError(f"run {run}: labels.npy {clusters.shape} and embeddings.npy {embedding.shape} do not match")
+    clusters, embedding = run_outputs(run)
     log = _read_jsonl(run / "log.jsonl")
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     return RunView(run, cfg, embedding, clusters, None, log, metrics)
@@ -88,12 +76,7 @@ def read_run_files(run: str | Path) -> RunView:
 
 def load_images_of(view: RunView) -> RunView:
     """``view`` with the images the run was fitted on (through its data spec)."""
-    cfg = view.config
-    images = load_data(cfg.data)
-    if len(images) != len(view.clusters):
-        raise DataError(f"run {view.run} clustered {len(view.clusters)} images but its data '{cfg.data.spec}' now "
-                        f"has {len(images)}; the report needs the images the run was fitted on")
-    return dataclasses.replace(view, images=images)
+    return dataclasses.replace(view, images=fitted_images(view.run, view.config, len(view.clusters), "the report"))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -112,18 +95,10 @@ def default_out(run: str | Path) -> Path:
     return Path(run) / "report.html"
 
 
-def check_out(out: Path) -> None:
-    """Refuse an --out that cannot be written before any work is done (one line)."""
-    if out.is_dir():
-        raise DataError(f"--out {out} is a directory; give a file name such as {out / 'report.html'}")
-    if not out.parent.is_dir():
-        raise DataError(f"no such directory: {out.parent}")
-
-
 def write_report(run: str | Path, out: str | Path | None = None, *, progress: bool = True) -> Path:
     """Build the report of ``run`` and write it to ``out`` (default ``RUN/report.html``)."""
     out = Path(out) if out is not None else default_out(run)
-    check_out(out)
+    check_target(out, "report.html")
     view = read_run_files(run)  # every check on the run before the first progress line
     steps = ("images", "typical images", "map", "curves", "thumbnails", "write")
     with tqdm(total=len(steps), desc="report", file=sys.stderr, disable=not progress, leave=False) as bar:
