@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .io import save_npz
-from .structure.agglomeration import directed_knn_graph, initial_clusters, merge_clusters
+from .structure.agglomeration import agglomerate, initial_clusters
 from .structure.clustering import assign_to_centroids, kmeans, spectral
 from .structure.knn import topk_cosine
 
@@ -175,11 +175,10 @@ def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
         raise ConfigError(f"the agglomerative head needs 1 <= K <= N, got K={n_clusters}, N={n}")
     if n_clusters == n:
         return np.arange(n, dtype=np.int64)
-    w = directed_knn_graph(x, min(AGGLOMERATIVE_KS, n - 1))
     start = initial_clusters(x)
     if int(start.max()) + 1 < n_clusters:
         start = np.arange(n, dtype=np.int64)
-    return merge_clusters(w, start, int(start.max()) + 1 - n_clusters)
+    return agglomerate(x, n_clusters, k_s=min(AGGLOMERATIVE_KS, n - 1), labels=start)
 
 
 def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
