@@ -139,13 +139,14 @@ class Dccm(Method):
             graph = pseudo_graph(s0, o.graph_threshold)  # Eq 2, of the originals
             labels, confident = pseudo_labels(all_p0, o.label_threshold)  # Eq 7-8
         rows = step.positions
-        trained = [original] if o.original_terms or not o.local_robustness else []
-        if o.local_robustness:
-            trained.append(step.outputs[1])  # Eq 12: the transformed view, the originals' W and y
+        # (local predictions, the gathered batch's) of each trained view: the originals' gathered once
+        trained = [(p0, all_p0)] if o.original_terms or not o.local_robustness else []
+        if o.local_robustness:  # Eq 12: the transformed view, the originals' W and y
+            p1 = step.outputs[1]["probabilities"]
+            trained.append((p1, step.gather(p1)))
         loss = torch.zeros(p0.shape[0], dtype=torch.float32, device=p0.device)
-        for view in trained:
-            p = view["probabilities"]
-            loss = loss + graph_loss(prediction_similarity(p, step.gather(p)), graph[rows])  # Eq 3
+        for p, all_p in trained:
+            loss = loss + graph_loss(prediction_similarity(p, all_p), graph[rows])  # Eq 3
             if o.pseudo_labels:
                 loss = loss + o.alpha * label_loss(p, labels[rows], confident[rows])  # Eq 9
         if o.mutual_information:
