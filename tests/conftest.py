@@ -101,5 +101,8 @@ def smoke_layer(method: str, data: str, out, **extra) -> dict:
     from deepclust.config import merge_layers
 
     layer = {"method": method, "out": str(out), "data": {"spec": data}, "cluster": {"n_clusters": 10},  # the digits' K
-             "optim": {"batch_size": 64}, "train": {"seed": 3, "progress": False, "accelerator": "cpu"}}
+             "optim": {"batch_size": 64},
+             # one thread, as the subprocesses of the contract tests (OMP_NUM_THREADS=1): runs compared
+             # bit for bit must reduce their floats in the same order
+             "train": {"seed": 3, "progress": False, "accelerator": "cpu", "threads": 1}}
     return merge_layers(layer, METHOD_SMOKE[method], extra)
