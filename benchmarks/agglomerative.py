@@ -13,7 +13,8 @@ components), whose times are reported as ``graph_seconds`` and ``init_seconds``.
 
 Each side runs in a fresh (spawned) process, which also gives its own peak memory (VmHWM):
   * ours: ``merge_clusters`` from the initial clusters down to ``--target`` (10) in one period
-    (the whole forward pass on fixed features; exact Eq 13-14 unless ``--mode``), after an untimed
+    (the whole forward pass on fixed features; exact Eq 13-14 unless ``--mode``; clusters under
+    ``--small-fraction`` of the mean size set aside at the cut, as JULE's final cut does), after an untimed
     call on a tiny graph (numba compile or cache load: ``compile_seconds``);
   * reference: ``AgglomerativeClustering(n_clusters=target, connectivity=C, linkage=--linkage)``
     (ward by default), C the symmetrised pattern of the same kNN graph, on the same features, from
@@ -66,7 +67,7 @@ def _time_side(side: str, tmp: str, args: dict) -> dict:
     w = sp.load_npz(f"{tmp}/graph.npz")
     out: dict = {}
     if side == "ours":
-        from deepclust.structure.agglomeration import merge_clusters
+        from deepclust.structure.agglomeration import merge_clusters, small_cluster_floor
 
         init = np.load(f"{tmp}/init.npy")
         t0 = time.perf_counter()
@@ -76,7 +77,9 @@ def _time_side(side: str, tmp: str, args: dict) -> dict:
         c = int(init.max()) + 1
         before = memory_mb("VmRSS")
         t0 = time.perf_counter()
-        labels = merge_clusters(w, init, c - args["target"], k_c=args["k_c"], mode=args["mode"])
+        floor = small_cluster_floor(len(init), args["target"], args["small_fraction"])
+        labels = merge_clusters(w, init, c - args["target"], k_c=args["k_c"], mode=args["mode"],
+                                min_size=floor)
     else:
         from sklearn.cluster import AgglomerativeClustering
 
@@ -111,7 +114,8 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     init = initial_clusters(x, backend="faiss")
     init_s = time.perf_counter() - t0
-    side_args = {"mode": args.mode, "k_c": args.k_c, "target": args.target, "linkage": args.linkage}
+    side_args = {"mode": args.mode, "k_c": args.k_c, "target": args.target, "linkage": args.linkage,
+                 "small_fraction": args.small_fraction}
     with tempfile.TemporaryDirectory() as tmp:
         sp.save_npz(f"{tmp}/graph.npz", w)
         np.save(f"{tmp}/init.npy", init)
@@ -129,6 +133,7 @@ def run(args) -> dict:
             "peak_memory_mb": sides["ours"]["peak_memory_mb"], "data": data,
             "features": f"PCA-{args.pca} of the pixels (randomized, seed {args.seed}), L2-normalised",
             "k_s": args.k_s, "k_c": args.k_c, "target": args.target, "mode": args.mode,
+            "small_fraction": args.small_fraction,
             "reference": f"sklearn AgglomerativeClustering(linkage={args.linkage!r}) on the symmetrised "
                          "kNN connectivity, from single samples",
             "graph_seconds": round(graph_s, 3), "init_seconds": round(init_s, 3),
@@ -145,6 +150,8 @@ def main(argv=None) -> None:
     p.add_argument("--k-c", type=int, default=5, help="neighbour clusters in Eq 7 (JULE Table 2: 5)")
     p.add_argument("--target", type=int, default=10)
     p.add_argument("--mode", default="exact", choices=("exact", "eq19", "eq21"))
+    p.add_argument("--small-fraction", type=float, default=0.05,
+                   help="clusters under this fraction of the mean size are set aside at the cut (0: off)")
     p.add_argument("--linkage", default="ward", choices=("ward", "average", "complete", "single"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the JSON here instead of benchmarks/results/")

@@ -15,6 +15,7 @@ from deepclust.structure.agglomeration import (
     initial_clusters,
     merge_clusters,
     period_merges,
+    small_cluster_floor,
 )
 
 
@@ -243,6 +244,46 @@ def test_agglomerate_separates_clumps():
     assert out.max() == 3
     from sklearn.metrics import adjusted_rand_score
     assert adjusted_rand_score(y, out) == 1.0
+
+
+def _blocks_and_outlying_pair() -> sp.csr_matrix:
+    """Two dense blocks of 40 (0-39, 40-79) with one weak mutual link, and a pair (80, 81) that
+    points into block 1 while block 1 points back to it only faintly: its affinities are all
+    near 0, so greedy Eq 7 merges the blocks before it ever picks the pair."""
+    wd = np.zeros((82, 82))
+    for lo in (0, 40):
+        wd[lo:lo + 40, lo:lo + 40] = 1.0
+    np.fill_diagonal(wd, 0.0)
+    wd[0, 40] = wd[40, 0] = 0.5
+    wd[80, 81] = wd[81, 80] = 1.0
+    wd[80, 1] = wd[81, 1] = 1.0
+    wd[1, 80] = 1e-4
+    return sp.csr_matrix(wd)
+
+
+def test_small_clusters_are_set_aside_at_the_cut():
+    w = _blocks_and_outlying_pair()
+    start = np.r_[np.zeros(40), np.ones(40), [2, 2]].astype(np.int64)
+    plain = merge_clusters(w, start, 1)
+    assert np.bincount(plain).tolist() == [80, 2]  # the blocks merged, the pair survived
+    floor = small_cluster_floor(82, 2, 0.05)
+    assert floor == 3
+    out = merge_clusters(w, start, 1, min_size=floor)
+    assert np.bincount(out).tolist() == [42, 40]  # the pair joined block 1, its edge partner
+    assert out[80] == out[81] == out[1] != out[40]
+
+
+def test_small_cluster_rule_keeps_clean_partitions():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 50)
+    x = np.eye(8)[:4][y] * 4 + rng.normal(size=(200, 8)) * 0.3
+    assert (agglomerate(x, 4, k_s=10, min_size=small_cluster_floor(200, 4, 0.05))
+            == agglomerate(x, 4, k_s=10)).all()
+    assert small_cluster_floor(200, 4, 0.0) == 0
+    with pytest.raises(ConfigError):
+        small_cluster_floor(200, 4, -0.1)
+    with pytest.raises(ConfigError):
+        merge_clusters(_blocks_and_outlying_pair(), np.arange(82), 1, min_size=3, return_record=True)
 
 
 def test_bad_input_is_refused():

@@ -59,6 +59,7 @@ from ..structure.agglomeration import (
     initial_clusters,
     merge_clusters,
     period_merges,
+    small_cluster_floor,
 )
 from ..structure.batching import epoch_generator, split_batches, uniform_batches
 from .base import DiscoveryContext, FeatureRequest, Method, Step, Structure
@@ -82,6 +83,9 @@ class JuleOptions:
     alpha: float = option(0.0, low=-1, low_open=True)  # alpha of Eq 21
     per_cluster: int = option(4, low=2)  # same-cluster rows drawn together into a batch (ours)
     planned_periods: int = option(4, low=1)  # the length planned before the first discovery (ours)
+    # the final cut sets aside clusters under this fraction of the mean size n / n_c* (ours; see
+    # structure.agglomeration.merge_clusters, min_size); 0: the paper's plain cut
+    small_fraction: float = option(0.05, low=0, high=1)
 
 
 class Jule(Method):
@@ -144,10 +148,17 @@ class Jule(Method):
             current = self.structure["labels"].cpu().numpy()
             n_c = int(current.max()) + 1
             w = directed_knn_graph(x, o.k_s, a=o.a)  # Eq 4, rebuilt from this period's features
-            labels = merge_clusters(w, current, period_merges(n_c, o.eta, self.target), k_c=o.k_c,
-                                    lam=o.lam, mode=o.affinity, alpha=o.alpha)  # Eq 7, Eq 13-14
+            merges = period_merges(n_c, o.eta, self.target)
+            labels = merge_clusters(w, current, merges, k_c=o.k_c, lam=o.lam, mode=o.affinity,
+                                    alpha=o.alpha, min_size=self._floor(n_c - merges, len(x)))  # Eq 7, 13-14
         return {"labels": torch.from_numpy(labels), "period": torch.tensor(period),
                 "n_clusters": torch.tensor(int(labels.max()) + 1)}
+
+    def _floor(self, n_after: int, n_images: int) -> int:
+        """min_size of the merges: the small-cluster rule only on the cut that reaches n_c*."""
+        if n_after > self.target:
+            return 0
+        return small_cluster_floor(n_images, self.target, self.options.small_fraction)
 
     # -- batches and loss ------------------------------------------------------------------------
     def batches(self, epoch: int, n: int, batch_size: int, seed: int) -> list[Tensor]:
@@ -198,11 +209,11 @@ class Jule(Method):
         x = ctx.features(FEATURES.tap).float().cpu().numpy()
         if self.structure is None:
             return agglomerate(x, min(self.target, len(x)), k_s=o.k_s, a=o.a, k_c=o.k_c, lam=o.lam,
-                               mode=o.affinity, alpha=o.alpha)
+                               mode=o.affinity, alpha=o.alpha, min_size=self._floor(0, len(x)))
         current = self.structure["labels"].cpu().numpy()
         n_c = int(current.max()) + 1
         if n_c <= self.target:
             return current.astype(np.int64)
         w = directed_knn_graph(x, o.k_s, a=o.a)
         return merge_clusters(w, current, n_c - self.target, k_c=o.k_c, lam=o.lam, mode=o.affinity,
-                              alpha=o.alpha)
+                              alpha=o.alpha, min_size=self._floor(self.target, len(x)))
