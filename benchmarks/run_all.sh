@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind the README, in sequence, then the README's generated blocks (about seven hours
+# Every benchmark behind the README, in sequence, then the README's headline table and docs/results.md (about seven hours
 # on the 2-core CPU). Usage: bash benchmarks/run_all.sh [SECTION...]   (from anywhere, .venv installed;
 # ClustPy for the peers). SECTIONS: dev contract accuracy baselines ablations speed peers defaults report
 # (default: all but dev, whose results the presets were chosen from).
