@@ -6,6 +6,7 @@ seeds).
     python benchmarks/ablation.py --table pcp-floor      --data digits --config pcp-cpu
     python benchmarks/ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu
     python benchmarks/ablation.py --table pad            --data digits --config pad-cpu
+    python benchmarks/ablation.py --table dccm-components --data digits --config dccm-cpu
 
 Tables:
   pcp-components        PCP Table I: DeepCluster-style clusters on the bank (no PC, no CP), + PC,
@@ -14,6 +15,9 @@ Tables:
   deepcluster-clusters  Table III's DeepCluster row: its k-means cluster count
   pad                   PAD Tables 3-6: diffusion off, cyclic off, scale off / other s, HPE off /
                         cosine, k, lambda
+  dccm-components       DCCM Table 3: M1 (pseudo-graph loss alone), M2 + local robustness,
+                        M3 + pseudo-labels, M4 + triplet mutual information (DCCM)
+  dccm-pairs            DCCM Table 6: the MI pair strategies V1-V4
 
 Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
 own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA.json.
@@ -53,8 +57,21 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
         ("lambda = 0.2", ["options.hpe_weight=0.2"]),
         ("lambda = 1.0", ["options.hpe_weight=1.0"]),
     ],
+    # DCCM Table 3: M1 the pseudo-graph loss alone, M2 + local robustness (LR), M3 + pseudo-labels
+    # (PL), M4 + triplet mutual information (MI) = DCCM
+    "dccm-components": [
+        ("M1: L_PG only", ["options.local_robustness=false", "options.pseudo_labels=false",
+                           "options.mutual_information=false"]),
+        ("M2: + LR", ["options.pseudo_labels=false", "options.mutual_information=false"]),
+        ("M3: + LR + PL", ["options.mutual_information=false"]),
+        ("M4: + LR + PL + MI (DCCM)", []),
+    ],
+    # DCCM Table 6 (supplement): how the MI positives and negatives are drawn
+    "dccm-pairs": [(f"V{i + 1}: {v}", [f"options.pairs={v}"]) for i, v in enumerate(
+        ("nearest-random", "nearest-farthest", "random-random", "topn-random"))],
 }
-METHOD_OF = {"pcp-components": "pcp", "pcp-floor": "pcp", "deepcluster-clusters": "deepcluster", "pad": "pad"}
+METHOD_OF = {"pcp-components": "pcp", "pcp-floor": "pcp", "deepcluster-clusters": "deepcluster", "pad": "pad",
+             "dccm-components": "dccm", "dccm-pairs": "dccm"}
 KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from common import NOT_TUNED, class_count, data_spec, exclusive, fail, mean_std, save_result
 
-SCORES = ("acc", "nmi", "ari", "knn_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
+SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
 RUN_KEYS = (*SCORES, "epochs", "n_images", "n_clusters", "cluster_head", "cluster_features", "cluster_sizes")
 PIXEL_BASELINES = ("kmeans-pixels", "spectral-pixels")
@@ -97,6 +97,18 @@ def resolved_config(out: str, cfg) -> dict:
     return read_yaml(str(path)) if path.exists() else cfg.to_dict()
 
 
+def heads_summary(runs: list[dict]) -> dict:
+    """Mean / std over seeds of every cluster head's scores, keyed "head/features" (e.g. JULE's RC
+    clusters are "agglomerative/embedding", its SF clusters "method/embedding")."""
+    combos = sorted({(h["head"], h["features"]) for r in runs for h in r.get("heads") or []})
+    out = {}
+    for head, features in combos:
+        rows = [h for r in runs for h in r.get("heads") or [] if (h["head"], h["features"]) == (head, features)]
+        out[f"{head}/{features}"] = {k: mean_std([h.get(k) for h in rows])
+                                     for k in ("acc", "nmi", "nmi_geometric", "ari") if any(k in h for h in rows)}
+    return out
+
+
 def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
     from deepclust.runs import fit_run
 
@@ -116,7 +128,7 @@ def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
         runs.append(run)
         print({k: run[k] for k in ("seed", "acc", "nmi", "knn_top1", "kmeans_embedding_acc", "train_seconds")},
               flush=True)
-    return {"runs": runs}
+    return {"heads_summary": heads_summary(runs), "runs": runs}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -209,6 +209,24 @@ def accuracy_row(r: dict) -> list[str]:
             str(r.get("chosen_on", "-")), f"`{r['stem']}`"]
 
 
+def run_heads_section(results: dict[str, dict]) -> str:
+    """Every cluster head scored in the accuracy runs themselves (``heads_summary``: JULE's SF
+    clusters are method/embedding, its RC clusters agglomerative/embedding; DCCM's own head is
+    method/backbone), NMI both ways (arithmetic, and geometric as JULE reports it)."""
+    rows = []
+    for r in accuracy_runs(results):
+        for combo, sc in (r.get("heads_summary") or {}).items():
+            rows.append([r["data_name"], show(r["method"]) + (f" ({r['tag']})" if r["tag"] else ""), combo,
+                         str(sc.get("acc", {}).get("n", "-")), fmt(sc.get("acc")), fmt(sc.get("nmi")),
+                         fmt(sc.get("nmi_geometric")), fmt(sc.get("ari")), f"`{r['stem']}`"])
+    if not rows:
+        return ""
+    rows.sort(key=lambda x: (data_rank(x[0]), method_rank(x[1]), x[2]))
+    return "\n".join(["Mean ± std over the seeds of each accuracy run, every head read off the same trained "
+                      "network.", "", table(["data", "method", "head/features", "seeds", "ACC", "NMI",
+                                             "NMI (geometric)", "ARI", "file"], rows)])
+
+
 def heads_section(results: dict[str, dict]) -> str:
     """Every cluster head on every layer of the same trained networks (benchmarks/cluster_heads.py)."""
     heads = results.get("cluster_heads")
@@ -346,6 +364,7 @@ def papers_section(results: dict[str, dict]) -> str:
 SECTIONS: list[tuple[str, Callable[[dict[str, dict]], str]]] = [
     ("Summary", headline),
     ("Accuracy per data set", accuracy_section),
+    ("Every head of the accuracy runs", run_heads_section),
     ("The papers' tables", papers_section),
     ("Beside other libraries", peers_section),
     ("Reading clusters off the features", heads_section),

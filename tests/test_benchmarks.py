@@ -363,3 +363,31 @@ def test_readme_is_a_short_guide_with_a_headline_row_per_method():
     methods = {r["method"] for r in report.accuracy_runs(report.load_results(BENCH / "results")) if not r["tag"]}
     assert labels >= {report.show(m) for m in methods} and len(methods) >= 7
     assert "docs/results.md" in block and "docs/report-mnist-test.png" in text
+
+
+def test_ablation_tables_set_real_options():
+    """Every row of ablation.py's tables sets options its method declares (a renamed option would
+    otherwise fail only hours into a benchmark)."""
+    import dataclasses
+
+    import ablation
+
+    from deepclust.methods import method_class
+
+    for table, rows in ablation.TABLES.items():
+        fields = {f.name for f in dataclasses.fields(method_class(ablation.METHOD_OF[table]).Options)}
+        for _, sets in rows:
+            for item in sets:
+                key = item.partition("=")[0]
+                assert key.startswith("options.") and key.split(".", 1)[1] in fields, (table, item)
+
+
+def test_heads_summary_averages_each_head_over_seeds():
+    import accuracy
+
+    runs = [{"heads": [{"head": "agglomerative", "features": "embedding", "acc": a, "nmi": n, "nmi_geometric": n}]}
+            for a, n in ((0.9, 0.8), (0.7, 0.6))] + [{"heads": None}]
+    out = accuracy.heads_summary(runs)
+    assert list(out) == ["agglomerative/embedding"]
+    assert out["agglomerative/embedding"]["acc"]["mean"] == pytest.approx(0.8)
+    assert out["agglomerative/embedding"]["nmi_geometric"]["n"] == 2
