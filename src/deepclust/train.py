@@ -567,12 +567,13 @@ class TrainingProbe:
         if self.trainer.fabric.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_step(self) -> tuple[int, float]:
-        """(images, seconds) of the next training step: forward, loss, backward, optimiser step and
-        the method's bank update."""
+    def time_step(self, epoch: int = 0) -> tuple[int, float]:
+        """(images, seconds) of the next training step as ``epoch`` trains it (its views and loss,
+        with the structure the method holds; the batches are epoch 0's): forward, loss, backward,
+        optimiser step and the method's bank update."""
         gidx = self.batches[self.steps % len(self.batches)]
         t = self.clock()
-        self.trainer._step(self.model, self.optimizer, 0, self.steps, gidx)
+        self.trainer._step(self.model, self.optimizer, epoch, self.steps, gidx)
         self._sync()
         self.steps += 1
         return len(gidx), self.clock() - t
