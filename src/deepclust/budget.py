@@ -7,8 +7,8 @@ budget on the machine at hand (:func:`fit_to_budget`):
 1. **Measure.** For each candidate backbone, in order of capacity (:data:`CANDIDATES`: ResNet-18,
    AlexNet, JULE's CNN), build the real ``train.Trainer`` on these images with the resolved views,
    method, memory bank and optimiser, and time a few of its training steps (:class:`TrainerCalibration`:
-   one untimed warm-up step, then steps until 1.5 s or 4 steps have passed; a candidate that is
-   clearly too slow -- under half the throughput it needs after one timed step, or on a CPU under a
+   one untimed warm-up step, then steps until 1.5 s or 4 steps have passed, their median rate, so a
+   step still paying first-call costs does not set it; a candidate that is clearly too slow -- under half the throughput it needs after one timed step, or on a CPU under a
    quarter after the warm-up step -- is not timed further). The figure is training images per
    second, each image with all its views and the method's loss, backward, optimiser step and
    bank update, and each epoch's checkpoint (its serialisation, timed in memory) spread over the
@@ -406,17 +406,19 @@ class TrainerCalibration:
         if need is not None and cpu and warm < need / 4:
             return warm  # even allowing the first call 4x its steady cost, far too slow (CPU only:
             # a GPU's first step can be 100x its steady cost)
-        seen, elapsed, steps = 0, 0.0, 0
+        rates, elapsed = [], 0.0
         while True:
             images, seconds = probe.time_step(epoch)
-            seen, elapsed, steps = seen + images, max(elapsed + seconds, 1e-9), steps + 1
-            if need is not None and seen / elapsed < need / 2:
+            rates.append(images / max(seconds, 1e-9))
+            elapsed += seconds
+            if need is not None and rates[-1] < need / 2:
                 break  # clearly too slow: the estimate is good enough to reject it
-            if elapsed >= self.min_seconds or steps >= self.max_steps:
+            if elapsed >= self.min_seconds or len(rates) >= self.max_steps:
                 break
-        ips = seen / elapsed
+        ips = float(np.median(rates))  # one step still paying first-call costs does not set it
         if self.cfg.train.checkpoint:  # each epoch ends with a checkpoint: its serialisation, per epoch
             n = len(self.images)
+            probe.checkpoint_seconds()  # the first one grows its buffers: timed again
             ips = n / (n / ips + probe.checkpoint_seconds())
         return ips
 
