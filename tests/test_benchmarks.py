@@ -377,3 +377,43 @@ def test_readme_prose_matches_results():
     found = report.check_prose((ROOT / "README.md").read_text(), BENCH / "results")
     assert not found, "README prose figures not in benchmarks/results/ (regenerate with " \
                       "`python benchmarks/report.py`, or fix the sentence):\n" + "\n".join(found)
+
+
+# ------------------------------------------------------------------------------------------------
+# budget_plan.py: arguments and the comparison (no training)
+
+
+def test_budget_plan_refuses_a_bad_budget_in_one_line(tmp_path):
+    p = run_script("budget_plan.py", "--data", "digits", "--budget", "soon", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--budget" in p.stderr, p.stderr
+    p = run_script("budget_plan.py", "--budget", "2m", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and "--data" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_budget_plan_compares_the_plan_with_the_run():
+    import budget_plan
+
+    args = budget_plan.parse_args(["--data", "digits", "--budget", "2m", "--set", "method=and"])
+    assert args.budget_seconds == 120 and budget_plan.fit_config(args, "/tmp/x").train.epochs is None
+    plan = {"backbone": "jule_cnn", "epochs": 30, "total_epochs": 30, "before_seconds": 5.0, "calibration_seconds": 10.0,
+            "estimated_seconds": 90.0, "finish_seconds": 4.0, "estimated_total_seconds": 109.0,
+            "candidates": [{"backbone": "alexnet", "images_per_second": 10.0},
+                           {"backbone": "jule_cnn", "images_per_second": 900.0, "steady_images_per_second": 800.0,
+                            "first_discovery_seconds": 1.0, "discovery_seconds": 0.2, "estimated_seconds": 90.0}]}
+    log = [{"epoch": 0, "images_per_second": 1000.0, "seconds": 2.0},
+           {"epoch": 1, "images_per_second": 700.0, "seconds": 3.0, "discovery_seconds": 0.9},
+           {"epoch": 2, "images_per_second": 900.0, "seconds": 2.5, "discovery_seconds": 0.3},
+           {"epoch": 3, "images_per_second": 800.0, "seconds": 2.5, "discovery_seconds": 0.1}]
+    r = budget_plan.compare(plan, {"train_seconds": 81.0, "epochs": 30}, log, wall=110.0, budget_seconds=120)
+    assert r["planned"]["costs"] == {"images_per_second": 900.0, "steady_images_per_second": 800.0,
+                                     "first_discovery_seconds": 1.0, "discovery_seconds": 0.2}
+    costs = r["actual"]["costs"]
+    assert (costs["images_per_second"], costs["steady_images_per_second"]) == (1000.0, 800.0)
+    assert (costs["first_discovery_seconds"], costs["discovery_seconds"], costs["discoveries"]) == (0.9, 0.2, 3)
+    assert costs["epoch_records_seconds"] == 10.0 and costs["checkpoint_and_log_seconds"] == 71.0
+    assert r["actual"]["finish_seconds"] == 14.0  # 110 - 5 - 10 - 81
+    assert r["ratios"] == {"training_actual_over_planned": 0.9, "wall_over_budget": 0.917}
+    assert r["within_15pct"] == {"training": True, "wall": True}
+    short = budget_plan.compare(plan, {"train_seconds": 28.0, "epochs": 30}, log, wall=60.0, budget_seconds=120)
+    assert short["within_15pct"] == {"training": False, "wall": False}
