@@ -417,3 +417,25 @@ def test_budget_plan_compares_the_plan_with_the_run():
     assert r["within_15pct"] == {"training": True, "wall": True}
     short = budget_plan.compare(plan, {"train_seconds": 28.0, "epochs": 30}, log, wall=60.0, budget_seconds=120)
     assert short["within_15pct"] == {"training": False, "wall": False}
+
+
+def test_backbone_budget_arguments_and_verdict(tmp_path):
+    import backbone_budget
+
+    p = run_script("backbone_budget.py", "--budgets", "2m", "a while", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--budgets" in p.stderr, p.stderr
+    p = run_script("backbone_budget.py", "--data", "mnist", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and "--data" in p.stderr  # development data only
+    assert not (tmp_path / "r").exists()
+
+    def row(budget, asked, chosen, nmi, seed):
+        return {"budget": budget, "asked": asked, "backbone": chosen, "seed": seed, "nmi": nmi, "acc": nmi,
+                "ari": nmi, "knn_top1": 0.9, "epochs": 20, "train_seconds": 100.0, "wall_seconds": 119.0}
+
+    rows = [row("2m", "auto", "alexnet", 0.69, s) for s in (0, 1)] + \
+        [row("2m", "alexnet", "alexnet", v, s) for s, v in ((0, 0.70), (1, 0.68))] + \
+        [row("2m", "jule_cnn", "jule_cnn", v, s) for s, v in ((0, 0.88), (1, 0.86))]
+    s = backbone_budget.summarise(rows)
+    assert s["verdict"]["2m"] == {"best_by_nmi": "jule_cnn", "best_nmi": pytest.approx(0.87),
+                                  "rule_chose": ["alexnet"], "rule_nmi": pytest.approx(0.69)}
+    assert [t["backbone"] for t in s["table"]] == ["alexnet", "auto", "jule_cnn"]
