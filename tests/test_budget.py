@@ -420,3 +420,19 @@ def test_extrapolated_finish_grows_between_linear_and_quadratic():
     assert extrapolate_seconds([(1000, 1.0), (2000, 1.0)], 8000) == pytest.approx(4.0)  # at least linear
     assert extrapolate_seconds([(1000, 1.0), (2000, 50.0)], 4000) == pytest.approx(200.0)  # at most quadratic
     assert extrapolate_seconds([(1000, 0.0), (2000, 1.0)], 4000) == pytest.approx(4.0)  # too small: quadratic
+
+
+@pytest.mark.parametrize("method", ["jule", "dccm"])
+def test_the_finish_is_timed_for_a_method_whose_head_is_its_own_clusters(method, tmp_path, monkeypatch):
+    from deepclust.resolution import resolve, view_spec
+
+    monkeypatch.chdir(tmp_path)
+    layer = build_config(METHOD_SMOKE[method], {"method": method, "cluster": {"n_clusters": 10},
+                                                "train": {"accelerator": "cpu", "threads": 1}})
+    cfg = resolve(layer, _digits())
+    assert cfg.cluster.head == "method"
+    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+                                    min_seconds=0.0, max_steps=1)
+    backbone = cfg.net.backbone
+    assert cal(backbone) > 0 and cal.finish(backbone) > 0
+    cal.close()

@@ -470,8 +470,9 @@ class TrainerCalibration:
                 feats = {name: extract_features(trainer.net, trainer.views, sub.images, device=trainer.fabric.device,
                                                 layer=name) for name in layers}
                 pass_seconds = (self.clock() - t) / (m * len(layers))
-                t = self.clock()
-                compute_metrics(self.cfg, sub, feats[layers[0]][0], feats[layers[0]][1],
+                own = np.arange(m) % self.cfg.cluster.n_clusters if self.cfg.cluster.head == "method" else None
+                t = self.clock()  # a stand-in for the method's own clusters when the head reads them
+                compute_metrics(self.cfg, sub, feats[layers[0]][0], feats[layers[0]][1], method_labels=own,
                                 layers={name: f[0] for name, f in feats.items()})
                 points.append((m, self.clock() - t))
         passes = len(layers) + len(trainer.method.final_features())
