@@ -92,8 +92,9 @@ from .scoring import compute_metrics
 from .train import Trainer, TrainingProbe, extract_features, make_fabric, preserved_rng
 
 __all__ = ["CANDIDATES", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
-           "parse_budget", "format_seconds", "epochs_for_budget", "method_schedule", "plan_budget",
-           "TrainerCalibration", "fit_to_budget", "unused_budget_note", "describe"]
+           "parse_budget", "format_seconds", "Span", "Costs", "epochs_for_budget", "estimate_seconds",
+           "method_schedule", "extrapolate_seconds", "plan_budget", "TrainerCalibration", "fit_to_budget",
+           "unused_budget_note", "describe"]
 
 CANDIDATES: tuple[str, ...] = ("resnet18", "alexnet", "jule_cnn")  # most capable first
 DEFAULT_BUDGET = "10m"
@@ -123,9 +124,10 @@ class Costs:
     ``images_per_second``: training steps before any structure exists (epoch 0's, each epoch's
     checkpoint spread over it); ``steady_images_per_second``: steps once a structure exists (PAD's
     epoch 0 makes a second view of every image, later epochs only of its isolated ones, with group
-    terms; None: as epoch 0's); ``first_discovery_seconds``: the first discovery, with its first-call costs (None:
-    as the others); ``discovery_seconds``: every later one; ``finish_seconds``: what follows the
-    training (the full feature passes, the cluster head and the metrics)."""
+    terms; None: as epoch 0's); ``first_discovery_seconds``: the first discovery, with its
+    first-call costs (None: as the others); ``discovery_seconds``: every later one;
+    ``finish_seconds``: what follows the training (the full feature passes, the cluster head and
+    the metrics)."""
     images_per_second: float
     discovery_seconds: float = 0.0
     first_discovery_seconds: float | None = None
