@@ -3,13 +3,20 @@ development data only (scikit-learn's digits and USPS; never MNIST, Fashion-MNIS
 
     python benchmarks/dev_choices.py --data digits usps --methods instance and pad pcp deepcluster \
         --views mild strong --seeds 0 1 --epochs 40
+    python benchmarks/dev_choices.py --data digits usps --methods pad instance --views mild \
+        --schedules frac cosine constant --seeds 0 1 2 --epochs 40 --tag schedules
 
-For every (data, method, views, seed) it trains one run with the shared CPU settings (the network the
-data gets by default, SGD Nesterov lr 0.03, batch 128, the same total epochs for every method: AND
-as 4 rounds + round 0 of epochs / 5, PCP as one round), then reads clusters off the trained network
+For every (data, method, views, learning-rate schedule, seed) it trains one run with the shared CPU
+settings (the network the data gets by default, SGD Nesterov lr 0.03, batch 128, the same total
+epochs for every method: AND as 4 rounds + round 0 of epochs / 5, PCP as one round), then reads clusters off the trained network
 in every way on offer - k-means and spectral clustering (K and 2K eigenvectors) on the backbone layer
 and on the embedding, and the method's own clusters - and records ACC / NMI / ARI, kNN top-1 and
-train seconds. Results: benchmarks/results/dev-choices-DATA.json (rows, and means over seeds).
+train seconds. Results: benchmarks/results/dev-choices-DATA[-TAG].json (rows, and means over seeds).
+
+Schedules (``--schedules``, issue 29): ``frac``, the rate x0.1 at half and three quarters of the run
+(``optim.milestones_frac: [0.5, 0.75]``, the library default and the *-cpu presets' since issue 29);
+``cosine`` over the run; ``constant``, no decay -- what every 40-epoch run of the sweeps recorded
+before issue 29 had (the fixed milestones 80/120/160 were never reached).
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ from common import class_count, data_spec, exclusive, mean_std, save_result
 VIEWS = {
     "mild": {"preset": "digits"},  # the package's geometric jitter preset as it stands
     "strong": {"preset": "digits", "rotation": 20, "shift": 0.15, "rescale": [0.8, 1.2], "crop_scale": [0.5, 1.0]},
+}
+
+
+SCHEDULES = {
+    "frac": {"schedule": "step", "milestones": None, "milestones_frac": [0.5, 0.75]},
+    "cosine": {"schedule": "cosine", "milestones": None},
+    "constant": {"schedule": "step", "milestones": None, "milestones_frac": None},
 }
 
 
@@ -71,7 +85,7 @@ def read_heads(run: Path, k: int, seed: int) -> list[dict]:
     return rows
 
 
-def one_run(data: str, method: str, views: str, seed: int, epochs: int) -> dict:
+def one_run(data: str, method: str, views: str, seed: int, epochs: int, schedule: str = "frac") -> dict:
     from deepclust.config import merge_layers
     from deepclust.configure import build_config
     from deepclust.runs import fit_run
@@ -79,7 +93,8 @@ def one_run(data: str, method: str, views: str, seed: int, epochs: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="deepclust-dev-")) / "run"
     layer = merge_layers({"out": str(out), "data": {"spec": data_spec(data)},
                           "cluster": {"n_clusters": class_count(data_spec(data))},  # the papers' K
-                          "views": VIEWS[views], "train": {"seed": seed, "progress": False}},
+                          "views": VIEWS[views], "optim": SCHEDULES[schedule],
+                          "train": {"seed": seed, "progress": False}},
                          method_layer(method, epochs))
     try:
         m = fit_run(build_config(layer))
@@ -88,7 +103,8 @@ def one_run(data: str, method: str, views: str, seed: int, epochs: int) -> dict:
         if own:
             heads.append({"head": "method", "features": own["features"], "seconds": own["head_seconds"],
                           **{k: own[k] for k in ("acc", "nmi", "ari")}})
-        return {"data": data, "method": method, "views": views, "seed": seed, "epochs": m["epochs"],
+        return {"data": data, "method": method, "views": views, "schedule": schedule, "seed": seed,
+                "epochs": m["epochs"],
                 "train_seconds": m["train_seconds"], "knn_top1": m.get("knn_top1"), "heads": heads,
                 "config": json.loads(json.dumps(build_config(layer).to_dict()))}
     finally:
@@ -99,11 +115,11 @@ def summarise(rows: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for r in rows:
         for h in r["heads"]:
-            groups[(r["method"], r["views"], h["head"], h["features"])].append({**h, "knn_top1": r["knn_top1"],
-                                                                                 "train_seconds": r["train_seconds"]})
-    return [{"method": m, "views": v, "head": h, "features": f,
+            key = (r["method"], r["views"], r.get("schedule", "frac"), h["head"], h["features"])
+            groups[key].append({**h, "knn_top1": r["knn_top1"], "train_seconds": r["train_seconds"]})
+    return [{"method": m, "views": v, "schedule": sc, "head": h, "features": f,
              **{key: mean_std([x[key] for x in xs]) for key in ("acc", "nmi", "ari", "knn_top1", "train_seconds")}}
-            for (m, v, h, f), xs in sorted(groups.items())]
+            for (m, v, sc, h, f), xs in sorted(groups.items())]
 
 
 def main() -> None:
@@ -111,6 +127,7 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["digits", "usps"], choices=["digits", "usps"])
     p.add_argument("--methods", nargs="+", default=["instance", "and", "pad", "pcp", "deepcluster"])
     p.add_argument("--views", nargs="+", default=list(VIEWS), choices=list(VIEWS))
+    p.add_argument("--schedules", nargs="+", default=["frac"], choices=list(SCHEDULES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--tag", default="")
@@ -120,13 +137,14 @@ def main() -> None:
         with exclusive(name):
             rows = []
             for method in args.methods:
-                for views in args.views:
+                for views, schedule in [(v, sc) for v in args.views for sc in args.schedules]:
                     for seed in args.seeds:
-                        rows.append(one_run(data, method, views, seed, args.epochs))
+                        rows.append(one_run(data, method, views, seed, args.epochs, schedule))
                         best = max(rows[-1]["heads"], key=lambda h: h["acc"])
-                        print(json.dumps({k: rows[-1][k] for k in ("data", "method", "views", "seed", "knn_top1",
-                                                                   "train_seconds")} | {"best": best}), flush=True)
-            save_result(name, {"data": data, "epochs": args.epochs, "seeds": args.seeds,
+                        print(json.dumps({k: rows[-1][k] for k in ("data", "method", "views", "schedule", "seed",
+                                                                   "knn_top1", "train_seconds")} | {"best": best}),
+                              flush=True)
+            save_result(name, {"data": data, "epochs": args.epochs, "seeds": args.seeds, "schedules": args.schedules,
                                         "summary": summarise(rows), "runs": rows},
                         chosen_on="n/a: this is the development sweep the defaults are chosen from")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark behind the README, in sequence, then the README's headline table and docs/results.md (about seven hours
 # on the 2-core CPU). Usage: bash benchmarks/run_all.sh [SECTION...]   (from anywhere, .venv installed;
-# ClustPy for the peers). SECTIONS: dev contract accuracy baselines ablations speed peers defaults report
-# (default: all but dev, whose results the presets were chosen from).
+# ClustPy for the peers). SECTIONS: dev contract accuracy baselines ablations speed peers defaults budget
+# report (default: all but dev, whose results the presets were chosen from, and budget, about 2.5 hours).
 # Run it alone: each benchmark refuses to start (exit 2) while a deepclust fit or another benchmark runs.
 # A failed step is reported at the end and the script exits 1; the others still run.
 # --chosen-on says which data each run's settings were chosen on: the *-cpu presets and the library's
@@ -22,8 +22,12 @@ SECTIONS=("$@"); [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(contract accuracy baseli
 if want dev; then  # the development sweep the defaults and presets were chosen from
   for data in digits usps; do
     run $PY dev_choices.py --data $data --methods instance and pad pcp pcp:images_per_cluster=50 deepcluster \
-        deepcluster:clusters=100 --views mild strong --seeds 0 1 --epochs 40
+        deepcluster:clusters=100 --views mild strong --seeds 0 1 --epochs 40 --schedules constant  # as recorded
   done
+  # issue 29: the learning-rate schedule of the presets and budgets, and the backbone rule of the budget
+  run $PY dev_choices.py --data digits usps --methods pad instance --views mild --schedules frac cosine constant \
+      --seeds 0 1 2 --epochs 40 --tag schedules
+  run $PY backbone_budget.py --data digits usps --budgets 2m 10m --seeds 0 1 2
 fi
 if want contract; then  # instance and AND on the new contract, with the presets of their recorded figures
   for m in and instance; do
@@ -69,6 +73,13 @@ if want defaults; then  # the bare defaults (method, views, head, backbone and e
       --chosen-on "$DEFAULTS"
   run $PY accuracy.py --method pad --data cifar10-test --seeds 0 --set train.budget=60m --tag defaults-60m \
       --chosen-on "$DEFAULTS"
+fi
+if want budget; then  # issue 29: does the budget keep its word? planned against actual, one fit each
+  for case in "digits 2m" "usps 2m" "mnist-test 2m" "usps 10m" "cifar10-test 10m" "fashion-mnist 60m" \
+      "cifar10-test 60m"; do
+    set -- $case
+    run $PY budget_plan.py --data "$1" --budget "$2"
+  done
 fi
 if want report; then
   run $PY cluster_heads.py

@@ -391,3 +391,65 @@ def test_heads_summary_averages_each_head_over_seeds():
     assert list(out) == ["agglomerative/embedding"]
     assert out["agglomerative/embedding"]["acc"]["mean"] == pytest.approx(0.8)
     assert out["agglomerative/embedding"]["nmi_geometric"]["n"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# budget_plan.py: arguments and the comparison (no training)
+
+
+def test_budget_plan_refuses_a_bad_budget_in_one_line(tmp_path):
+    p = run_script("budget_plan.py", "--data", "digits", "--budget", "soon", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--budget" in p.stderr, p.stderr
+    p = run_script("budget_plan.py", "--budget", "2m", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and "--data" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_budget_plan_compares_the_plan_with_the_run():
+    import budget_plan
+
+    args = budget_plan.parse_args(["--data", "digits", "--budget", "2m", "--set", "method=and"])
+    assert args.budget_seconds == 120 and budget_plan.fit_config(args, "/tmp/x").train.epochs is None
+    plan = {"backbone": "jule_cnn", "epochs": 30, "total_epochs": 30, "before_seconds": 5.0, "calibration_seconds": 10.0,
+            "estimated_seconds": 90.0, "finish_seconds": 4.0, "estimated_total_seconds": 109.0,
+            "candidates": [{"backbone": "alexnet", "images_per_second": 10.0},
+                           {"backbone": "jule_cnn", "images_per_second": 900.0, "steady_images_per_second": 800.0,
+                            "first_discovery_seconds": 1.0, "discovery_seconds": 0.2, "estimated_seconds": 90.0}]}
+    log = [{"epoch": 0, "images_per_second": 1000.0, "seconds": 2.0},
+           {"epoch": 1, "images_per_second": 700.0, "seconds": 3.0, "discovery_seconds": 0.9},
+           {"epoch": 2, "images_per_second": 900.0, "seconds": 2.5, "discovery_seconds": 0.3},
+           {"epoch": 3, "images_per_second": 800.0, "seconds": 2.5, "discovery_seconds": 0.1}]
+    r = budget_plan.compare(plan, {"train_seconds": 81.0, "epochs": 30}, log, wall=110.0, budget_seconds=120)
+    assert r["planned"]["costs"] == {"images_per_second": 900.0, "steady_images_per_second": 800.0,
+                                     "first_discovery_seconds": 1.0, "discovery_seconds": 0.2}
+    costs = r["actual"]["costs"]
+    assert (costs["images_per_second"], costs["steady_images_per_second"]) == (1000.0, 800.0)
+    assert (costs["first_discovery_seconds"], costs["discovery_seconds"], costs["discoveries"]) == (0.9, 0.2, 3)
+    assert costs["epoch_records_seconds"] == 10.0 and costs["checkpoint_and_log_seconds"] == 71.0
+    assert r["actual"]["finish_seconds"] == 14.0  # 110 - 5 - 10 - 81
+    assert r["ratios"] == {"training_actual_over_planned": 0.9, "wall_over_budget": 0.917}
+    assert r["within_15pct"] == {"training": True, "wall": True}
+    short = budget_plan.compare(plan, {"train_seconds": 28.0, "epochs": 30}, log, wall=60.0, budget_seconds=120)
+    assert short["within_15pct"] == {"training": False, "wall": False}
+
+
+def test_backbone_budget_arguments_and_verdict(tmp_path):
+    import backbone_budget
+
+    p = run_script("backbone_budget.py", "--budgets", "2m", "a while", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--budgets" in p.stderr, p.stderr
+    p = run_script("backbone_budget.py", "--data", "mnist", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and "--data" in p.stderr  # development data only
+    assert not (tmp_path / "r").exists()
+
+    def row(budget, asked, chosen, nmi, seed):
+        return {"budget": budget, "asked": asked, "backbone": chosen, "seed": seed, "nmi": nmi, "acc": nmi,
+                "ari": nmi, "knn_top1": 0.9, "epochs": 20, "train_seconds": 100.0, "wall_seconds": 119.0}
+
+    rows = [row("2m", "auto", "alexnet", 0.69, s) for s in (0, 1)] + \
+        [row("2m", "alexnet", "alexnet", v, s) for s, v in ((0, 0.70), (1, 0.68))] + \
+        [row("2m", "jule_cnn", "jule_cnn", v, s) for s, v in ((0, 0.88), (1, 0.86))]
+    s = backbone_budget.summarise(rows)
+    assert s["verdict"]["2m"] == {"best_by_nmi": "jule_cnn", "best_nmi": pytest.approx(0.87),
+                                  "rule_chose": ["alexnet"], "rule_nmi": pytest.approx(0.69)}
+    assert [t["backbone"] for t in s["table"]] == ["alexnet", "auto", "jule_cnn"]

@@ -64,15 +64,17 @@ def test_cli_budget_flag_junk_is_one_line(tmp_path):
 
 
 def test_method_schedules_count_rounds_and_discoveries():
-    assert method_schedule(build_config({"method": "instance"}))(7) == (7, 0)
+    # (total epochs, discoveries, epochs trained before the first discovery)
+    assert method_schedule(build_config({"method": "instance"}))(7) == (7, 0, 7)
     # AND: round 0 plus R rounds of E epochs, a discovery at the start of each round after round 0
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))(3) == (15, 4)
+    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))(3) == (15, 4, 3)
     assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}))(4) \
-        == (13, 2)
+        == (13, 2, 5)
     # PCP: rounds x E, structure every epoch
-    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}))(4) == (12, 12)
-    # DeepCluster: a re-clustering every `reassign` epochs
-    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}))(5) == (5, 3)
+    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}))(4) == (12, 12, 0)
+    # DeepCluster: a re-clustering every `reassign` epochs; PAD: every epoch from the second
+    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}))(5) == (5, 3, 0)
+    assert method_schedule(build_config({"method": "pad"}))(5) == (5, 4, 1)
 
 
 def test_epochs_for_budget_divides_the_total_over_rounds():
@@ -236,6 +238,9 @@ class _FakeCalibration:
     def discovery(self, backbone):
         return 0.0
 
+    def finish(self, backbone):
+        return 0.0
+
     def close(self):
         pass
 
@@ -293,8 +298,11 @@ def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch
     cal = budget.TrainerCalibration(cfg, images, view_spec(cfg.views), probe_epochs=2, min_seconds=0.0, max_steps=2)
     ips = cal("jule_cnn")
     assert np.isfinite(ips) and ips > 0
-    assert cal.discovery("jule_cnn") >= 0  # AND's round-1 neighbourhoods, timed
-    assert cal.discovery("alexnet") == 0.0  # not the live candidate
+    costs = cal.discovery("jule_cnn")  # AND's round-1 neighbourhoods, timed twice, and round 1's steps
+    assert set(costs) == {"first_discovery_seconds", "discovery_seconds", "steady_images_per_second"}
+    assert all(np.isfinite(v) and v >= 0 for v in costs.values()) and costs["steady_images_per_second"] > 0
+    assert cal.discovery("alexnet") == {} and cal.finish("alexnet") == 0.0  # not the live candidate
+    assert cal.finish("jule_cnn") > 0  # the passes, heads and metrics on 300 images, timed
     cal.close()
     assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -313,4 +321,118 @@ def test_the_schedule_asked_of_the_class_is_the_instances(method):
         m = build_method(cfg, 50, tap_dims={"conv2": 128, "backbone": 32, "embedding": 128},
                          tap_shapes={"conv2": (8, 4, 4), "backbone": (32,), "embedding": (128,)}, shallow_layer="conv2")
         total = m.total_epochs()
-        assert method_schedule(cfg)(epochs) == (total, sum(m.needs_discovery(e) for e in range(total)))
+        at = [e for e in range(total) if m.needs_discovery(e)]
+        assert method_schedule(cfg)(epochs) == (total, len(at), at[0] if at else total)
+
+
+# -- the model of a run's time against a fake clock (issue 29: the budget keeps its word) ----------------------
+
+
+class FakeRun:
+    """A machine with known costs: steps of epoch 0 (``first_ips``) and once a structure exists
+    (``steady_ips``), a first discovery with first-call costs and cheaper later ones, the finishing
+    (passes, head, metrics), and ``before`` seconds of loading and resolving before the plan. Each
+    measurement advances the fake clock by what it would cost."""
+
+    def __init__(self, first_ips, steady_ips, first_disc, disc, finish, before):
+        self.first_ips, self.steady_ips, self.first_disc, self.disc = first_ips, steady_ips, first_disc, disc
+        self.finish_s, self.now = finish, float(before)
+
+    def clock(self):
+        return self.now
+
+    def measure(self, backbone, need):
+        self.now += 2.0
+        return self.first_ips
+
+    def discovery(self, backbone):
+        self.now += self.first_disc + self.disc + 1.5
+        return {"first_discovery_seconds": self.first_disc, "discovery_seconds": self.disc,
+                "steady_images_per_second": self.steady_ips}
+
+    def finish(self, backbone):
+        self.now += 1.0
+        return self.finish_s
+
+    def run_seconds(self, cfg, n):
+        """What the run then takes, epoch by epoch as the method's own hooks schedule it."""
+        from deepclust.methods import method_class
+
+        cls = method_class(cfg.method)
+        seconds, discovered = 0.0, 0
+        for e in range(cls.epochs_of(cfg)):
+            if cls.discovers_at(cfg, e):
+                seconds += self.first_disc if discovered == 0 else self.disc
+                discovered += 1
+            seconds += n / (self.first_ips if discovered == 0 else self.steady_ips)
+        return seconds + self.finish_s
+
+
+@pytest.mark.parametrize("method", ["pad", "and", "instance", "pcp", "deepcluster"])
+@pytest.mark.parametrize("budget_s,n,speeds", [
+    (120, 1797, (900.0, 1600.0, 3.0, 0.05, 4.0, 6.0)),  # digits-like, 2 minutes: PAD's issue case
+    (600, 10_000, (400.0, 700.0, 2.0, 0.6, 15.0, 20.0)),  # 10k images, 10 minutes
+    (3600, 70_000, (700.0, 1100.0, 30.0, 12.0, 120.0, 60.0)),  # 70k images, an hour
+])
+def test_the_plan_fills_the_budget_within_15_percent(method, budget_s, n, speeds):
+    m = FakeRun(*speeds)
+    layer = {"method": method, "net": {"backbone": "jule_cnn"}}
+    cfg = build_config(layer)
+    report = plan_budget(budget_s, n, ("jule_cnn",), m.measure, method_schedule(cfg), measure_discovery=m.discovery,
+                         measure_finish=m.finish, started=0.0, clock=m.clock, max_per_unit=10_000)
+    run = build_config(layer, {"train": {"epochs": report["epochs"]}})
+    total = m.now + m.run_seconds(run, n)  # loading, resolving and calibration, then the run
+    assert 0.85 * budget_s <= total <= budget_s, (report, total)
+    assert report["estimated_total_seconds"] == pytest.approx(total, rel=0.01)
+    assert report["before_seconds"] == speeds[5] and report["finish_seconds"] == speeds[4]
+
+
+def test_the_old_model_left_the_budget_unspent():
+    """Epoch 0's steps for every epoch and the first discovery's cost for each: the plan of the
+    issue (digits, 2 minutes: planned 96 s, trained 28 s) fell far short on such a machine."""
+    m = FakeRun(900.0, 1600.0, 3.0, 0.05, 4.0, 6.0)
+    cfg = build_config({"method": "pad"})
+    old = plan_budget(120, 1797, ("jule_cnn",), m.measure, method_schedule(cfg), measure_discovery=lambda b: 3.0,
+                      clock=m.clock, max_per_unit=10_000)
+    run = build_config({"method": "pad", "train": {"epochs": old["epochs"]}})
+    assert m.run_seconds(run, 1797) < 0.6 * old["estimated_seconds"]
+
+
+def test_time_before_the_plan_and_after_training_count_against_the_budget():
+    schedule = method_schedule(build_config({"method": "instance"}))
+    clock = lambda: 40.0  # noqa: E731
+    # 1,000 images at 1,000 images/s: 1 s an epoch; 100 s budget, reserve 0.9
+    assert plan_budget(100, 1000, ("mlp",), lambda b: 1000.0, schedule, clock=clock)["epochs"] == 90
+    r = plan_budget(100, 1000, ("mlp",), lambda b: 1000.0, schedule, started=10.0, clock=clock)
+    assert r["epochs"] == 63 and r["before_seconds"] == 30.0  # 0.9 * (100 - 30)
+    r = plan_budget(100, 1000, ("mlp",), lambda b: 1000.0, schedule, started=10.0, clock=clock,
+                    measure_finish=lambda b: 20.0)
+    assert r["epochs"] == 45 and r["finish_seconds"] == 20.0  # 0.9 * (100 - 30 - 20)
+    assert r["estimated_total_seconds"] == pytest.approx(30 + 45 + 20)
+
+
+def test_extrapolated_finish_grows_between_linear_and_quadratic():
+    from deepclust.budget import extrapolate_seconds
+
+    assert extrapolate_seconds([(500, 2.0)], 300) == 2.0  # measured at the full size
+    assert extrapolate_seconds([(1000, 1.0), (2000, 2.0)], 8000) == pytest.approx(8.0)  # linear
+    assert extrapolate_seconds([(1000, 1.0), (2000, 4.0)], 8000) == pytest.approx(64.0)  # quadratic
+    assert extrapolate_seconds([(1000, 1.0), (2000, 1.0)], 8000) == pytest.approx(4.0)  # at least linear
+    assert extrapolate_seconds([(1000, 1.0), (2000, 50.0)], 4000) == pytest.approx(200.0)  # at most quadratic
+    assert extrapolate_seconds([(1000, 0.0), (2000, 1.0)], 4000) == pytest.approx(4.0)  # too small: quadratic
+
+
+@pytest.mark.parametrize("method", ["jule", "dccm"])
+def test_the_finish_is_timed_for_a_method_whose_head_is_its_own_clusters(method, tmp_path, monkeypatch):
+    from deepclust.resolution import resolve, view_spec
+
+    monkeypatch.chdir(tmp_path)
+    layer = build_config(METHOD_SMOKE[method], {"method": method, "cluster": {"n_clusters": 10},
+                                                "train": {"accelerator": "cpu", "threads": 1}})
+    cfg = resolve(layer, _digits())
+    assert cfg.cluster.head == "method"
+    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+                                    min_seconds=0.0, max_steps=1)
+    backbone = cfg.net.backbone
+    assert cal(backbone) > 0 and cal.finish(backbone) > 0
+    cal.close()

@@ -7,29 +7,43 @@ budget on the machine at hand (:func:`fit_to_budget`):
 1. **Measure.** For each candidate backbone, in order of capacity (:data:`CANDIDATES`: ResNet-18,
    AlexNet, JULE's CNN), build the real ``train.Trainer`` on these images with the resolved views,
    method, memory bank and optimiser, and time a few of its training steps (:class:`TrainerCalibration`:
-   one untimed warm-up step, then steps until 1.5 s or 4 steps have passed; a candidate that is
-   clearly too slow -- under half the throughput it needs after one timed step, or on a CPU under a
+   one untimed warm-up step, then steps until 1.5 s or 4 steps have passed, their median rate, so a
+   step still paying first-call costs does not set it; a candidate that is clearly too slow -- under half the throughput it needs after one timed step, or on a CPU under a
    quarter after the warm-up step -- is not timed further). The figure is training images per
    second, each image with all its views and the method's loss, backward, optimiser step and
    bank update, and each epoch's checkpoint (its serialisation, timed in memory) spread over the
-   epoch. A method whose schedule has structure discovery (AND's rounds, DeepCluster's
-   k-means, PAD's SCS search, PCP's clustering) has one discovery timed too -- with the label
-   diagnostics the loop logs after it when the data has labels -- and its cost is counted once
-   per discovery of the schedule.
-2. **Plan** (:func:`plan_budget`, pure, with the measurement injected). With R = ``RESERVE`` x the
-   budget left after the measurements, a candidate gets the largest epochs-per-unit E (``train.epochs``:
-   per round for AND / PCP) whose estimated time ``total_epochs(E) x N / throughput +
-   discoveries(E) x discovery seconds`` fits R, capped at ``MAX_EPOCHS_PER_UNIT``. The first
-   (most capable) candidate whose total reaches ``MIN_EPOCHS`` is chosen; if none does, the one with
-   the most epochs (at least one per unit, with a warning when that overruns the budget).
-   ``total_epochs`` and the discovery count come from the method's own hooks
-   (``Method.epochs_of`` / ``discovers_at``, :func:`method_schedule`), so rounds are handled
-   for every method: AND trains round 0 plus ``options.rounds`` rounds of E epochs, PCP
-   ``options.rounds`` x E.
+   epoch. For a candidate that passes on throughput, the rest of the run is measured too
+   (:class:`Costs`):
+   - a method whose schedule has structure discovery (AND's rounds, DeepCluster's k-means, PAD's
+     SCS search, PCP's clustering) has its first discovery timed -- with the label diagnostics the
+     loop logs after it when the data has labels -- then, when that discovery comes after epoch 0,
+     a few steps with the structure it made (PAD's epoch 0 makes a second view of every image,
+     its later epochs only of the isolated ones but add the group terms: the two costs differ,
+     and timing epoch 0 alone charged every epoch epoch 0's), then the same discovery again: the first call's costs (imports, allocations) are
+     paid once in a run, so every later discovery is counted at the second timing;
+   - what follows training (:meth:`TrainerCalibration.finish`): the full feature passes at the
+     measured cost per image, and the cluster head with the metrics (every head and the kNN
+     accuracy when there are labels) timed on 1,000 and 2,000 of the images and extrapolated
+     (:func:`extrapolate_seconds`), or timed on all of them for up to 2,000.
+   What the run spent before the plan (loading the images, estimating K, choosing the views:
+   ``started``, from ``runs.fit_run``) and the calibration itself count as spent.
+2. **Plan** (:func:`plan_budget`, pure, with the measurements injected). With R = ``RESERVE`` x
+   (the budget - the seconds spent so far - the finishing estimate), a candidate gets the largest
+   epochs-per-unit E (``train.epochs``: per round for AND / PCP) whose estimated training time
+   (:meth:`Costs.training_seconds`: epochs before the first discovery at epoch 0's throughput, the
+   rest at the throughput with a structure, the first discovery and the later ones at their own
+   costs) fits R, capped at ``MAX_EPOCHS_PER_UNIT``. The first (most capable) candidate whose total
+   reaches ``MIN_EPOCHS`` is chosen; if none does, the one with the most epochs (at least one per
+   unit, with a warning when that overruns the budget). ``total_epochs``, the discovery count and
+   the epochs before the first discovery come from the method's own hooks (``Method.epochs_of`` /
+   ``discovers_at``, :func:`method_schedule`), so rounds are handled for every method: AND trains
+   round 0 plus ``options.rounds`` rounds of E epochs, PCP ``options.rounds`` x E.
 3. **Record.** ``train.epochs``, ``net.backbone`` and ``train.budget`` are written into the resolved
    configuration (``config.yaml``: resuming or re-running it trains the same schedule, no
-   re-measurement); the measurements (images/s and discovery seconds per candidate, the estimate,
-   the calibration's own seconds) are returned for the run's log.
+   re-measurement; the learning-rate schedule's fractions, ``optim.milestones_frac``, are of that
+   length); the measurements (per candidate: images/s, discovery seconds, finishing seconds; the
+   estimates of training and of the whole run, the seconds spent before and in calibration) are
+   returned for the run's log (``metrics.json``: ``resolution.budget``).
 
 Constants and why:
  - ``DEFAULT_BUDGET = "10m"``: what a newcomer gets with neither epochs nor a preset. The bare
@@ -41,11 +55,13 @@ Constants and why:
    once per epoch, so fewer passes leave a bigger network with a bank of stale features; a cheaper
    network trained longer is preferred then.
  - ``MAX_EPOCHS_PER_UNIT = 200``: the papers' schedule (AND, instance discrimination, PCP: 200 per
-   round; the default learning-rate milestones 80/120/160 are made for it). A budget never buys more.
+   round). A budget never buys more.
  - ``RESERVE = 0.9``: the time the measurement does not see -- the spread of step times on a shared
    machine, first-epoch costs, discoveries that cost more later in training (PCP's k-means) --
-   comes out of the remaining tenth. The budget covers calibration and training; the cluster head
-   and metrics afterwards (0.3-3% of training time in the README's table) come on top.
+   comes out of the remaining tenth. The budget covers the whole ``fit`` from its start: loading,
+   resolving, calibration, training, and the clusters and metrics afterwards; a plan that fits
+   therefore ends between 0.9 and 1.0 of the budget when the model is right (tests/test_budget.py
+   checks it against a fake clock; ``benchmarks/budget_plan.py`` records planned against actual).
  - Several processes (``train.devices`` x ``num_nodes`` > 1): each process would measure on its own
    and could choose differently, so a budget is refused there (give ``--epochs``), and with neither
    epochs nor budget the former fixed default, ``FALLBACK_EPOCHS = 15``, is used.
@@ -53,26 +69,32 @@ Constants and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import inspect
+import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from .config import Config, TrainConfig, validate
+from .data import ImageSet
 from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .methods import method_class
-from .train import Trainer, TrainingProbe, make_fabric, preserved_rng
+from .scoring import compute_metrics
+from .train import Trainer, TrainingProbe, extract_features, make_fabric, preserved_rng
 
 __all__ = ["CANDIDATES", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
-           "parse_budget", "format_seconds", "epochs_for_budget", "method_schedule", "plan_budget",
-           "TrainerCalibration", "fit_to_budget", "unused_budget_note", "describe"]
+           "parse_budget", "format_seconds", "Span", "Costs", "epochs_for_budget", "estimate_seconds",
+           "method_schedule", "extrapolate_seconds", "plan_budget", "TrainerCalibration", "fit_to_budget",
+           "unused_budget_note", "describe"]
 
 CANDIDATES: tuple[str, ...] = ("resnet18", "alexnet", "jule_cnn")  # most capable first
 DEFAULT_BUDGET = "10m"
@@ -81,41 +103,85 @@ MAX_EPOCHS_PER_UNIT = 200
 RESERVE = 0.9
 FALLBACK_EPOCHS = 15
 
-Schedule = Callable[[int], tuple[int, int]]  # epochs per unit -> (total epochs, discoveries)
-
 # ----------------------------------------------------------------------------------------------
-# Planning (pure: the measurements are injected)
+# The model of a run's time, and planning (pure: the measurements are injected)
 
 
-def epochs_for_budget(seconds: float, n_images: int, images_per_second: float, schedule: Schedule,
+class Span(NamedTuple):
+    """What a run of E epochs per unit trains (:func:`method_schedule`)."""
+    total: int  # epochs in all (every round)
+    discoveries: int  # structure discoveries
+    before: int  # epochs trained before the first discovery (the total when there is none)
+
+
+Schedule = Callable[[int], Span]  # epochs per unit -> Span
+
+
+@dataclass(frozen=True)
+class Costs:
+    """One candidate's measured costs: the model of the time a run takes on this machine.
+
+    ``images_per_second``: training steps before any structure exists (epoch 0's, each epoch's
+    checkpoint spread over it); ``steady_images_per_second``: steps once a structure exists (PAD's
+    epoch 0 makes a second view of every image, later epochs only of its isolated ones, with group
+    terms; None: as epoch 0's); ``first_discovery_seconds``: the first discovery, with its
+    first-call costs (None: as the others); ``discovery_seconds``: every later one;
+    ``finish_seconds``: what follows the training (the full feature passes, the cluster head and
+    the metrics)."""
+    images_per_second: float
+    discovery_seconds: float = 0.0
+    first_discovery_seconds: float | None = None
+    steady_images_per_second: float | None = None
+    finish_seconds: float = 0.0
+
+    def training_seconds(self, span: Span, n_images: int) -> float:
+        if self.steady_images_per_second:
+            steps = (span.before * n_images / self.images_per_second
+                     + (span.total - span.before) * n_images / self.steady_images_per_second)
+        else:
+            steps = span.total * n_images / self.images_per_second
+        if span.discoveries <= 0:
+            return steps
+        first = self.discovery_seconds if self.first_discovery_seconds is None else self.first_discovery_seconds
+        return steps + first + (span.discoveries - 1) * self.discovery_seconds
+
+
+def _costs(images_per_second: float | Costs, discovery_seconds: float) -> Costs:
+    if isinstance(images_per_second, Costs):
+        return images_per_second
+    return Costs(float(images_per_second), float(discovery_seconds))
+
+
+def epochs_for_budget(seconds: float, n_images: int, images_per_second: float | Costs, schedule: Schedule,
                       discovery_seconds: float = 0.0, max_per_unit: int = MAX_EPOCHS_PER_UNIT) -> int:
     """The largest epochs-per-unit E in [0, max_per_unit] whose estimated training time
-    ``total(E) * n_images / images_per_second + discoveries(E) * discovery_seconds`` fits in
-    ``seconds`` (0 when not even one epoch per unit does). ``schedule(E) -> (total, discoveries)``
+    (:meth:`Costs.training_seconds`; a bare throughput and ``discovery_seconds`` for the simple
+    model) fits in ``seconds`` (0 when not even one epoch per unit does). ``schedule(E) -> Span``
     (:func:`method_schedule`): the method's rounds are in it, so this is the per-method hook."""
-    if images_per_second <= 0 or seconds <= 0:
+    costs = _costs(images_per_second, discovery_seconds)
+    if costs.images_per_second <= 0 or seconds <= 0:
         return 0
     lo, hi = 0, int(max_per_unit)
-    if estimate_seconds(hi, n_images, images_per_second, schedule, discovery_seconds) <= seconds:
+    if costs.training_seconds(schedule(hi), n_images) <= seconds:
         return hi
     while hi - lo > 1:  # invariant: lo fits (or is 0), hi does not
         mid = (lo + hi) // 2
-        if estimate_seconds(mid, n_images, images_per_second, schedule, discovery_seconds) <= seconds:
+        if costs.training_seconds(schedule(mid), n_images) <= seconds:
             lo = mid
         else:
             hi = mid
     return lo
 
 
-def estimate_seconds(epochs: int, n_images: int, images_per_second: float, schedule: Schedule,
+def estimate_seconds(epochs: int, n_images: int, images_per_second: float | Costs, schedule: Schedule,
                      discovery_seconds: float = 0.0) -> float:
-    total, discoveries = schedule(int(epochs))
-    return total * n_images / images_per_second + discoveries * discovery_seconds
+    """Estimated training seconds of ``epochs`` per unit (see :func:`epochs_for_budget`)."""
+    return _costs(images_per_second, discovery_seconds).training_seconds(schedule(int(epochs)), n_images)
 
 
 def _smallest_reaching(schedule: Schedule, min_total: int, max_per_unit: int) -> int:
     for e in range(1, max_per_unit + 1):
-        if schedule(e)[0] >= min_total:
+        if schedule(e).total >= min_total:
             return e
     return max_per_unit
 
@@ -129,41 +195,52 @@ def _takes_need(measure: Callable) -> bool:
     return len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+@dataclass(frozen=True)
+class Probes:
+    """The measurements a plan asks for (see :func:`plan_budget`)."""
+    measure: Callable[..., float]
+    discovery: Callable[[str], float | dict] | None = None
+    finish: Callable[[str], float] | None = None
+
+
 def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...] | list[str],
                 measure: Callable[..., float], schedule: Schedule, *,
-                measure_discovery: Callable[[str], float] | None = None, min_epochs: int = MIN_EPOCHS,
-                max_per_unit: int = MAX_EPOCHS_PER_UNIT, reserve: float = RESERVE,
+                measure_discovery: Callable[[str], float | dict] | None = None,
+                measure_finish: Callable[[str], float] | None = None, started: float | None = None,
+                min_epochs: int = MIN_EPOCHS, max_per_unit: int = MAX_EPOCHS_PER_UNIT, reserve: float = RESERVE,
                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Choose (backbone, epochs per unit) for a budget (see the module doc).
 
     ``measure(backbone)`` or ``measure(backbone, need)`` -> training images per second (``need``:
     the throughput that would reach ``min_epochs``, so a real measurement may stop early on a
     clearly slower candidate); it may raise (ConfigError, RuntimeError, ValueError) for a backbone
-    that cannot be built for these images, which is then skipped. ``measure_discovery(backbone)``
-    -> seconds of one structure discovery (asked only for a candidate that passes on throughput and
-    whose schedule discovers). ``clock`` times the calibration, which counts against the budget.
-    Returns the report: ``backbone``, ``epochs`` (per unit), ``total_epochs``, ``estimated_seconds``,
-    ``candidates`` (one row per candidate measured), ``calibration_seconds`` and the constants used;
-    ``warning`` when nothing fits.
+    that cannot be built for these images, which is then skipped. Asked only of a candidate that
+    passes on throughput: ``measure_discovery(backbone)`` -> seconds of each discovery, or a dict of
+    :class:`Costs` fields (the first discovery, the later ones, the steps once a structure exists),
+    when its schedule discovers; ``measure_finish(backbone)`` -> seconds of what follows training.
+    ``started``: the ``clock()`` reading when the run began (data loading and the rest of the
+    resolution so far count against the budget; None: now). ``clock`` times the calibration, which
+    counts too. Returns the report: ``backbone``, ``epochs`` (per unit), ``total_epochs``,
+    ``estimated_seconds`` (training), ``finish_seconds``, ``before_seconds``,
+    ``calibration_seconds``, ``estimated_total_seconds``, ``candidates`` (one row per candidate
+    measured) and the constants used; ``warning`` when nothing fits.
     """
     if not candidates:
         raise ValueError("plan_budget needs at least one candidate backbone")
     start = clock()
-    e_min = _smallest_reaching(schedule, min_epochs, max_per_unit)
-    total_min = schedule(e_min)[0]
-    pass_need = _takes_need(measure)
+    origin = start if started is None else float(started)
+    total_min = schedule(_smallest_reaching(schedule, min_epochs, max_per_unit)).total
+    probes = Probes(measure, measure_discovery, measure_finish)
 
-    def seconds_left() -> float:  # the calibration so far counts against the budget
-        return reserve * (budget_seconds - (clock() - start))
+    def seconds_left(finish: float = 0.0) -> float:  # for training: what is spent so far counts
+        return reserve * (budget_seconds - (clock() - origin) - finish)
 
     rows: list[dict[str, Any]] = []
     chosen = None
     for name in candidates:
         left = seconds_left()
         need = total_min * n_images / left if left > 0 else math.inf
-        measure_one = (lambda b, need=need: measure(b, need)) if pass_need else measure
-        rows.append(_measure_candidate(name, measure_one, measure_discovery, seconds_left, n_images,
-                                       schedule, min_epochs, max_per_unit))
+        rows.append(_measure_candidate(name, probes, need, seconds_left, n_images, schedule, min_epochs, max_per_unit))
         if rows[-1].get("total_epochs", 0) >= min_epochs:
             chosen = rows[-1]
             break
@@ -174,38 +251,53 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     warning = None
     if chosen is None:
         chosen, warning = _best_short_of_budget(measured, budget_seconds, n_images, schedule, min_epochs)
+    for r in (*rows, chosen):
+        r.pop("costs", None)  # the report holds plain values only (it goes to metrics.json)
     report = {"budget_seconds": round(float(budget_seconds), 3), "backbone": chosen["backbone"],
               "epochs": int(chosen["epochs"]), "total_epochs": int(chosen["total_epochs"]),
-              "estimated_seconds": chosen["estimated_seconds"], "candidates": rows,
+              "estimated_seconds": chosen["estimated_seconds"], "finish_seconds": chosen.get("finish_seconds", 0.0),
+              "candidates": rows, "before_seconds": round(start - origin, 3),
               "calibration_seconds": round(clock() - start, 3), "min_epochs": min_epochs,
               "max_epochs_per_unit": max_per_unit, "reserve": reserve}
+    report["estimated_total_seconds"] = round(report["before_seconds"] + report["calibration_seconds"]
+                                              + (report["estimated_seconds"] or 0) + report["finish_seconds"], 1)
     if warning:
         report["warning"] = warning
     return report
 
 
-def _measure_candidate(name: str, measure: Callable[[str], float],
-                       measure_discovery: Callable[[str], float] | None, seconds_left: Callable[[], float],
-                       n_images: int, schedule: Schedule, min_epochs: int, max_per_unit: int) -> dict[str, Any]:
-    """One candidate's row of the plan: its throughput, the epochs that fit what is left of the budget
-    (less one discovery's seconds when its schedule discovers), or the error that ruled it out."""
+def _measure_candidate(name: str, probes: Probes, need: float, seconds_left: Callable[..., float], n_images: int,
+                       schedule: Schedule, min_epochs: int, max_per_unit: int) -> dict[str, Any]:
+    """One candidate's row of the plan: its costs, the epochs that fit what is left of the budget,
+    or the error that ruled it out. Discovery and finish are measured only for a candidate that
+    reaches ``min_epochs`` on its throughput alone."""
     row: dict[str, Any] = {"backbone": name}
     try:
-        ips = float(measure(name))
+        ips = float(probes.measure(name, need) if _takes_need(probes.measure) else probes.measure(name))
     except (ConfigError, RuntimeError, ValueError) as e:
         row["error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         return row
-    row["images_per_second"] = round(ips, 2)
-    disc = 0.0
-    e = epochs_for_budget(seconds_left(), n_images, ips, schedule, 0.0, max_per_unit)
-    if schedule(e)[0] >= min_epochs and measure_discovery is not None and schedule(e)[1] > 0:
-        disc = float(measure_discovery(name))
-        row["discovery_seconds"] = round(disc, 3)
-        e = epochs_for_budget(seconds_left(), n_images, ips, schedule, disc, max_per_unit)
-    total, discoveries = schedule(e)
-    row.update(epochs=e, total_epochs=total, discoveries=discoveries,
-               estimated_seconds=round(estimate_seconds(e, n_images, ips, schedule, disc), 1) if e > 0 else None)
+    costs = Costs(ips)
+    e = epochs_for_budget(seconds_left(), n_images, costs, schedule, max_per_unit=max_per_unit)
+    if schedule(e).total >= min_epochs:
+        if probes.discovery is not None and schedule(e).discoveries > 0:
+            costs = dataclasses.replace(costs, **_discovery_costs(probes.discovery(name)))
+        if probes.finish is not None:
+            costs = dataclasses.replace(costs, finish_seconds=float(probes.finish(name)))
+        e = epochs_for_budget(seconds_left(costs.finish_seconds), n_images, costs, schedule, max_per_unit=max_per_unit)
+    span = schedule(e)
+    row.update({k: round(v, 3) for k, v in dataclasses.asdict(costs).items() if v})
+    row.update(epochs=e, total_epochs=span.total, discoveries=span.discoveries, costs=costs,
+               estimated_seconds=round(costs.training_seconds(span, n_images), 1) if e > 0 else None)
     return row
+
+
+def _discovery_costs(measured: float | dict) -> dict[str, float]:
+    """:class:`Costs` fields from a discovery measurement: one number (every discovery), or a dict."""
+    if isinstance(measured, dict):
+        fields = {f.name for f in dataclasses.fields(Costs)} - {"images_per_second", "finish_seconds"}
+        return {k: float(v) for k, v in measured.items() if k in fields and v is not None}
+    return {"discovery_seconds": float(measured)}
 
 
 def _best_short_of_budget(measured: list[dict[str, Any]], budget_seconds: float, n_images: int,
@@ -215,10 +307,9 @@ def _best_short_of_budget(measured: list[dict[str, Any]], budget_seconds: float,
     if chosen["epochs"] >= 1:
         return chosen, (f"no candidate reaches {min_epochs} epochs within {format_seconds(budget_seconds)}; "
                         f"{chosen['backbone']} gets {chosen['total_epochs']}")
-    ips = chosen["images_per_second"]
-    chosen = dict(chosen, epochs=1, total_epochs=schedule(1)[0], discoveries=schedule(1)[1],
-                  estimated_seconds=round(estimate_seconds(1, n_images, ips, schedule,
-                                                           chosen.get("discovery_seconds", 0.0)), 1))
+    span = schedule(1)
+    chosen = dict(chosen, epochs=1, total_epochs=span.total, discoveries=span.discoveries,
+                  estimated_seconds=round(chosen["costs"].training_seconds(span, n_images), 1))
     return chosen, (f"the budget of {format_seconds(budget_seconds)} allows less than one epoch per unit "
                     f"with any candidate; training {chosen['total_epochs']} epoch(s), about "
                     f"{format_seconds(chosen['estimated_seconds'])}")
@@ -233,37 +324,61 @@ def _with_epochs(cfg: Config, epochs: int) -> Config:
 
 
 def method_schedule(cfg: Config) -> Schedule:
-    """``E -> (total epochs, discoveries)`` for ``cfg.method`` with ``train.epochs = E``, asked of the
-    method class (``Method.epochs_of`` / ``discovers_at``: the schedule depends only on the
-    configuration), so every method's rounds count without a per-method table."""
+    """``E -> Span(total epochs, discoveries, epochs before the first)`` for ``cfg.method`` with
+    ``train.epochs = E``, asked of the method class (``Method.epochs_of`` / ``discovers_at``: the
+    schedule depends only on the configuration), so every method's rounds count without a
+    per-method table."""
     cls = method_class(cfg.method)
 
-    def schedule(epochs: int) -> tuple[int, int]:
+    def schedule(epochs: int) -> Span:
         run = _with_epochs(cfg, epochs)
         total = int(cls.epochs_of(run))
-        return total, sum(1 for e in range(total) if cls.discovers_at(run, e))
+        at = [e for e in range(total) if cls.discovers_at(run, e)]
+        return Span(total, len(at), at[0] if at else total)
 
     return schedule
 
 
+def extrapolate_seconds(points: list[tuple[int, float]], n: int) -> float:
+    """Seconds at size ``n`` from timings at one or two smaller sizes [(size, seconds), ...]: the
+    largest one scaled by (n / size) ** p, p the growth between the two sizes clipped to [1, 2]
+    (k-means grows linearly, the exact kNN graphs of the spectral head and of the kNN accuracy
+    quadratically), 2 when one timing is too small to tell, 1 with one size."""
+    (m2, t2) = points[-1]
+    if n <= m2:
+        return t2
+    p = 1.0
+    if len(points) > 1:
+        m1, t1 = points[0]
+        p = math.log(t2 / t1) / math.log(m2 / m1) if t1 > 0 and t2 > 0 and m2 > m1 else 2.0
+    return t2 * (n / m2) ** min(max(p, 1.0), 2.0)
+
+
+FINISH_SAMPLE = 1000  # images per timing of the cluster head and metrics (then twice as many)
+
+
 class TrainerCalibration:
     """Measurements on the real training step (``train.Trainer`` and its ``TrainingProbe``):
-    ``self(backbone, need)`` -> training images per second, ``self.discovery(backbone)`` -> seconds
-    of one discovery.
+    ``self(backbone, need)`` -> training images per second of epoch 0; ``self.discovery(backbone)``
+    -> the discovery costs (:class:`Costs` fields: first, later, the steps once a structure exists);
+    ``self.finish(backbone)`` -> seconds of what follows training.
 
     One process, one device (as ``make_fabric`` picks for ``train.accelerator``), the configured
     views, method, batch size, precision and threads. Nothing is written; the global RNG states
     (torch, numpy, python) are restored afterwards, so the run that follows is unchanged.
+    ``evaluated``: the images the run clusters and scores afterwards (all loaded images; default
+    the training images, with ``labels``).
     """
 
     def __init__(self, cfg: Config, images: np.ndarray, view_spec, *, labels: np.ndarray | None = None,
-                 probe_epochs: int = 1, min_seconds: float = 1.5, max_steps: int = 4,
-                 clock: Callable[[], float] = time.perf_counter):
+                 evaluated: ImageSet | None = None, probe_epochs: int = 1, min_seconds: float = 1.5,
+                 max_steps: int = 4, clock: Callable[[], float] = time.perf_counter):
         self.cfg, self.images, self.view_spec, self.labels = cfg, images, view_spec, labels
+        self.evaluated = evaluated if evaluated is not None else ImageSet(images=images, labels=labels)
         self.probe_epochs = max(1, int(probe_epochs))
         self.min_seconds, self.max_steps, self.clock = min_seconds, max_steps, clock
         self.discovery_at_start: dict[str, float] = {}
-        self._live: tuple[str, TrainingProbe] | None = None
+        self.live: tuple[str, TrainingProbe] | None = None
 
     def _config(self, backbone: str) -> Config:
         train = dataclasses.replace(self.cfg.train, epochs=self.probe_epochs, devices=1, num_nodes=1,
@@ -279,7 +394,7 @@ class TrainerCalibration:
                 trainer = Trainer(cfg, self.images, Path("deepclust-calibration-never-written"),
                                   fabric=make_fabric(cfg.train), labels=self.labels, view_spec=self.view_spec)
                 probe = TrainingProbe(trainer, clock=self.clock)
-                self._live = (backbone, probe)
+                self.live = (backbone, probe)
                 if trainer.method.needs_discovery(0):  # the steps need the structure (DeepCluster)
                     self.discovery_at_start[backbone] = probe.time_discovery(0)
                 return self._images_per_second(probe, trainer.fabric.device.type == "cpu", need)
@@ -287,57 +402,103 @@ class TrainerCalibration:
             self.close()
             raise
 
-    def _images_per_second(self, probe: TrainingProbe, cpu: bool, need: float | None) -> float:
-        images, seconds = probe.time_step()  # warm-up: first-call costs, not timed
+    def _images_per_second(self, probe: TrainingProbe, cpu: bool, need: float | None, epoch: int = 0) -> float:
+        images, seconds = probe.time_step(epoch)  # warm-up: first-call costs, not timed
         warm = images / max(seconds, 1e-9)
         if need is not None and cpu and warm < need / 4:
             return warm  # even allowing the first call 4x its steady cost, far too slow (CPU only:
             # a GPU's first step can be 100x its steady cost)
-        seen, elapsed = 0, 0.0
+        rates, elapsed = [], 0.0
         while True:
-            images, seconds = probe.time_step()
-            seen, elapsed = seen + images, max(elapsed + seconds, 1e-9)
-            if need is not None and seen / elapsed < need / 2:
+            images, seconds = probe.time_step(epoch)
+            rates.append(images / max(seconds, 1e-9))
+            elapsed += seconds
+            if need is not None and rates[-1] < need / 2:
                 break  # clearly too slow: the estimate is good enough to reject it
-            if elapsed >= self.min_seconds or probe.steps > self.max_steps:
+            if elapsed >= self.min_seconds or len(rates) >= self.max_steps:
                 break
-        ips = seen / elapsed
+        ips = float(np.median(rates))  # one step still paying first-call costs does not set it
         if self.cfg.train.checkpoint:  # each epoch ends with a checkpoint: its serialisation, per epoch
             n = len(self.images)
+            probe.checkpoint_seconds()  # the first one grows its buffers: timed again
             ips = n / (n / ips + probe.checkpoint_seconds())
         return ips
 
-    def discovery(self, backbone: str) -> float:
-        """Seconds of one structure discovery: the one before epoch 0 when the method needs it there,
-        else the first later one of the probe schedule, on the state the timed steps left."""
-        if backbone in self.discovery_at_start:
-            return self.discovery_at_start[backbone]
-        if self._live is None or self._live[0] != backbone:
-            return 0.0
-        probe = self._live[1]
+    def _live_probe(self, backbone: str) -> TrainingProbe | None:
+        return self.live[1] if self.live is not None and self.live[0] == backbone else None
+
+    def discovery(self, backbone: str) -> dict[str, float]:
+        """The discovery costs of the live candidate: the first discovery (the one before epoch 0
+        when the method needs it there, else the first later one of the probe schedule, on the state
+        the timed steps left), once more on the state it left (every later discovery: the first
+        call's costs -- imports, allocations -- are paid once), and, after a later first one, the
+        steps with that structure (they may differ from epoch 0's: PAD's second views)."""
+        probe = self._live_probe(backbone)
+        if probe is None:
+            return {}
         method = probe.trainer.method
-        later = next((e for e in range(1, method.total_epochs()) if method.needs_discovery(e)), None)
-        if later is None:
-            return 0.0
+        out: dict[str, float] = {}
         with preserved_rng():
-            return probe.time_discovery(later)
+            if backbone in self.discovery_at_start:
+                epoch, out["first_discovery_seconds"] = 0, self.discovery_at_start[backbone]
+            else:
+                epoch = next((e for e in range(1, method.total_epochs()) if method.needs_discovery(e)), None)
+                if epoch is None:
+                    return {}
+                out["first_discovery_seconds"] = probe.time_discovery(epoch)
+                out["steady_images_per_second"] = self._images_per_second(probe, False, None, epoch)
+            out["discovery_seconds"] = probe.time_discovery(epoch)
+        return out
+
+    def finish(self, backbone: str) -> float:
+        """Seconds of what follows training, for the live candidate: the full passes (each layer
+        the run reads off every evaluated image, and the method's own final passes) at the cost per
+        image measured here, plus the cluster head and the metrics (every head and the kNN accuracy
+        when there are labels), timed on the network as it is on FINISH_SAMPLE and twice as many
+        evaluated images and extrapolated (:func:`extrapolate_seconds`)."""
+        probe = self._live_probe(backbone)
+        if probe is None:
+            return 0.0
+        trainer, ev = probe.trainer, self.evaluated
+        n = len(ev)
+        sizes = (n,) if n <= 2 * FINISH_SAMPLE else (FINISH_SAMPLE, 2 * FINISH_SAMPLE)
+        order = np.random.default_rng(0).permutation(n)
+        layers = tuple(dict.fromkeys((self.cfg.cluster.features, "backbone")))
+        points, pass_seconds = [], 0.0
+        with preserved_rng(), contextlib.redirect_stderr(io.StringIO()):  # no collapse warnings
+            for m in sizes:
+                sub = ev.subset(np.sort(order[:m]))
+                t = self.clock()
+                feats = {name: extract_features(trainer.net, trainer.views, sub.images, device=trainer.fabric.device,
+                                                layer=name) for name in layers}
+                pass_seconds = (self.clock() - t) / (m * len(layers))
+                own = np.arange(m) % self.cfg.cluster.n_clusters if self.cfg.cluster.head == "method" else None
+                t = self.clock()  # a stand-in for the method's own clusters when the head reads them
+                compute_metrics(self.cfg, sub, feats[layers[0]][0], feats[layers[0]][1], method_labels=own,
+                                layers={name: f[0] for name, f in feats.items()})
+                points.append((m, self.clock() - t))
+        passes = len(layers) + len(trainer.method.final_features())
+        return pass_seconds * n * passes + extrapolate_seconds(points, n)
 
     def close(self) -> None:
-        if self._live is not None:
-            self._live = None
+        if self.live is not None:
+            self.live = None
             if torch.cuda.is_available():  # hand the candidate's memory back before the next one
                 gc.collect()
                 torch.cuda.empty_cache()
 
 
 def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, labels: np.ndarray | None = None,
-                  measure=None, measure_discovery=None, clock: Callable[[], float] = time.perf_counter):
+                  evaluated: ImageSet | None = None, started: float | None = None, measure=None,
+                  measure_discovery=None, measure_finish=None, clock: Callable[[], float] = time.perf_counter):
     """(Config with ``train.epochs``, ``net.backbone`` and ``train.budget`` filled in, report) for a
     configuration whose ``train.epochs`` is None (see the module doc). ``images``: the training
     images, uint8 (N, H, W[, 3]); ``view_spec``: the resolved ``views.ViewSpec``; ``labels``: the
-    training labels if any -- never used to choose anything, only so that the timed discovery
-    includes the label diagnostics the training loop logs after each discovery. ``measure`` /
-    ``measure_discovery`` replace the real measurement (tests)."""
+    training labels if any -- never used to choose anything, only so that the timed discovery and
+    finish include the label diagnostics and scores the run computes; ``evaluated``: the images
+    clustered and scored after training (default: the training images); ``started``: the
+    ``clock()`` reading when the run began. ``measure`` / ``measure_discovery`` / ``measure_finish``
+    replace the real measurement (tests)."""
     world = cfg.train.devices * cfg.train.num_nodes
     if world > 1:
         if cfg.train.budget is not None:
@@ -348,17 +509,16 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
     n = len(images)
     schedule = method_schedule(cfg)
     text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
-    seconds = parse_budget(text)
     candidates = CANDIDATES if backbone_auto else (cfg.net.backbone,)
     probe = None
     if measure is None:
-        probe = TrainerCalibration(cfg, images, view_spec, labels=labels,
+        probe = TrainerCalibration(cfg, images, view_spec, labels=labels, evaluated=evaluated,
                                    probe_epochs=_smallest_reaching(schedule, MIN_EPOCHS, MAX_EPOCHS_PER_UNIT),
                                    clock=clock)
-        measure, measure_discovery = probe, probe.discovery
+        measure, measure_discovery, measure_finish = probe, probe.discovery, probe.finish
     try:
-        report = plan_budget(seconds, n, candidates, measure, schedule, measure_discovery=measure_discovery,
-                             clock=clock)
+        report = plan_budget(parse_budget(text), n, candidates, measure, schedule, measure_discovery=measure_discovery,
+                             measure_finish=measure_finish, started=started, clock=clock)
     finally:
         if probe is not None:
             probe.close()
@@ -387,5 +547,7 @@ def describe(report: dict[str, Any]) -> str:
     line = (f"budget {report['budget']}: measured {speeds}; chose {report['backbone']}, "
             f"{report['epochs']} epochs per unit ({report['total_epochs']} in all), about "
             f"{format_seconds(report['estimated_seconds'] or 0)} of training after "
-            f"{format_seconds(report['calibration_seconds'])} of calibration")
+            f"{format_seconds(report.get('before_seconds', 0))} of loading and resolving and "
+            f"{format_seconds(report['calibration_seconds'])} of calibration, then about "
+            f"{format_seconds(report.get('finish_seconds', 0))} for the clusters and metrics")
     return line + (f"; warning: {report['warning']}" if report.get("warning") else "")

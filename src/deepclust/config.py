@@ -34,6 +34,7 @@ from .errors import ConfigError
 
 SPLITS = ("train", "test", "all")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
+SCHEDULES = ("step", "cosine", "inv")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "method")
@@ -152,13 +153,26 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = option(5e-4, low=0, high=1)
     batch_size: int = option(128, low=2)  # the global batch, split over devices
-    schedule: str = option("step", choices=("step", "inv"))  # step: x gamma at each milestone epoch;
-                                # inv: Caffe's lr * (1 + inv_gamma * iteration) ** -inv_power, per step (JULE)
-    milestones: list[int] = option([80, 120, 160], low=1)  # epochs (per round)
+    schedule: str = option("step", choices=SCHEDULES)  # step: x gamma at each milestone; cosine: half a
+                                # cosine from lr to 0 over the run (per round), set per epoch; inv: Caffe's
+                                # lr * (1 + inv_gamma * iteration) ** -inv_power, per step (JULE)
+    milestones: list[int] | None = option(None, low=1)  # fixed epochs (per round), the papers' presets
+                                # (80, 120, 160 for 200 epochs); given, they win over milestones_frac
+    milestones_frac: list[float] | None = option([0.5, 0.75], low=0, high=1, low_open=True, high_open=True)
+                                # milestones as fractions of the run's length (per round), so a run of
+                                # any length -- a budget's, a CPU preset's -- decays at the same points
     gamma: float = option(0.1, low=0, high=1, low_open=True)
     warmup_epochs: int = option(0, low=0)
     inv_gamma: float = option(1e-4, low=0, high=1)  # JULE (Caffe "inv"): gamma 1e-4, power 0.75
     inv_power: float = option(0.75, low=0, high=10)
+
+    def milestone_epochs(self, length: int) -> list[int]:
+        """The ``step`` schedule's milestones as epochs of a run (or round) of ``length`` epochs: the
+        fixed ``milestones`` when given, else the first epoch at or past each fraction of ``length``
+        (0.5 and 0.75 of 40 epochs: 20 and 30; of 37: 19 and 28); none when neither is set."""
+        if self.milestones is not None:
+            return list(self.milestones)
+        return [math.ceil(f * length - 1e-9) for f in self.milestones_frac or ()]
 
 
 @dataclass(frozen=True)

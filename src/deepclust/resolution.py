@@ -38,9 +38,11 @@ def load_data(data: DataConfig, spec: str | None = None) -> ImageSet:
                        resize=data.resize)
 
 
-def resolve(cfg: Config, images: ImageSet) -> Config:
+def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Config:
     """Fill every ``auto`` / ``None`` from the data, check what depends on it, and return the new
-    Config, its ``resolution`` holding the evidence and measurements of each automatic choice."""
+    Config, its ``resolution`` holding the evidence and measurements of each automatic choice.
+    ``started``: the ``time.perf_counter()`` reading when the run began (a budget counts what was
+    spent since: loading the images, estimating K)."""
     n = len(images)
     if n < 2:
         raise DataError(f"data '{images.spec}' has {n} image(s); at least 2 are needed")
@@ -56,7 +58,7 @@ def resolve(cfg: Config, images: ImageSet) -> Config:
     if resolved.train.epochs is None:  # epochs (and an auto backbone) fitted to train.budget (budget.py)
         train, spec = training_subset(resolved.data, images), view_spec(views)
         resolved, notes["budget"] = budget.fit_to_budget(
-            resolved, train.images, spec, labels=train.labels,
+            resolved, train.images, spec, labels=train.labels, evaluated=images, started=started,
             backbone_auto=cfg.net.backbone == "auto" and cluster.features in ("backbone", "embedding"))
     elif resolved.train.budget is not None:  # explicit epochs win over a budget; say so
         notes["budget"] = budget.unused_budget_note(resolved.train)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
     against the run on ``resume``). ``images``: images held in memory (``api.Clusterer``), used
     instead of loading ``cfg.data.spec``."""
+    started = time.perf_counter()  # a time budget counts from here (budget.py)
     out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
     primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
@@ -52,17 +54,17 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
                 if primary and (done := finished_run(out)) is not None:
                     print(f"deepclust: the run in {out} has finished; nothing to resume", file=sys.stderr)
                     return done
-            return _fit(cfg, out, resume, overwrite, fabric, primary, images)
+            return _fit(cfg, out, resume, overwrite, fabric, primary, images, started)
     finally:
         if claim is not None:
             claim.release()
 
 
 def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool,
-         images: ImageSet | None) -> dict[str, Any]:
+         images: ImageSet | None, started: float) -> dict[str, Any]:
     images = load_data(cfg.data) if images is None else images
     check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
-    cfg = resolve(cfg, images)
+    cfg = resolve(cfg, images, started)
     train_images, spec = training_subset(cfg.data, images), view_spec(cfg.views)
     work = out.with_name(out.name + ".partial") if overwrite else out
     if primary:

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -79,13 +80,21 @@ def images_to_tensor(images: np.ndarray) -> Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-def learning_rate(o: OptimConfig, schedule_epoch: int, iteration: int = 0) -> float:
-    """The rate of ``optim.schedule``: ``step``, lr * gamma ** (milestones passed by the schedule's
-    epoch) with an optional linear warm-up, set per epoch; ``inv``, Caffe's inverse decay
+def learning_rate(o: OptimConfig, schedule_epoch: int, iteration: int = 0, length: int | None = None) -> float:
+    """The rate of ``optim.schedule``, set per epoch unless said otherwise: ``step``, lr * gamma **
+    (milestones passed by the schedule's epoch; ``OptimConfig.milestone_epochs(length)``: fixed
+    epochs or fractions of the run); ``cosine``, lr * (1 + cos(pi * epoch / length)) / 2; both with
+    an optional linear warm-up. ``length``: the epochs of the run (or round) the schedule spans
+    (``Method.schedule_length``), needed by fractions and cosine. ``inv``, Caffe's inverse decay
     lr * (1 + inv_gamma * iteration) ** -inv_power over the run's optimiser steps, set per step (JULE)."""
     if o.schedule == "inv":
         return o.lr * (1.0 + o.inv_gamma * iteration) ** (-o.inv_power)
-    lr = o.lr * o.gamma ** sum(schedule_epoch >= m for m in o.milestones)
+    if length is None and (o.schedule == "cosine" or (o.milestones is None and o.milestones_frac)):
+        raise ValueError("learning_rate: this schedule follows the run's length; pass length")
+    if o.schedule == "cosine":
+        lr = o.lr * 0.5 * (1.0 + math.cos(math.pi * min(schedule_epoch, length) / max(length, 1)))
+    else:
+        lr = o.lr * o.gamma ** sum(schedule_epoch >= m for m in o.milestone_epochs(length or 0))
     if o.warmup_epochs and schedule_epoch < o.warmup_epochs:
         lr *= (schedule_epoch + 1) / (o.warmup_epochs + 1)
     return lr
@@ -385,7 +394,8 @@ class Trainer:
         return per_sample.detach().float().sum()
 
     def _set_lr(self, optimizer, epoch: int) -> float:
-        lr = learning_rate(self.cfg.optim, self.method.schedule_epoch(epoch), int(self.timing["steps"]))
+        lr = learning_rate(self.cfg.optim, self.method.schedule_epoch(epoch), int(self.timing["steps"]),
+                           self.method.schedule_length(epoch))
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -557,12 +567,13 @@ class TrainingProbe:
         if self.trainer.fabric.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_step(self) -> tuple[int, float]:
-        """(images, seconds) of the next training step: forward, loss, backward, optimiser step and
-        the method's bank update."""
+    def time_step(self, epoch: int = 0) -> tuple[int, float]:
+        """(images, seconds) of the next training step as ``epoch`` trains it (its views and loss,
+        with the structure the method holds; the batches are epoch 0's): forward, loss, backward,
+        optimiser step and the method's bank update."""
         gidx = self.batches[self.steps % len(self.batches)]
         t = self.clock()
-        self.trainer._step(self.model, self.optimizer, 0, self.steps, gidx)
+        self.trainer._step(self.model, self.optimizer, epoch, self.steps, gidx)
         self._sync()
         self.steps += 1
         return len(gidx), self.clock() - t

@@ -7,7 +7,8 @@ bank; the lowest-entropy fraction S = r / R (Eq 6) of anchors is trained with it
 
 Choices the paper leaves open, settled as the authors' reference code does (Raymond-sci/AND):
  - entropy over softmax(memory . memory^T / T), diagonal included, T = memory temperature (0.1);
- - the learning-rate schedule restarts every round (milestones count from the round's start);
+ - the learning-rate schedule restarts every round (milestones count from the round's start;
+   fractions, ``optim.milestones_frac``, are of the round's length);
  - neighbourhoods are rebuilt only at round starts and stay fixed during a round.
 """
 
@@ -75,6 +76,9 @@ class AnchorNeighbourhoodDiscovery(Method):
 
     def schedule_epoch(self, epoch: int) -> int:
         return self.round_of(epoch)[1]
+
+    def schedule_length(self, epoch: int) -> int:
+        return self._round0(self.cfg) if self.round_of(epoch)[0] == 0 else self.cfg.train.epochs
 
     def phase(self, epoch: int) -> str:
         return f"round {self.round_of(epoch)[0]}"

@@ -46,7 +46,8 @@ What a method may own and ask for:
    cuts the same global batches.
  - its length (``total_epochs``): read by the loop before every epoch, so it may depend on the
    current structure (JULE trains until its merges reach the target cluster count); the learning
-   rate follows ``optim.schedule`` per step (``step`` milestones or Caffe's ``inv``).
+   rate follows ``optim.schedule`` (``step`` milestones, fixed or fractions of ``schedule_length``,
+   ``cosine`` over it, or Caffe's ``inv`` per step).
  - its own final clusters (``final_clusters``; ``--cluster-head method``).
 
 The DDP rule for losses: ``batch_loss`` returns one term per local row; the loop sums them and scales
@@ -210,6 +211,13 @@ class Method:
     def schedule_epoch(self, epoch: int) -> int:
         """The epoch the learning-rate schedule sees (AND restarts it each round)."""
         return epoch
+
+    def schedule_length(self, epoch: int) -> int:
+        """Epochs of the span the learning-rate schedule covers at ``epoch`` (the run; a method that
+        restarts the schedule, the round): what ``optim.milestones_frac`` and ``cosine`` are
+        fractions of. Read from the configuration (and, for JULE, the checkpointed structure), so a
+        resumed run -- and a budgeted one, whose ``train.epochs`` the plan wrote -- keeps it."""
+        return self.total_epochs()
 
     def phase(self, epoch: int) -> str:
         return ""

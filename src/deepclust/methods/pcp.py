@@ -111,6 +111,9 @@ class ProgressiveClusterPurification(Method):
     def schedule_epoch(self, epoch: int) -> int:
         return self.round_of(epoch)[1]
 
+    def schedule_length(self, epoch: int) -> int:
+        return self.cfg.train.epochs
+
     def phase(self, epoch: int) -> str:
         return f"round {self.round_of(epoch)[0]}"
 
