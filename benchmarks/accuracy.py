@@ -100,10 +100,10 @@ def resolved_config(out: str, cfg) -> dict:
 def heads_summary(runs: list[dict]) -> dict:
     """Mean / std over seeds of every cluster head's scores, keyed "head/features" (e.g. JULE's RC
     clusters are "agglomerative/embedding", its SF clusters "method/embedding")."""
-    combos = sorted({(h["head"], h["features"]) for r in runs for h in r.get("heads") or []})
+    combos = sorted({(h["head"], h.get("features", "-")) for r in runs for h in r.get("heads") or []})
     out = {}
     for head, features in combos:
-        rows = [h for r in runs for h in r.get("heads") or [] if (h["head"], h["features"]) == (head, features)]
+        rows = [h for r in runs for h in r.get("heads") or [] if (h["head"], h.get("features", "-")) == (head, features)]
         out[f"{head}/{features}"] = {k: mean_std([h.get(k) for h in rows])
                                      for k in ("acc", "nmi", "nmi_geometric", "ari") if any(k in h for h in rows)}
     return out
