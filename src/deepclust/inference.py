@@ -20,6 +20,7 @@ from .io import save_json
 from .methods import method_class
 from .nets import EmbeddingNet
 from .resolution import load_data, view_spec
+from .evaluate import knn_report, probe_report
 from .scoring import ALL_HEADS, compute_metrics, score_heads
 from .train import extract_features
 from .views import BatchViews
@@ -121,6 +122,36 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     if write:  # beside, never over, the run's own metrics.json
         save_json(run / "metrics_evaluate.json", metrics)
     return metrics
+
+
+PROTOCOLS = ("clusters", "knn", "linear", "mlp")
+
+
+def probe_run(run: str | Path, protocol: str, *, write: bool = True) -> dict[str, Any]:
+    """A representation protocol on a finished run's saved embeddings (``embeddings.npy``): weighted
+    kNN (``eval.knn_k``, the run's temperature), a linear probe or DCCM's one-hidden-layer MLP
+    (``evaluate.probe_report``: the data's train/test split, else seeded stratified 5-fold). The
+    labels of the fitted images are read here for the score alone. Writes
+    ``metrics_evaluate_PROTOCOL.json`` beside the run's metrics."""
+    if protocol not in PROTOCOLS[1:]:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+    run = run_dir(run)
+    cfg = run_config(run)
+    _, embedding = run_outputs(run)
+    images = fitted_images(run, cfg, len(embedding), f"--protocol {protocol}")
+    if images.labels is None:
+        raise DataError(f"data '{cfg.data.spec}' has no labels; --protocol {protocol} scores against labels")
+    if protocol == "knn":
+        temperature = cfg.eval.knn_temperature or cfg.memory.temperature
+        m = knn_report(embedding, None, images.labels, images.split, k=cfg.eval.knn_k, temperature=temperature)
+        m = {"protocol": "knn", "top1": m["knn_top1"], "split": m["knn_protocol"], "k": cfg.eval.knn_k,
+             "temperature": temperature}
+    else:
+        m = probe_report(embedding, images.labels, images.split, protocol=protocol, seed=cfg.train.seed)
+    m = {"method": cfg.method, "data": cfg.data.spec, "features": "embeddings.npy", **m}
+    if write:
+        save_json(run / f"metrics_evaluate_{protocol}.json", m)
+    return m
 
 
 def compare_heads(run: str | Path, combos=ALL_HEADS) -> list[dict]:
