@@ -1,0 +1,76 @@
+"""DeepCluster as its paper has it: PCA-whitening to 256 only where that reduces, a label-free
+smaller dimension for small networks, the Sobel filter on colour input, features before the ReLU."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from deepclust.configure import load_config
+from deepclust.errors import ConfigError
+from deepclust.nets import EmbeddingNet, Sobel
+from deepclust.structure.preprocess import deepcluster_whiten, pca_whiten
+
+
+def features(n, d, rank=None, seed=0):
+    """Rows of a ``rank``-dimensional signal (variances 100, 99, ...) plus small isotropic noise."""
+    rng = np.random.default_rng(seed)
+    rank = rank or d
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0]
+    signal = rng.standard_normal((n, rank)) * np.sqrt(np.linspace(100, 50, rank))
+    return (signal @ basis.T + 0.1 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_whitening_reduces_only_when_the_features_have_more_than_the_target():
+    assert deepcluster_whiten(features(600, 300), target=256).shape == (600, 256)  # D > 256: to 256
+    assert pca_whiten(features(600, 160), 256)[0].shape == (600, 160)  # D <= 256: nothing to reduce
+    # a small network (D = 160 <= 256): the leading components of 90% of the variance, the 20-d signal
+    small = deepcluster_whiten(features(600, 160, rank=20), target=256, variance=0.9)
+    assert 12 <= small.shape[1] <= 20
+    assert np.allclose(np.linalg.norm(small, axis=1), 1, atol=1e-5)
+
+
+def test_variance_share_picks_the_fewest_components():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4000, 5)) * np.sqrt([10.0, 5, 3, 1, 1])  # shares .5 .75 .9 .95 1
+    x = (x - x.mean(0)) / x.std(0) * np.sqrt([10.0, 5, 3, 1, 1])  # exact variances
+    assert pca_whiten(x, 256, variance=0.89)[0].shape[1] == 3
+    assert pca_whiten(x, 256, variance=0.91)[0].shape[1] == 4
+    assert pca_whiten(x, 2, variance=0.91)[0].shape[1] == 2  # never more than dim
+    with pytest.raises(ConfigError):
+        pca_whiten(x, 4, variance=1.5)
+
+
+def test_sobel_on_colour_equals_direct_convolution_of_the_grey_image():
+    x = torch.rand(3, 3, 9, 11, dtype=torch.float64)
+    out = Sobel(3).double()(x).numpy()
+    gx = np.array([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]])
+    for i in range(3):
+        grey = x[i].numpy().mean(0)
+        for c, kernel in enumerate((gx, gx.T)):  # F.conv2d is a correlation, zero padding 1
+            direct = ndimage.correlate(grey, kernel, mode="constant", cval=0.0)
+            np.testing.assert_allclose(out[i, c], direct, atol=1e-12)
+
+
+def test_pre_relu_tap_is_the_backbone_output_before_its_last_relu():
+    torch.manual_seed(0)
+    net = EmbeddingNet("jule_cnn", 1, (16, 16), head=False).eval()
+    taps = net.taps(torch.randn(8, 1, 16, 16), ("pre_relu", "backbone", "ip1"))
+    assert (taps["pre_relu"] < 0).any()
+    torch.testing.assert_close(torch.relu(taps["pre_relu"]), taps["backbone"])
+    torch.testing.assert_close(taps["ip1"], taps["backbone"])
+    res = EmbeddingNet("resnet18", 3, (8, 8), head=False).eval()  # no closing ReLU: the output itself
+    t = res.taps(torch.randn(2, 3, 8, 8), ("pre_relu", "backbone"))
+    torch.testing.assert_close(t["pre_relu"], t["backbone"])
+
+
+def test_colour_presets_of_deepcluster_use_sobel():
+    from deepclust.config import preset_path
+
+    presets = [p.stem for p in preset_path("x").parent.glob("deepcluster-*.yaml")]
+    colour = [name for name in presets if any(s in name for s in ("cifar", "stl", "svhn", "imagenet"))]
+    assert colour
+    for name in colour:
+        cfg = load_config(name)
+        assert cfg.net.sobel, name
+        assert cfg.options.pca_dim == 256
