@@ -57,8 +57,12 @@ def test_evaluate_protocols_on_a_finished_run(tmp_path, small_npz):
         assert m["protocol"] == protocol and m["split"].startswith("the data's split: 240 train, 60 test")
         assert 0.3 < m["top1"] <= 1.0  # 10 classes: a trained embedding of digits is far above chance
         assert json.loads((out / f"metrics_evaluate_{protocol}.json").read_text()) == m
-    for bad in (["--protocol", "svm"], ["--protocol", "linear", "--data", "digits"]):
+    layer = run_cli("evaluate", "--run", str(out), "--protocol", "linear", "--features", "fc1")  # a network layer
+    assert layer.returncode == 0, layer.stderr
+    assert json.loads(layer.stdout)["features"] == "layer fc1" and (out / "metrics_evaluate_linear_fc1.json").exists()
+    for bad, words in ((["--protocol", "svm"], "--protocol"), (["--protocol", "linear", "--data", "digits"], "--protocol"),
+                       (["--protocol", "linear", "--features", "conv9"], "conv9"), (["--features", "fc1"], "--features")):
         proc = run_cli("evaluate", "--run", str(out), *bad)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert "--protocol" in lines[0]
+        assert words in lines[0], lines[0]

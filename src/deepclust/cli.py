@@ -124,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="clusters (re-cluster and score, default) | knn | linear | mlp: a representation "
                         "protocol on the run's saved embeddings (linear / mlp: the data's train/test split, "
                         "else stratified 5-fold; mlp: one hidden layer of 200 units, DCCM's)")
+    e.add_argument("--features", help="what --protocol knn|linear|mlp reads: embedding (the saved embeddings, "
+                                      "default) or a layer of the network, e.g. conv5 (AND / PAD / PCP's probe)")
     pr = sub.add_parser("predict", help="assign new images to the clusters of a finished run")
     pr.add_argument("--run", required=True, help="run directory written by fit")
     pr.add_argument("--data", required=True, help="the images to assign (same size and channels as the run's; "
@@ -193,10 +195,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = _layer_from_flags(args, EVAL_FLAGS)
     if args.protocol != "clusters":
         if overrides or args.data:
-            raise ConfigError(f"--protocol {args.protocol} reads the run's saved embeddings of its own data; "
-                              "--data, --split, --resize and the cluster flags belong to --protocol clusters")
-        print(json.dumps(inference.probe_run(args.run, args.protocol), indent=2))
+            raise ConfigError(f"--protocol {args.protocol} reads the run's own images; --data, --split, "
+                              "--resize and the cluster flags belong to --protocol clusters")
+        metrics = inference.probe_run(args.run, args.protocol, features=args.features or "embedding")
+        print(json.dumps(metrics, indent=2))
         return 0
+    if args.features:
+        raise ConfigError("--features belongs to --protocol knn|linear|mlp; use --cluster-features to cluster a layer")
     if str(args.n_clusters).strip().lower() == "auto":
         raise ConfigError("evaluate --n-clusters takes a number; K = auto is estimated when a run is fitted")
     metrics = inference.evaluate_run(args.run, data=args.data, overrides=overrides)
