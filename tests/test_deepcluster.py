@@ -74,3 +74,20 @@ def test_colour_presets_of_deepcluster_use_sobel():
         cfg = load_config(name)
         assert cfg.net.sobel, name
         assert cfg.options.pca_dim == 256
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_sobel_auto_is_on_for_colour_input_only(colour):
+    from deepclust.configure import build_config
+    from deepclust.data import ImageSet
+    from deepclust.resolution import resolve
+
+    rng = np.random.default_rng(0)
+    shape = (40, 12, 12, 3) if colour else (40, 12, 12)
+    images = ImageSet(rng.integers(0, 256, shape, dtype=np.uint8), spec="synthetic")
+    layer = {"method": "deepcluster", "net": {"backbone": "mlp", "sobel": "auto"}, "train": {"epochs": 1},
+             "cluster": {"n_clusters": 3}}
+    cfg = resolve(build_config(layer), images)
+    assert cfg.net.sobel is colour
+    assert build_config({**layer, "net": {"backbone": "mlp"}}).net.sobel is False  # the default stays off
+    assert load_config("deepcluster-cpu").net.sobel is None  # its CPU preset: auto

@@ -19,8 +19,8 @@ Choices where our skeleton differs from the original network, written down:
    output after the ReLU (tap ``backbone``), as the original's top layer after it re-appends the
    ReLU; the network has no projection head (``embedding_head = False``), so "embedding" is the
    backbone output L2-normalised;
- - the Sobel filter of the original is ``net.sobel`` (on in the colour presets,
-   ``deepcluster-cifar10-*.yaml``: the paper applies it to every input);
+ - the Sobel filter of the original is ``net.sobel``: ``auto`` in ``deepcluster-cpu`` (on for colour
+   input, off for grey), on in ``deepcluster-cifar10-resnet18``;
  - the method's own final clusters (``--cluster-head method``) are DeepCluster's own clustering
    procedure (steps 1-3) run once more on the final network with K = ``cluster.n_clusters``, so
    over-clustered training (K' > K) still yields K clusters.
