@@ -88,6 +88,7 @@ def ablation(stem: str, key: str, a: str, b: str) -> tuple[Source, Source]:
 PAD_ABL = "ablation-pad-digits"
 PAD_FULL = "PAD (k 5, s 10, KL HPE, lambda 0.8)"
 PCP_ABL, PCP_FLOOR = "ablation-pcp-components-digits", "ablation-pcp-floor-digits"
+PCP_TABLE1, PCP_T1_DC = "ablation-pcp-table1-digits", "DC: DeepCluster, K' = 100"  # ablation.py --table pcp-table1
 DC_ABL = "ablation-deepcluster-clusters-digits"
 PCP_T1_NOTE = ("our rows keep the IS warm-up and N_t0 = N / 50, and the first row is PCP with PC and CP off "
                "(k-means of the bank), not DeepCluster; the paper's Table I: no warm-up, N_c = 100, real DC")
@@ -157,6 +158,11 @@ CLAIMS: dict[str, list[Claim]] = {
         *per_data("Table V", "PCP 84.7 vs DC 80.6", "CIFAR-10, ResNet18, DC with 1000 clusters", KNN,
                   "pcp", "deepcluster", "knn_top1"),
         *per_data("Table V", "PCP 84.7 vs IR 80.8", "CIFAR-10, ResNet18", KNN, "pcp", "instance", "knn_top1"),
+        *[Claim("Table I", fig, "CIFAR-10, ResNet18, N_c = 100, no warm-up", KNN,
+                *ablation(PCP_TABLE1, "knn_top1", a, b))
+          for fig, a, b in (("+PC 76.9 vs DC 73.6", "+ PC", PCP_T1_DC), ("+CP_r 78.9 vs +PC 76.9", "+ PC + CP_r", "+ PC"),
+                            ("+CP_s 81.6 vs +CP_r 78.9", "+ PC + CP_r + CP_s (PCP)", "+ PC + CP_r"),
+                            ("PCP 81.6 vs DC 73.6", "+ PC + CP_r + CP_s (PCP)", PCP_T1_DC))],
         *[Claim("Table I", fig, "CIFAR-10, ResNet18, N_c = 100, no warm-up", KNN,
                 *ablation(PCP_ABL, "knn_top1", a, b), PCP_T1_NOTE)
           for fig, a, b in (("+PC 76.9 vs DC 73.6", "+ PC", "DC (clusters of the bank, N_t0 fixed)"),
@@ -301,11 +307,12 @@ def _figure(s: Stats | None) -> str:
 def row(results: dict, claim: Claim) -> list[str]:
     a, b = measure(results, claim.ours), measure(results, claim.than)
     result, why = verdict(a, b)
-    if a is None and b is None and claim.ours is None:
+    missing = {f"{s.stem}" + (f" row '{s.variant}'" if s.variant else "")
+               for s, x in ((claim.ours, a), (claim.than, b)) if s is not None and x is None}
+    if claim.ours is None:
         why = "nothing here measures it"
-    elif (a is None) != (b is None):
-        missing = claim.ours if a is None else claim.than
-        why = f"no result for {missing.stem}" + (f" row '{missing.variant}'" if missing.variant else "")
+    elif missing:
+        why = "no result for " + ", ".join(sorted(missing))
     seeds = " / ".join(str(x.n) for x in (a, b) if x)
     ours = "-" if a is None and b is None else f"{_figure(a)} vs {_figure(b)} (n = {seeds})"
     setting = our_setting(results, claim.ours)

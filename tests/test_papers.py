@@ -105,3 +105,16 @@ def test_the_script_prints_the_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("### ") == 7 and "| paper's figure |" in proc.stdout
     assert papers.tables(papers.load(ROOT / "benchmarks" / "results")).count("### ") == 7  # the recorded results
+
+
+def test_ablation_claims_name_rows_the_ablation_benchmark_runs():
+    import ablation
+
+    for claims in CLAIMS.values():
+        for source in (s for c in claims for s in (c.ours, c.than) if s and s.stem.startswith("ablation-")):
+            table = source.stem[len("ablation-"):].rsplit("-", 1)[0]
+            if table in ablation.TABLES:  # (DCCM has no ablation benchmark: its rows stay not measured)
+                assert source.variant in [label for label, _ in ablation.TABLES[table]], source
+    first, *pcp = ablation.TABLES["pcp-table1"]  # PCP Table I as printed: DeepCluster itself, then PCP
+    assert ablation.OTHER_METHOD[first[0]] == ("deepcluster", "deepcluster-cpu")
+    assert all({"options.warmup=false", "options.floor=100"} <= set(sets) for _, sets in pcp)
