@@ -13,6 +13,7 @@ Tables:
                         + CP_r, + CP_s (the full method)
   pcp-table1            PCP Table I as printed: N_c = 100, no warm-up, DeepCluster (deepcluster-cpu,
                         K' = 100) as the first row, then PCP + PC, + CP_r, + CP_s
+  pcp-loss              PCP's cluster term: the reference code's form (logsum) vs Eq 5 as printed (eq5)
   pcp-floor             PCP Table III: the final cluster count N_t0, with and without the warm-up
   deepcluster-clusters  Table III's DeepCluster row: its k-means cluster count
   pad                   PAD Tables 3-6: diffusion off, cyclic off, scale off / other s, HPE off /
@@ -46,6 +47,8 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
           for label, sets in (("+ PC", ["options.gamma=0", "options.voting=false"]),
                               ("+ PC + CP_r", ["options.voting=false"]), ("+ PC + CP_r + CP_s (PCP)", []))],
     ],
+    # PCP's cluster term: the reference code's -log sum over members (our default) beside Eq 5 as printed
+    "pcp-loss": [("logsum (reference code)", ["options.loss_form=logsum"]), ("Eq 5 as printed", ["options.loss_form=eq5"])],
     "pcp-floor": [(f"N_t0 = {f}" + (" (no warm-up)" if not w else ""),
                    [f"options.floor={f}", f"options.warmup={str(w).lower()}", "options.images_per_cluster=null"])
                   for w in (True, False) for f in (5, 10, 50, 100, 300)],
@@ -65,7 +68,7 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
         ("lambda = 1.0", ["options.hpe_weight=1.0"]),
     ],
 }
-METHOD_OF = {"pcp-components": "pcp", "pcp-table1": "pcp", "pcp-floor": "pcp", "deepcluster-clusters": "deepcluster",
+METHOD_OF = {"pcp-components": "pcp", "pcp-table1": "pcp", "pcp-loss": "pcp", "pcp-floor": "pcp", "deepcluster-clusters": "deepcluster",
              "pad": "pad"}
 OTHER_METHOD = {"DC: DeepCluster, K' = 100": ("deepcluster", "deepcluster-cpu")}  # row label -> (method, preset)
 KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
