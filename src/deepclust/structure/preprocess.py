@@ -61,10 +61,10 @@ def pca_whiten(features, dim: int = 256, *, eps: float = 1e-12,
       default 256) nothing is reduced: the features are rotated onto their principal axes and
       whitened, which k-means then sees as isotropic.
     - Covariance with the 1/N convention, so the whitened (not yet normalised) output of the fitted
-      rows has covariance ~ identity.
-    - ``variance``: keep only the fewest leading components whose eigenvalues sum to that share of
-      the total (label-free), if that is fewer than d. Each axis' sign is fixed (largest |entry| positive), so the
+      rows has covariance ~ identity. Each axis' sign is fixed (largest |entry| positive), so the
       result is deterministic across LAPACK builds.
+    - ``variance``: keep only the fewest leading components whose eigenvalues sum to that share of
+      the total (label-free), if that is fewer than d.
     """
     x = np.asarray(features)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
