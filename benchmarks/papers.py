@@ -226,11 +226,7 @@ def measure(results: dict, source: Source | None) -> Stats | None:
     """Mean, sample std and seed count of ``source`` in ``results`` (None when it is not there)."""
     if source is None or source.stem not in results or results[source.stem].get("quick"):
         return None  # a smoke run (``quick``) measures nothing
-    block = results[source.stem]
-    if source.variant is not None:
-        block = next((r for r in block.get("rows") or [] if r.get("variant") == source.variant), None)
-        if block is None:
-            return None
+    block = entry_of(results[source.stem], source)
     runs = block.get("runs") or []
     if ":" in source.metric:
         return _summary([head_value(r, source.metric) for r in runs])
@@ -268,8 +264,9 @@ def our_setting(results: dict, source: Source | None) -> str:
     data = DATA_NAMES.get(block.get("data", ""), block.get("data", "?"))
     if block.get("split") == "test":
         data = DATA_NAMES.get(f"{block.get('data')}-test", data)
-    config = block.get("config") or _flag(block.get("command", ""), "--config") or "no preset"
-    runs = block.get("runs") or (block.get("rows") or [{}])[0].get("runs") or []
+    entry = entry_of(block, source)
+    config = entry.get("config") or block.get("config") or _flag(block.get("command", ""), "--config") or "no preset"
+    runs = entry.get("runs") or []
     net = ((runs[0].get("config") or {}).get("net") or {}).get("backbone") if runs else None
     knn = None
     if source.metric == "knn_top1":
@@ -285,14 +282,22 @@ def version_note(results: dict, source: Source | None) -> str:
     """Why a recorded DeepCluster is not today's: runs from before issue 27 (their options lack
     ``pca_variance``) clustered the features after the ReLU and whitened all their dimensions."""
     block = results.get(source.stem) if source else None
-    if not block or block.get("method") != "deepcluster":
+    entry = entry_of(block, source) if block else {}
+    if (entry.get("method") or (block or {}).get("method")) != "deepcluster":
         return ""
-    runs = block.get("runs") or (block.get("rows") or [{}])[0].get("runs") or []
+    runs = entry.get("runs") or []
     if not runs or "config" not in runs[0]:
         return "this result does not record DeepCluster's options (issue 27 changed its features and PCA)"
     if "pca_variance" not in (runs[0]["config"].get("options") or {}):
         return "DeepCluster recorded before issue 27 (features after the ReLU, every dimension whitened)"
     return ""
+
+
+def entry_of(block: dict, source: Source) -> dict:
+    """The part of a result a source reads: its ablation row, or the whole result ({} if absent)."""
+    if source.variant is None:
+        return block
+    return next((r for r in block.get("rows") or [] if r.get("variant") == source.variant), {})
 
 
 def _flag(command: str, flag: str) -> str | None:

@@ -118,3 +118,18 @@ def test_ablation_claims_name_rows_the_ablation_benchmark_runs():
     first, *pcp = ablation.TABLES["pcp-table1"]  # PCP Table I as printed: DeepCluster itself, then PCP
     assert ablation.OTHER_METHOD[first[0]] == ("deepcluster", "deepcluster-cpu")
     assert all({"options.warmup=false", "options.floor=100"} <= set(sets) for _, sets in pcp)
+
+
+def test_deepcluster_results_say_which_version_they_measured():
+    old = accuracy_result("deepcluster", "digits", (0.9, 0.01))
+    new = accuracy_result("deepcluster", "digits", (0.9, 0.01))
+    for r in new["runs"]:
+        r["config"]["options"] = {"pca_variance": 0.9}
+    source = Source("accuracy-deepcluster-digits", "knn_top1")
+    assert "before issue 27" in papers.version_note({source.stem: old}, source)
+    assert papers.version_note({source.stem: new}, source) == ""
+    ablation_row = {"method": "pcp", "rows": [{"variant": "DC", "method": "deepcluster", "config": "deepcluster-cpu",
+                                               "runs": [{"knn_top1": 0.5}]}]}
+    row_source = Source("ablation-y", "knn_top1", "DC")
+    assert "does not record" in papers.version_note({"ablation-y": ablation_row}, row_source)
+    assert "deepcluster-cpu" in papers.our_setting({"ablation-y": ablation_row}, row_source)
