@@ -91,3 +91,26 @@ def test_sobel_auto_is_on_for_colour_input_only(colour):
     assert cfg.net.sobel is colour
     assert build_config({**layer, "net": {"backbone": "mlp"}}).net.sobel is False  # the default stays off
     assert load_config("deepcluster-cpu").net.sobel is None  # its CPU preset: auto
+
+
+def test_discovery_clusters_the_pre_relu_features_whitened_to_their_variance():
+    from sklearn.metrics import adjusted_rand_score
+
+    from conftest import smoke_layer
+    from deepclust.configure import build_config
+    from deepclust.methods import DiscoveryContext, build_method
+    from deepclust.methods.deepcluster import FEATURES
+
+    n, d = 90, 24
+    cfg = build_config(smoke_layer("deepcluster", "digits", "/nonexistent"), {"options": {"clusters": 3}})
+    method = build_method(cfg, n, tap_dims={"backbone": d, "pre_relu": d, "embedding": d}, tap_shapes={},
+                          shallow_layer="conv2")
+    assert FEATURES.tap == "pre_relu" and method.discovery_features(0) == (FEATURES,)
+    rng = np.random.default_rng(0)
+    truth = np.arange(n) % 3
+    x = 5.0 * np.eye(d)[truth] + 0.05 * rng.standard_normal((n, d))  # 3 blobs: 2 directions of variance
+    ctx = DiscoveryContext(epoch=0, n_images=n, seed=0, device=torch.device("cpu"), bank=None,
+                           passes={FEATURES: torch.tensor(x, dtype=torch.float32)}, images=None)
+    s = method.discover(ctx)
+    assert int(s["pca_dim"]) == 2  # 24 <= 256: the components of 90% of the variance, not all 24
+    assert adjusted_rand_score(truth, s["labels"].numpy()) == 1.0
