@@ -3,6 +3,7 @@ some of its options changed, everything else as in the given preset (same networ
 seeds).
 
     python benchmarks/ablation.py --table pcp-components --data digits --config pcp-cpu --seeds 0 1 2
+    python benchmarks/ablation.py --table pcp-table1     --data digits --config pcp-cpu
     python benchmarks/ablation.py --table pcp-floor      --data digits --config pcp-cpu
     python benchmarks/ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu
     python benchmarks/ablation.py --table pad            --data digits --config pad-cpu
@@ -11,6 +12,9 @@ seeds).
 Tables:
   pcp-components        PCP Table I: DeepCluster-style clusters on the bank (no PC, no CP), + PC,
                         + CP_r, + CP_s (the full method)
+  pcp-table1            PCP Table I as printed: N_c = 100, no warm-up, DeepCluster (deepcluster-cpu,
+                        K' = 100) as the first row, then PCP + PC, + CP_r, + CP_s
+  pcp-loss              PCP's cluster term: the reference code's form (logsum) vs Eq 5 as printed (eq5)
   pcp-floor             PCP Table III: the final cluster count N_t0, with and without the warm-up
   deepcluster-clusters  Table III's DeepCluster row: its k-means cluster count
   pad                   PAD Tables 3-6: diffusion off, cyclic off, scale off / other s, HPE off /
@@ -39,6 +43,16 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
         ("+ PC + CP_r", ["options.voting=false"]),
         ("+ PC + CP_r + CP_s (PCP)", []),
     ],
+    # PCP Table I in the paper's configuration (Sec IV-A): N_c = 100, no warm-up, and its DC row is
+    # DeepCluster itself (K' = 100, from deepcluster-cpu: see OTHER_METHOD)
+    "pcp-table1": [
+        ("DC: DeepCluster, K' = 100", ["options.clusters=100"]),
+        *[(label, ["options.warmup=false", "options.floor=100", "options.images_per_cluster=null", *sets])
+          for label, sets in (("+ PC", ["options.gamma=0", "options.voting=false"]),
+                              ("+ PC + CP_r", ["options.voting=false"]), ("+ PC + CP_r + CP_s (PCP)", []))],
+    ],
+    # PCP's cluster term: the reference code's -log sum over members (our default) beside Eq 5 as printed
+    "pcp-loss": [("logsum (reference code)", ["options.loss_form=logsum"]), ("Eq 5 as printed", ["options.loss_form=eq5"])],
     "pcp-floor": [(f"N_t0 = {f}" + (" (no warm-up)" if not w else ""),
                    [f"options.floor={f}", f"options.warmup={str(w).lower()}", "options.images_per_cluster=null"])
                   for w in (True, False) for f in (5, 10, 50, 100, 300)],
@@ -70,8 +84,9 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
     "dccm-pairs": [(f"V{i + 1}: {v}", [f"options.pairs={v}"]) for i, v in enumerate(
         ("nearest-random", "nearest-farthest", "random-random", "topn-random"))],
 }
-METHOD_OF = {"pcp-components": "pcp", "pcp-floor": "pcp", "deepcluster-clusters": "deepcluster", "pad": "pad",
-             "dccm-components": "dccm", "dccm-pairs": "dccm"}
+METHOD_OF = {"pcp-components": "pcp", "pcp-table1": "pcp", "pcp-loss": "pcp", "pcp-floor": "pcp",
+             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm"}
+OTHER_METHOD = {"DC: DeepCluster, K' = 100": ("deepcluster", "deepcluster-cpu")}  # row label -> (method, preset)
 KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
 
 
@@ -108,9 +123,11 @@ def main() -> None:
     with exclusive(name):
         t0 = time.perf_counter()
         for label, sets in TABLES[args.table]:
-            runs = [run_variant(method, spec, args.config, sets, seed) for seed in args.seeds]
+            row_method, row_config = OTHER_METHOD.get(label, (method, args.config))
+            runs = [run_variant(row_method, spec, row_config, sets, seed) for seed in args.seeds]
             keys = [k for k in (*KEYS, "own_acc", "own_nmi", "own_ari") if any(r.get(k) is not None for r in runs)]
-            rows.append({"variant": label, "set": sets, "runs": runs,
+            other = {"method": row_method, "config": row_config} if label in OTHER_METHOD else {}
+            rows.append({"variant": label, "set": sets, **other, "runs": runs,
                          "summary": {k: mean_std([r.get(k) for r in runs]) for k in keys}})
             print(label, {k: rows[-1]["summary"][k].get("mean") for k in keys}, flush=True)
         if not rows:

@@ -53,6 +53,8 @@ if want baselines; then
 fi
 if want ablations; then
   run $PY ablation.py --table pcp-components --data digits --config pcp-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table pcp-table1 --data digits --config pcp-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table pcp-loss --data digits --config pcp-cpu --chosen-on "$DEV"
   run $PY ablation.py --table pcp-floor --data digits --config pcp-cpu --chosen-on "$DEV"
   run $PY ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu --chosen-on "$DEV"
   run $PY ablation.py --table pad --data digits --config pad-cpu --chosen-on "$DEV"

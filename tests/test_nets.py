@@ -63,7 +63,7 @@ def test_mlp_has_no_batchnorm_or_dropout_and_splits_exactly():
 
 def test_alexnet_conv5_and_layers():
     net = EmbeddingNet("alexnet", 3, (32, 32))
-    assert net.layer_names() == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2", "backbone", "embedding"]
+    assert net.layer_names() == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2", "pre_relu", "backbone", "embedding"]
     x = torch.randn(2, 3, 32, 32)
     assert net.features_at(x, "conv5").shape == (2, 256 * 4 * 4)  # pooled conv5 map, the LC probe
     assert net.features_at(x, "conv5", flatten=False).shape == (2, 256, 4, 4)

@@ -2,7 +2,7 @@
 
     deepclust fit --method M --data SPEC [--epochs N] [--n-clusters K] [--backbone B]
                   [--batch-size B] [--config FILE] [--seed S] [--devices D] [--out DIR] ...
-    deepclust evaluate --run DIR [--data SPEC] [--cluster-head H] [--cluster-features F]
+    deepclust evaluate --run DIR [--data SPEC] [--cluster-head H] [--cluster-features F] [--protocol P]
     deepclust predict --run DIR --data SPEC --out FILE.csv|FILE.npy
     deepclust report --run DIR [--out FILE.html]
     deepclust export --run DIR [--format csv|parquet] [--out FILE] [--weights FILE.safetensors]
@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n-clusters", help="number of clusters K (default: the run's)")
     e.add_argument("--cluster-head", help=_choices(CLUSTER_HEADS))
     e.add_argument("--cluster-features", help="auto | backbone | embedding | LAYER")
+    e.add_argument("--protocol", default="clusters",
+                   help="clusters (re-cluster and score, default) | knn | linear | mlp: a representation "
+                        "protocol on the run's saved embeddings (linear / mlp: the data's train/test split, "
+                        "else stratified 5-fold; mlp: one hidden layer of 200 units, DCCM's)")
+    e.add_argument("--features", help="what --protocol knn|linear|mlp reads: embedding (the saved embeddings, "
+                                      "default) or a layer of the network, e.g. conv5 (AND / PAD / PCP's probe)")
     pr = sub.add_parser("predict", help="assign new images to the clusters of a finished run")
     pr.add_argument("--run", required=True, help="run directory written by fit")
     pr.add_argument("--data", required=True, help="the images to assign (same size and channels as the run's; "
@@ -187,6 +193,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = _layer_from_flags(args, EVAL_FLAGS)
+    if args.protocol != "clusters":
+        if overrides or args.data:
+            raise ConfigError(f"--protocol {args.protocol} reads the run's own images; --data, --split, "
+                              "--resize and the cluster flags belong to --protocol clusters")
+        metrics = inference.probe_run(args.run, args.protocol, features=args.features or "embedding")
+        print(json.dumps(metrics, indent=2))
+        return 0
+    if args.features:
+        raise ConfigError("--features belongs to --protocol knn|linear|mlp; use --cluster-features to cluster a layer")
     if str(args.n_clusters).strip().lower() == "auto":
         raise ConfigError("evaluate --n-clusters takes a number; K = auto is estimated when a run is fitted")
     metrics = inference.evaluate_run(args.run, data=args.data, overrides=overrides)

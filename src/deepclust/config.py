@@ -134,7 +134,9 @@ class ViewsConfig:
 class NetConfig:
     backbone: str = option("auto", choices=BACKBONE_NAMES)  # auto: from image size and channels
     dim: int = option(128, low=2)  # embedding dimension (all papers: 128)
-    sobel: bool = False  # DeepCluster: a fixed Sobel filter on grey input before the backbone
+    # DeepCluster: a fixed Sobel filter (colour to grey, then gradients) before the backbone;
+    # auto (None): on for colour input, off for grey (DeepCluster filters every colour image it trains on)
+    sobel: bool | None = option(False, auto=True)
     input_shape: list[int] | None = option(None, low=1)  # (C, H, W) the network was built for (auto)
 
 

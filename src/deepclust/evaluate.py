@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.model_selection import StratifiedKFold
 
+from .errors import DataError
 from .structure.knn import topk_cosine
 
 
@@ -67,8 +69,11 @@ def knn_top1(train_features, train_labels, test_features=None, test_labels=None,
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, *, epochs: int = 100,
-                 lr: float = 0.1, weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0) -> float:
-    """A linear classifier on frozen, standardised features (SGD, cross-entropy): test top-1."""
+                 lr: float = 0.1, weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0,
+                 hidden: int | None = None) -> float:
+    """A classifier on frozen, standardised features (SGD momentum 0.9, cosine rate, cross-entropy):
+    test top-1. ``hidden=None``: linear (AND / PAD / PCP's linear classifier); ``hidden=200``: one
+    hidden ReLU layer of 200 units, DCCM's non-linear protocol (Sec 4.4, Fig 4, after DIM)."""
     g = torch.Generator().manual_seed(seed)
     xtr = torch.as_tensor(np.asarray(train_features), dtype=torch.float32)
     xte = torch.as_tensor(np.asarray(test_features), dtype=torch.float32)
@@ -78,7 +83,9 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, ep
     yte = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
     c = int(max(ytr.max(), yte.max()) + 1)
     torch.manual_seed(seed)
-    model = torch.nn.Linear(xtr.shape[1], c)
+    d = xtr.shape[1]
+    model = torch.nn.Linear(d, c) if not hidden else torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, c))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):
@@ -91,6 +98,38 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, ep
         sched.step()
     with torch.no_grad():
         return round(float((model(xte).argmax(1) == yte).float().mean()), 4)
+
+
+PROBE_HIDDEN = {"linear": None, "mlp": 200}  # DCCM Fig 4: "a single hidden layer (200 units)"
+
+
+def probe_report(features, labels, split=None, *, protocol: str = "linear", folds: int = 5,
+                 seed: int = 0) -> dict[str, Any]:
+    """Top-1 of a supervised probe (``protocol`` linear or mlp) on frozen ``features``; the labels
+    are the evaluation's own input and reach nothing else.
+
+    Split: the data's own (train 0 -> test 1) when ``split`` has both parts, as the papers do on
+    CIFAR; otherwise stratified ``folds``-fold cross-validation shuffled by ``seed`` (each image is
+    tested once, by a probe that never saw it), reporting the mean over the folds and each fold's
+    figure; fewer folds when the smallest class has fewer members (at least 2 per class needed)."""
+    x, y = np.asarray(features, dtype=np.float32), np.asarray(labels).astype(np.int64)
+    hidden = PROBE_HIDDEN[protocol]
+    out: dict[str, Any] = {"protocol": protocol, "hidden_units": hidden}
+    if split is not None and bool((split == 0).any()) and bool((split == 1).any()):
+        tr, te = split == 0, split == 1
+        out["top1"] = linear_probe(x[tr], y[tr], x[te], y[te], seed=seed, hidden=hidden)
+        out["split"] = f"the data's split: {int(tr.sum())} train, {int(te.sum())} test"
+        return out
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    k = min(folds, smallest)
+    if k < 2:
+        raise DataError("a probe needs at least 2 images of every class (no train/test split to use)")
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    accs = [linear_probe(x[a], y[a], x[b], y[b], seed=seed, hidden=hidden) for a, b in cv.split(x, y)]
+    out["top1"] = round(float(np.mean(accs)), 4)
+    out["folds"] = accs
+    out["split"] = f"stratified {k}-fold cross-validation, seed {seed} (the data has no train/test split)"
+    return out
 
 
 def cluster_sizes(labels, n_clusters: int) -> list[int]:

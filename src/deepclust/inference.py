@@ -20,6 +20,7 @@ from .io import save_json
 from .methods import method_class
 from .nets import EmbeddingNet
 from .resolution import load_data, view_spec
+from .evaluate import knn_report, probe_report
 from .scoring import ALL_HEADS, compute_metrics, score_heads
 from .train import extract_features
 from .views import BatchViews
@@ -121,6 +122,42 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     if write:  # beside, never over, the run's own metrics.json
         save_json(run / "metrics_evaluate.json", metrics)
     return metrics
+
+
+PROTOCOLS = ("clusters", "knn", "linear", "mlp")
+
+
+def probe_run(run: str | Path, protocol: str, *, features: str = "embedding", write: bool = True) -> dict[str, Any]:
+    """A representation protocol on a finished run: weighted kNN (``eval.knn_k``, the run's
+    temperature), a linear probe or DCCM's one-hidden-layer MLP (``evaluate.probe_report``: the
+    data's train/test split, else seeded stratified 5-fold). ``features``: ``embedding`` (the saved
+    ``embeddings.npy``) or a layer of the trained network recomputed on the fitted images (e.g.
+    ``conv5``, where AND / PAD / PCP put their linear classifier). The labels of the fitted images
+    are read here for the score alone. Writes ``metrics_evaluate_PROTOCOL[_LAYER].json``."""
+    if protocol not in PROTOCOLS[1:]:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+    run = run_dir(run)
+    cfg = run_config(run)
+    _, x = run_outputs(run)
+    images = fitted_images(run, cfg, len(x), f"--protocol {protocol}")
+    if images.labels is None:
+        raise DataError(f"data '{cfg.data.spec}' has no labels; --protocol {protocol} scores against labels")
+    if features != "embedding":
+        net, views = load_network(run, cfg, images)
+        x, _ = extract_features(net, views, images.images, layer=features)
+    if protocol == "knn":
+        temperature = cfg.eval.knn_temperature or cfg.memory.temperature
+        m = knn_report(x, None, images.labels, images.split, k=cfg.eval.knn_k, temperature=temperature)
+        m = {"protocol": "knn", "top1": m["knn_top1"], "split": m["knn_protocol"], "k": cfg.eval.knn_k,
+             "temperature": temperature}
+    else:
+        m = probe_report(x, images.labels, images.split, protocol=protocol, seed=cfg.train.seed)
+    where = "embeddings.npy" if features == "embedding" else f"layer {features}"
+    m = {"method": cfg.method, "data": cfg.data.spec, "features": where, **m}
+    if write:
+        suffix = "" if features == "embedding" else f"_{features}"
+        save_json(run / f"metrics_evaluate_{protocol}{suffix}.json", m)
+    return m
 
 
 def compare_heads(run: str | Path, combos=ALL_HEADS) -> list[dict]:

@@ -408,22 +408,34 @@ class EmbeddingNet(nn.Module):
         return f, F.normalize(self.head(f), dim=1)
 
     def layer_names(self) -> list[str]:
-        """The backbone's stages, then ``"backbone"`` (= its output) and ``"embedding"``."""
-        return self.backbone.layer_names() + ["backbone", "embedding"]
+        """The backbone's stages, then ``"pre_relu"`` (its output before the last ReLU),
+        ``"backbone"`` (= its output) and ``"embedding"``."""
+        return self.backbone.layer_names() + ["pre_relu", "backbone", "embedding"]
 
     def taps(self, x: Tensor, names: tuple[str, ...] | list[str]) -> dict[str, Tensor]:
         """Several named outputs in one pass: backbone stages (their own shape, e.g. (B, C, H, W)),
-        ``backbone`` (flat features) and ``embedding`` (L2-normalised)."""
+        ``pre_relu`` (the flat backbone output before the last stage's closing ReLU: DeepCluster's
+        features, its ``main.py`` drops the classifier's last ReLU before clustering; a last stage
+        that does not end in a ReLU, a ResNet's pooling, gives its output), ``backbone`` (flat
+        features) and ``embedding`` (L2-normalised)."""
         unknown = [n for n in names if n not in self.layer_names()]
         if unknown:
             raise ConfigError(f"unknown feature tap '{unknown[0]}'; this network has: {', '.join(self.layer_names())}")
         out: dict[str, Tensor] = {}
         h = self._input(x)
-        for stage_name, stage in self.backbone.named_children():
-            h = stage(h)
+        stages = list(self.backbone.named_children())
+        for i, (stage_name, stage) in enumerate(stages):
+            last_relu = isinstance(stage, nn.Sequential) and isinstance(stage[-1], nn.ReLU)
+            if i == len(stages) - 1 and "pre_relu" in names and last_relu:
+                pre = stage[:-1](h)
+                out["pre_relu"], h = pre.flatten(1), F.relu(pre)
+            else:
+                h = stage(h)
             if stage_name in names:
                 out[stage_name] = h
         f = h.flatten(1)
+        if "pre_relu" in names:
+            out.setdefault("pre_relu", f)
         if "backbone" in names:
             out["backbone"] = f
         if "embedding" in names:

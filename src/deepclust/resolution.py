@@ -86,14 +86,16 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
 
 
 def _resolve_net(net: NetConfig, features: str, images: ImageSet) -> NetConfig:
-    """The backbone for the image size and channels (``auto``), the input shape, and the layer the
-    clusters are read from checked against the network."""
+    """The backbone for the image size and channels (``auto``), the Sobel filter (``auto``: on for
+    colour input), the input shape, and the layer the clusters are read from checked against the
+    network."""
     backbone = default_backbone(images.channels, images.image_size) if net.backbone == "auto" else net.backbone
+    sobel = images.channels == 3 if net.sobel is None else net.sobel  # auto: on for colour input
     if features not in ("backbone", "embedding"):
-        names = EmbeddingNet(backbone, images.channels, images.image_size, dim=net.dim, sobel=net.sobel).layer_names()
+        names = EmbeddingNet(backbone, images.channels, images.image_size, dim=net.dim, sobel=sobel).layer_names()
         if features not in names:
             raise ConfigError(f"cluster.features: unknown layer '{features}'; this network has: {', '.join(names)}")
-    return dataclasses.replace(net, backbone=backbone, input_shape=[images.channels, *images.image_size])
+    return dataclasses.replace(net, backbone=backbone, sobel=sobel, input_shape=[images.channels, *images.image_size])
 
 
 def _resolve_views(views: ViewsConfig, images: ImageSet, notes: dict) -> ViewsConfig:

@@ -212,8 +212,11 @@ class ProgressiveClusterPurification(Method):
 
     # -- diagnostics, final clusters, state -------------------------------------------------------
     def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
+        """Each epoch's purification: the share of single instances (Eq 4 rows; no labels needed) and,
+        when labels exist, the majority-class purity of the purified sets (Eq 5) and of the raw
+        k-means clusters they came from. Diagnostics only: nothing here reaches training."""
         if self._clusters() is None:
-            return {"clusters": 0, "single_fraction": 1.0}
+            return {"clusters": 0, "single_fraction": 1.0, **({"purity": None} if labels is not None else {})}
         targets = self.structure["targets"].cpu().numpy()
         out: dict[str, Any] = {"clusters": int(targets.max()) + 1 if (targets >= 0).any() else 0,
                                "single_fraction": round(float((targets < 0).mean()), 4)}

@@ -43,7 +43,8 @@ class PCAWhitening:
         return out
 
 
-def pca_whiten(features, dim: int = 256, *, eps: float = 1e-12) -> tuple[np.ndarray, PCAWhitening]:
+def pca_whiten(features, dim: int = 256, *, eps: float = 1e-12,
+               variance: float | None = None) -> tuple[np.ndarray, PCAWhitening]:
     """PCA to ``dim`` dimensions with whitening, then L2 row normalisation (DeepCluster).
 
     Returns (float32 (N, d) rows of unit norm, the fitted ``PCAWhitening``).
@@ -62,6 +63,8 @@ def pca_whiten(features, dim: int = 256, *, eps: float = 1e-12) -> tuple[np.ndar
     - Covariance with the 1/N convention, so the whitened (not yet normalised) output of the fitted
       rows has covariance ~ identity. Each axis' sign is fixed (largest |entry| positive), so the
       result is deterministic across LAPACK builds.
+    - ``variance``: keep only the fewest leading components whose eigenvalues sum to that share of
+      the total (label-free), if that is fewer than d.
     """
     x = np.asarray(features)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
@@ -82,6 +85,11 @@ def pca_whiten(features, dim: int = 256, *, eps: float = 1e-12) -> tuple[np.ndar
     cov /= n
     vals, vecs = np.linalg.eigh(cov)  # ascending
     d = int(min(dim, d_in, n - 1))
+    if variance is not None:
+        if not 0.0 < variance <= 1.0:
+            raise ConfigError(f"variance share must be within (0, 1], got {variance}")
+        share = np.cumsum(np.clip(vals[::-1], 0.0, None)) / max(float(np.clip(vals, 0.0, None).sum()), 1e-300)
+        d = min(d, int(np.searchsorted(share, variance - 1e-12)) + 1)
     vals, vecs = np.clip(vals[::-1][:d], 0.0, None), vecs[:, ::-1][:, :d]
     if vals[0] <= 0.0:
         raise DataError("features are constant: nothing to whiten")
@@ -89,3 +97,16 @@ def pca_whiten(features, dim: int = 256, *, eps: float = 1e-12) -> tuple[np.ndar
     vecs = vecs * flip
     state = PCAWhitening(mean, vecs / np.sqrt(vals + eps * vals[0]), vals)
     return state.transform(x), state
+
+
+def deepcluster_whiten(features, target: int = 256, variance: float = 0.9) -> np.ndarray:
+    """DeepCluster's preprocessing (Caron et al. 2018, Sec 3.3) where it reduces, and a label-free
+    reduction where it would not: with D > ``target`` (AlexNet's 4096-d fc7, the paper's case) PCA-
+    whitening to ``target`` dimensions; with D <= ``target`` (JULE's 160-d ip1, a 64-d DCCM fc, a
+    512-d ResNet against a larger target) whitening to all D would blow up the noise directions to
+    unit variance, so only the fewest leading components explaining ``variance`` of the variance
+    are kept. Then L2 row normalisation. float32 (N, d)."""
+    x = np.asarray(features)
+    reduces = x.ndim == 2 and x.shape[1] > target
+    out, _ = pca_whiten(x, dim=target, variance=None if reduces else variance)
+    return out
