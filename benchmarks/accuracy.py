@@ -29,7 +29,7 @@ import numpy as np
 
 from common import NOT_TUNED, class_count, data_spec, exclusive, fail, mean_std, save_result
 
-SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
+SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "linear_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
 RUN_KEYS = (*SCORES, "epochs", "n_images", "n_clusters", "cluster_head", "cluster_features", "cluster_sizes")
 PIXEL_BASELINES = ("kmeans-pixels", "spectral-pixels")
@@ -119,6 +119,10 @@ def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
         try:
             m = fit_run(cfg)
             heads = run_heads(m, out, args.heads)
+            if args.probe:  # AND / PAD / PCP's linear protocol on the saved embeddings (inference.probe_run)
+                from deepclust.inference import probe_run
+
+                m["linear_top1"] = probe_run(out, "linear", write=False)["top1"]
             config = resolved_config(out, cfg)
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -145,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result's name")
     p.add_argument("--no-heads", dest="heads", action="store_false",
                    help="skip scoring k-means / spectral on embedding / backbone features per run")
+    p.add_argument("--probe", action="store_true",
+                   help="also score a linear probe on each run's embeddings (linear_top1: the data's "
+                        "train/test split, else stratified 5-fold; labels score only)")
     p.add_argument("--quick", action="store_true", help="one seed, 2 epochs: a smoke test of the script")
     args = p.parse_args(argv)
     if args.method in PIXEL_BASELINES:
