@@ -524,6 +524,9 @@ class Trainer:
             module = sync_batchnorm(module, device=device)
         for p in self.net.parameters():
             p.requires_grad_(phase.trains_network())
+        if "embedding" not in phase.taps:  # the projection head does not reach the phase's loss (DDP)
+            for p in self.net.head.parameters():
+                p.requires_grad_(False)
         s = self.cfg.scan
         optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=s.lr,
                                      weight_decay=s.weight_decay)

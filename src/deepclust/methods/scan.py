@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses.scan import class_weights, scan_objective, scan_rows, self_label_rows
 from ..precision import at_least_float32
 from ..structure.batching import epoch_generator, split_batches
@@ -65,6 +66,8 @@ class ScanPhase(Method):
         s = cfg.scan
         self.k = cfg.cluster.n_clusters
         self.layer = cfg.cluster.features
+        if self.layer not in ("backbone", "embedding"):
+            raise ConfigError(f"cluster.head scan reads the backbone or the embedding, not '{self.layer}'")
         self.taps = (self.layer,)
         # H heads as one Linear(D, H K): every head's parameters take part in every step (DDP)
         self.modules["heads"] = nn.Linear(self.tap_dims[self.layer], s.heads * self.k)
