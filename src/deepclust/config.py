@@ -205,7 +205,8 @@ class ScanConfig:
                                      # pulls towards equal clusters: lower it for imbalanced data
     confidence: float = option(0.99, low=0, high=1, high_open=True)  # self-labelling threshold
     class_balance: bool = True  # self-labelling's class weights n / count_c (guards against collapse)
-    lr: float = option(1e-4, low=0, high=10, low_open=True)  # Adam, constant (SCAN's configs)
+    lr: float = option(1e-3, low=0, high=10, low_open=True)  # Adam, constant. SCAN's 1e-4 is for ~20k
+                          # steps; on digits (PAD 40 epochs, 20 phase epochs, frozen) 1e-4 gave ACC 0.661, 1e-3 0.946
     weight_decay: float = option(1e-4, low=0, high=1)
     backbone: str = option("train", choices=("train", "frozen"))  # frozen: only the heads learn (eval-mode net)
 

@@ -4,7 +4,7 @@ wvangansbeke/Unsupervised-Classification), as a training phase on the method con
 
 The loop (``train.Trainer.fit``) runs the method's epochs, then this phase's epochs with the same
 hooks (discovery on rank 0, global batches seeded by (seed, epoch), per-row losses against the
-gathered batch, checkpoint after every epoch), its own optimiser (Adam, constant rate, SCAN's) and
+gathered batch, checkpoint after every epoch), its own optimiser (Adam, constant rate, as SCAN's; 1e-3, not their 1e-4: see config.py) and
 its own modules, the heads:
  - discovery at the phase's start: the k = 20 nearest neighbours of every image in the run's
    embedding (a full pass of the un-augmented images; ``structure.knn.mine_neighbours``, Sec 3.1);
