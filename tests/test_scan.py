@@ -46,7 +46,8 @@ def test_scan_loss_gradient_flows_to_both_sides_and_the_entropy_weight_matters()
     loss.backward()
     assert (logits.grad.abs().sum((1, 2)) > 0).all()
     q = _probabilities((4, 1, 3))
-    assert scan_rows(q, q[[2, 3, 0, 1]], q[:2].mean(0), 5.0).sum() < scan_rows(q, q[[2, 3, 0, 1]], q[:2].mean(0), 1.0).sum()
+    strong, weak = (scan_rows(q, q[[2, 3, 0, 1]], q[:2].mean(0), w).sum() for w in (5.0, 1.0))
+    assert strong < weak
 
 
 def test_scan_objective_matches_a_loop_over_all_pairs():
@@ -186,3 +187,22 @@ def test_scan_reads_the_backbone_or_the_embedding_only(tmp_path, small_npz):
                         net={"backbone": "jule_cnn"})
     with pytest.raises(ConfigError, match="backbone or the embedding"):
         fit_run(build_config(layer))
+
+
+def test_the_kept_head_leaves_no_cluster_empty_when_a_head_can():
+    """Head 0 has the lower Eq 2 but its argmax never gives cluster 2; head 1 uses all three."""
+    from deepclust.methods.scan import ScanPhase, clusters_used
+
+    p = torch.tensor([[[0.98, 0.01, 0.01], [0.6, 0.2, 0.2]],
+                      [[0.98, 0.01, 0.01], [0.6, 0.2, 0.2]],
+                      [[0.01, 0.98, 0.01], [0.2, 0.6, 0.2]],
+                      [[0.01, 0.98, 0.01], [0.2, 0.2, 0.6]]])
+    assert clusters_used(p).tolist() == [2, 3]
+    nb = torch.tensor([[1], [0], [3], [2]])
+    assert scan_objective(p, nb, 1.0).argmin() == 0
+    cfg = build_config({"cluster": {"n_clusters": 3, "head": "scan", "features": "backbone"},
+                        "scan": {"heads": 2, "entropy_weight": 1.0}})
+    phase = ScanPhase(cfg, 4, {"backbone": 4})
+    phase.set_structure({"neighbours": nb})
+    assert phase.lowest_loss_head(p) == 1
+    assert phase.lowest_loss_head(p[:, :1]) == 0  # no head uses all: the lowest Eq 2

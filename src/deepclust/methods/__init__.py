@@ -50,4 +50,5 @@ def phase_epochs(cfg: Config) -> int:
     return ScanPhase.epochs_of(cfg) if cfg.cluster.head == "scan" else 0
 
 
-__all__ = ["METHODS", "build_phase", "phase_epochs", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "method_class"]
+__all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "build_phase",
+           "method_class", "phase_epochs"]

@@ -4,8 +4,8 @@ wvangansbeke/Unsupervised-Classification), as a training phase on the method con
 
 The loop (``train.Trainer.fit``) runs the method's epochs, then this phase's epochs with the same
 hooks (discovery on rank 0, global batches seeded by (seed, epoch), per-row losses against the
-gathered batch, checkpoint after every epoch), its own optimiser (Adam, constant rate, as SCAN's; 1e-3, not their 1e-4: see config.py) and
-its own modules, the heads:
+gathered batch, checkpoint after every epoch), its own optimiser (Adam at a constant rate as SCAN's;
+1e-3, not their 1e-4: see config.py) and its own modules, the heads:
  - discovery at the phase's start: the k = 20 nearest neighbours of every image in the run's
    embedding (a full pass of the un-augmented images; ``structure.knn.mine_neighbours``, Sec 3.1);
  - SCAN epochs (Eq 2, ``losses/scan.py``): H linear heads Linear(D, K) on ``cluster.features`` (the
@@ -29,7 +29,9 @@ Choices, written down:
    clusters are absorbed (the collapse SCAN's users report on a 60/40 two-class set). Self-labelling
    is off by default (``scan.self_label_epochs: 0``): it sharpens what Eq 2 found and cannot repair it.
  - The head is chosen by the training objective (Eq 2 with the configured lambda) on the whole data
-   set, where the authors' ``scan_evaluate`` weighs the entropy by 1.
+   set, where the authors' ``scan_evaluate`` weighs the entropy by 1, and among the heads whose
+   argmax leaves no cluster empty when there are any (a lower lambda lets heads empty clusters:
+   on digits subsampled 10:1, lambda = 1 kept a head with two empty clusters).
  - Neighbours come from a full pass of the embedding, not a method's memory bank: every method has
    an embedding, the bank holds features of augmented images of past epochs.
  - ``scan.backbone: frozen`` trains the heads only, the network in eval mode (the authors'
@@ -53,6 +55,14 @@ from .base import DiscoveryContext, FeatureRequest, Method, Step, Structure
 
 PROBABILITIES = FeatureRequest("cluster_probabilities")
 EMBEDDING = FeatureRequest("embedding")
+
+
+def clusters_used(probabilities: Tensor) -> Tensor:
+    """(H,) how many clusters each head's argmax gives at least one image; probabilities (N, H, K)."""
+    n, h, k = probabilities.shape
+    counts = torch.zeros(h, k, device=probabilities.device)
+    counts.scatter_add_(1, probabilities.argmax(-1).t(), torch.ones(h, n, device=probabilities.device))
+    return (counts > 0).sum(1)
 
 
 class ScanPhase(Method):
@@ -113,9 +123,12 @@ class ScanPhase(Method):
                 "best": torch.tensor(self.lowest_loss_head(ctx.features(PROBABILITIES.tap)))}
 
     def lowest_loss_head(self, probabilities: Tensor) -> int:
-        """The head with the lowest Eq 2 over the whole data set (labels never enter)."""
+        """The head with the lowest Eq 2 over the whole data set among those whose argmax leaves no
+        cluster empty (all heads when none does; labels never enter)."""
         neighbours = self.structure["neighbours"].to(probabilities.device)
-        return int(scan_objective(probabilities.float(), neighbours, self.options.entropy_weight).argmin())
+        loss = scan_objective(probabilities.float(), neighbours, self.options.entropy_weight)
+        full = clusters_used(probabilities) == self.k
+        return int((loss.masked_fill(~full, float("inf")) if full.any() else loss).argmin())
 
     def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
         if self.structure is None:
