@@ -206,3 +206,34 @@ def test_the_kept_head_leaves_no_cluster_empty_when_a_head_can():
     phase.set_structure({"neighbours": nb})
     assert phase.lowest_loss_head(p) == 1
     assert phase.lowest_loss_head(p[:, :1]) == 0  # no head uses all: the lowest Eq 2
+
+
+def test_the_phase_discovers_without_mutating_and_sets_its_structure_idempotently():
+    """The lifecycle of methods/base.py: discover returns the neighbours (then the chosen head with
+    them) and changes nothing; set_structure any number of times gives the same state."""
+    from deepclust.methods import DiscoveryContext
+    from deepclust.methods.scan import EMBEDDING, PROBABILITIES, ScanPhase
+
+    cfg = build_config({"cluster": {"n_clusters": 3, "head": "scan", "features": "backbone"},
+                        "scan": {"heads": 2, "neighbours": 4, "epochs": 2, "self_label_epochs": 1}})
+    phase = ScanPhase(cfg, 30, {"backbone": 8})
+    assert [e for e in range(phase.total_epochs()) if phase.needs_discovery(e)] == [0, 2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 8, generator=g)
+    ctx = DiscoveryContext(epoch=0, n_images=30, seed=0, device=torch.device("cpu"), passes={EMBEDDING: x})
+    before = {k: v.clone() for k, v in phase.modules.state_dict().items()}
+    s0 = phase.discover(ctx)
+    assert phase.structure is None and set(s0) == {"neighbours"}
+    assert torch.equal(s0["neighbours"], torch.from_numpy(mine_neighbours(x.numpy(), 4)))
+    for _ in range(2):
+        phase.set_structure(s0)
+    p = torch.softmax(torch.randn(30, 2, 3, generator=g), -1)
+    ctx2 = DiscoveryContext(epoch=2, n_images=30, seed=0, device=torch.device("cpu"), passes={PROBABILITIES: p})
+    s2 = phase.discover(ctx2)
+    assert phase.structure is s0 and torch.equal(s2["neighbours"], s0["neighbours"])
+    assert int(s2["best"]) == phase.lowest_loss_head(p)
+    assert all(torch.equal(before[k], v) for k, v in phase.modules.state_dict().items())
+    assert [len(b) for b in phase.batches(0, 30, 10, 0)] == [10] * 6  # 5 anchors + their 5 neighbours
+    batches = phase.batches(0, 30, 10, 0)
+    assert sorted(torch.cat([b[:5] for b in batches]).tolist()) == list(range(30))  # every image an anchor
+    assert all(int(b[5 + i]) in s0["neighbours"][int(b[i])].tolist() for b in batches for i in range(5))
