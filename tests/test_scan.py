@@ -237,3 +237,14 @@ def test_the_phase_discovers_without_mutating_and_sets_its_structure_idempotentl
     batches = phase.batches(0, 30, 10, 0)
     assert sorted(torch.cat([b[:5] for b in batches]).tolist()) == list(range(30))  # every image an anchor
     assert all(int(b[5 + i]) in s0["neighbours"][int(b[i])].tolist() for b in batches for i in range(5))
+
+
+def test_the_library_fits_and_predicts_through_the_scan_head():
+    from deepclust import Clusterer
+    from deepclust.data import load_images
+
+    x = load_images("digits").images[:300]
+    est = Clusterer(method="instance", n_clusters=10, epochs=1, progress=False, threads=1, batch_size=64,
+                    cluster_head="scan", scan__epochs=1, scan__heads=2).fit(x)
+    assert est.head_.kind == "linear"
+    assert (est.predict(x) == est.labels_).all()
