@@ -103,7 +103,7 @@ KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 
 # the second SCAN epoch: the resume restores the neighbours and the phase's Adam state, then chooses
 # the head itself.
 PHASE_SMOKE: dict[str, dict] = {
-    "instance+scan": {"train": {"epochs": 2}, "cluster": {"head": "scan"},
+    "instance+scan": {**METHOD_SMOKE["instance"], "cluster": {"head": "scan"},
                       "scan": {"epochs": 2, "self_label_epochs": 2, "confidence": 0.3, "heads": 3}},
 }
 KILL_EPOCH["instance+scan"] = 3

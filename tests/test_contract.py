@@ -75,6 +75,16 @@ def test_shuffled_labels_change_nothing(tmp_path, small_npz, references, method)
     assert got["metrics"]["cluster_sizes"] == ref["metrics"]["cluster_sizes"]
 
 
+def test_a_phase_leaves_the_method_epochs_unchanged(references):
+    """The phase's heads are drawn from a generator of their own: the method's epochs of a run with
+    the phase equal those of the run without it, record by record."""
+    for case in PHASE_SMOKE:
+        method = case.split("+")[0]
+        n = len(references[method]["log"])
+        assert all(_same_record(a, b) for a, b in zip(references[case]["log"][:n], references[method]["log"]))
+        assert [r["phase"] for r in references[case]["log"][n:]] == ["scan", "scan", "self-label", "self-label"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -190,8 +190,11 @@ class Trainer:
         shapes = self._tap_shapes()
         self.method = build_method(cfg, n, tap_dims={k: int(np.prod(v)) for k, v in shapes.items()},
                                    tap_shapes=shapes, shallow_layer=self.net.shallow_layer)
-        # the learned clustering phase after the method's epochs (``cluster.head: scan``), or None
-        self.phase = build_phase(cfg, n, tap_dims={k: int(np.prod(v)) for k, v in shapes.items()})
+        # the learned clustering phase after the method's epochs (``cluster.head: scan``), or None;
+        # its heads drawn from a generator of their own: the method's run is the same with or without it
+        with preserved_rng():
+            torch.manual_seed(cfg.train.seed + 1)
+            self.phase = build_phase(cfg, n, tap_dims={k: int(np.prod(v)) for k, v in shapes.items()})
         self.phase_state: dict[str, Any] | None = None  # its optimiser's state read from a checkpoint
         self.phase_optimizer = None
         # cumulative over a resumed run (checkpointed); ``steps`` drives the per-step rate schedules
