@@ -159,13 +159,16 @@ def _scan_layer(data: str, out, **extra) -> dict:
     return smoke_layer("instance+scan", data, out, **extra)
 
 
-def test_a_scan_run_predicts_and_evaluates_through_its_kept_head(tmp_path, small_npz):
+@pytest.mark.parametrize("normalise", [False, True])
+def test_a_scan_run_predicts_and_evaluates_through_its_kept_head(tmp_path, small_npz, normalise):
+    """The kept head as an affine map (with the standardising BatchNorm folded in) gives new images
+    the clusters the run gave them."""
     from deepclust.heads import ClusterHead
     from deepclust.inference import evaluate_run, predict_run
     from deepclust.runs import fit_run
 
     out = tmp_path / "run"
-    metrics = fit_run(build_config(_scan_layer(f"npz:{small_npz}", out)))
+    metrics = fit_run(build_config(_scan_layer(f"npz:{small_npz}", out, scan={"normalise": normalise})))
     assert metrics["cluster_head"] == "scan" and metrics["cluster_features"] == "backbone"
     assert any(h["head"] == "scan" for h in metrics["heads"])  # scored beside the post-hoc heads
     head = ClusterHead.load(out / "head.npz")
@@ -248,3 +251,27 @@ def test_the_library_fits_and_predicts_through_the_scan_head():
                     cluster_head="scan", scan__epochs=1, scan__heads=2).fit(x)
     assert est.head_.kind == "linear"
     assert (est.predict(x) == est.labels_).all()
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_the_assignment_map_is_the_kept_head_in_eval_mode(normalise):
+    """A x + c equals the kept head's logits (the standardising BatchNorm's running statistics
+    folded in), so predict on new images gives the head's own argmax."""
+    from deepclust.methods.scan import ScanPhase
+
+    cfg = build_config({"cluster": {"n_clusters": 4, "head": "scan", "features": "backbone"},
+                        "scan": {"heads": 3, "normalise": normalise}})
+    phase = ScanPhase(cfg, 10, {"backbone": 6})
+    g = torch.Generator().manual_seed(0)
+    if normalise:
+        bn = phase.modules["heads"][0]
+        bn.running_mean.copy_(torch.randn(6, generator=g))
+        bn.running_var.copy_(torch.rand(6, generator=g) + 0.1)
+    phase.set_structure({"neighbours": torch.zeros(10, 2, dtype=torch.long), "best": torch.tensor(2)})
+    phase.modules.eval()
+    x = torch.randn(20, 6, generator=g) * 3
+    with torch.no_grad():
+        logits = phase.forward({"backbone": x})["cluster_logits"][:, 2]
+    layer, a, c = phase.assignment_map()
+    assert layer == "backbone"
+    assert np.allclose(x.numpy() @ a.T + c, logits.numpy(), atol=1e-4)

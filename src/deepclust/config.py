@@ -209,6 +209,7 @@ class ScanConfig:
                           # steps; on digits (PAD 40 epochs, 20 phase epochs, frozen) 1e-4 gave ACC 0.661, 1e-3 0.946
     weight_decay: float = option(1e-4, low=0, high=1)
     backbone: str = option("train", choices=("train", "frozen"))  # frozen: only the heads learn (eval-mode net)
+    normalise: bool = False  # the heads read the features standardised (a BatchNorm without affine parameters)
 
 
 @dataclass(frozen=True)

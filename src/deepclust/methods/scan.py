@@ -79,8 +79,11 @@ class ScanPhase(Method):
         if self.layer not in ("backbone", "embedding"):
             raise ConfigError(f"cluster.head scan reads the backbone or the embedding, not '{self.layer}'")
         self.taps = (self.layer,)
-        # H heads as one Linear(D, H K): every head's parameters take part in every step (DDP)
-        self.modules["heads"] = nn.Linear(self.tap_dims[self.layer], s.heads * self.k)
+        # H heads as one Linear(D, H K): every head's parameters take part in every step (DDP); with
+        # ``scan.normalise`` after a BatchNorm without affine parameters (features standardised)
+        d = self.tap_dims[self.layer]
+        norm = [nn.BatchNorm1d(d, affine=False)] if s.normalise else []
+        self.modules["heads"] = nn.Sequential(*norm, nn.Linear(d, s.heads * self.k))
         self.best: int | None = None  # set by final_clusters when no self-labelling chose a head
 
     @property
@@ -193,8 +196,13 @@ class ScanPhase(Method):
 
     @torch.no_grad()
     def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray]:
-        """The kept head: its softmax keeps the order, so the cluster is argmax(W x + b) of the layer."""
+        """The kept head in eval mode is affine (the BatchNorm with its running statistics, then the
+        Linear) and its softmax keeps the order, so the cluster is argmax(A x + c) of the layer."""
         best = self.best if self.best is not None else int(self.structure["best"])
-        linear = self.modules["heads"]
+        *norm, linear = self.modules["heads"]
         rows = slice(best * self.k, (best + 1) * self.k)
-        return self.layer, linear.weight[rows].float().cpu().numpy(), linear.bias[rows].float().cpu().numpy()
+        a, c = linear.weight[rows].double(), linear.bias[rows].double()
+        if norm:
+            scale = 1 / torch.sqrt(norm[0].running_var.double() + norm[0].eps)
+            a, c = a * scale, c - (a * scale) @ norm[0].running_mean.double()
+        return self.layer, a.float().cpu().numpy(), c.float().cpu().numpy()
