@@ -35,7 +35,13 @@ Choices, written down:
  - Neighbours come from a full pass of the embedding, not a method's memory bank: every method has
    an embedding, the bank holds features of augmented images of past epochs.
  - ``scan.backbone: frozen`` trains the heads only, the network in eval mode (the authors'
-   ``update_cluster_head_only``).
+   ``update_cluster_head_only``). With the network trained, the projection head of the embedding
+   is frozen when the heads read the backbone (it does not reach the loss; DDP refuses parameters
+   without a gradient).
+ - ``scan.normalise`` (off): a BatchNorm without affine parameters before the heads. SCAN's heads
+   read the features as they are; on fixed features of thin clusters the linear heads found the
+   partition only once the features were whitened (tests/test_scan.py), and on digits the two
+   were within a seed's spread.
 """
 
 from __future__ import annotations
