@@ -275,3 +275,25 @@ def test_the_assignment_map_is_the_kept_head_in_eval_mode(normalise):
     layer, a, c = phase.assignment_map()
     assert layer == "backbone"
     assert np.allclose(x.numpy() @ a.T + c, logits.numpy(), atol=1e-4)
+
+
+def test_a_frozen_backbone_leaves_the_network_as_the_method_left_it(tmp_path, small_npz):
+    """scan.backbone: frozen trains the heads alone: the run's embeddings equal those of the same run
+    without the phase (the method's epochs are the same, the network in eval mode afterwards)."""
+    from conftest import smoke_layer
+
+    from deepclust.runs import fit_run
+
+    fit_run(build_config(smoke_layer("instance", f"npz:{small_npz}", tmp_path / "plain")))
+    fit_run(build_config(_scan_layer(f"npz:{small_npz}", tmp_path / "frozen", scan={"backbone": "frozen"})))
+    plain, frozen = (np.load(tmp_path / d / "embeddings.npy") for d in ("plain", "frozen"))
+    assert np.array_equal(plain, frozen)
+    log = [__import__("json").loads(line) for line in (tmp_path / "frozen" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log[2:]] == ["scan", "scan", "self-label", "self-label"]
+
+
+def test_the_time_plan_hook_counts_the_phase_epochs():
+    from deepclust.methods import phase_epochs
+
+    assert phase_epochs(build_config({"scan": {"epochs": 7, "self_label_epochs": 3}})) == 0
+    assert phase_epochs(build_config({"cluster": {"head": "scan"}, "scan": {"epochs": 7, "self_label_epochs": 3}})) == 10
