@@ -96,13 +96,28 @@ KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 
                              "jule": 3}  # jule: the second epoch of period 1; the resume discovers at 4
 
 
+# The learned clustering phase after a method (``cluster.head: scan``, methods/scan.py): contract
+# cases of their own, named METHOD+PHASE. Instance discrimination for 2 epochs, then 2 SCAN epochs
+# (neighbours mined at epoch 2) and 2 self-labelling epochs (the head chosen at epoch 4); a low
+# confidence threshold so that self-labelling has targets on a 2-epoch network. The kill lands in
+# the second SCAN epoch: the resume restores the neighbours and the phase's Adam state, then chooses
+# the head itself.
+PHASE_SMOKE: dict[str, dict] = {
+    "instance+scan": {**METHOD_SMOKE["instance"], "cluster": {"head": "scan"},
+                      "scan": {"epochs": 2, "self_label_epochs": 2, "confidence": 0.3, "heads": 3}},
+}
+KILL_EPOCH["instance+scan"] = 3
+
+
 def smoke_layer(method: str, data: str, out, **extra) -> dict:
-    """A full configuration layer for a quick run of ``method`` on ``data`` (CPU, no progress bar)."""
+    """A full configuration layer for a quick run of ``method`` (or of a ``PHASE_SMOKE`` case) on
+    ``data`` (CPU, no progress bar)."""
     from deepclust.config import merge_layers
 
-    layer = {"method": method, "out": str(out), "data": {"spec": data}, "cluster": {"n_clusters": 10},  # the digits' K
+    case = METHOD_SMOKE[method] if method in METHOD_SMOKE else PHASE_SMOKE[method]
+    layer = {"method": method.split("+")[0], "out": str(out), "data": {"spec": data}, "cluster": {"n_clusters": 10},  # the digits' K
              "optim": {"batch_size": 64},
              # one thread, as the subprocesses of the contract tests (OMP_NUM_THREADS=1): runs compared
              # bit for bit must reduce their floats in the same order
              "train": {"seed": 3, "progress": False, "accelerator": "cpu", "threads": 1}}
-    return merge_layers(layer, METHOD_SMOKE[method], extra)
+    return merge_layers(layer, case, extra)

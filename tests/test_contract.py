@@ -7,6 +7,8 @@
 - a run SIGKILLed between its log record and its checkpoint, after at least two discoveries and in the
   middle of a round, then resumed, equals an uninterrupted run record by record, with exactly one log
   record per epoch.
+The learned clustering phase after a method (``PHASE_SMOKE``: ``instance+scan``) is a case of its own
+in all three.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import KILL_EPOCH, METHOD_SMOKE, ROOT, smoke_layer
+from conftest import KILL_EPOCH, METHOD_SMOKE, PHASE_SMOKE, ROOT, smoke_layer
 
 from deepclust.config import merge_layers
 from deepclust.configure import build_config
 from deepclust.methods import METHODS
 from deepclust.runs import fit_run
 
-ALL = sorted(METHODS)
+ALL = sorted(METHODS) + sorted(PHASE_SMOKE)
 WORKER = str(ROOT / "tests" / "_workers.py")
 
 
@@ -56,7 +58,8 @@ def references(tmp_path_factory, small_npz):
 
 
 def test_every_method_has_a_smoke_configuration():
-    assert set(METHOD_SMOKE) == set(METHODS) == set(KILL_EPOCH)
+    assert set(METHOD_SMOKE) == set(METHODS)
+    assert set(KILL_EPOCH) == set(METHODS) | set(PHASE_SMOKE)
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -70,6 +73,16 @@ def test_shuffled_labels_change_nothing(tmp_path, small_npz, references, method)
     assert np.array_equal(got["embeddings"], ref["embeddings"])
     assert np.array_equal(got["labels"], ref["labels"])
     assert got["metrics"]["cluster_sizes"] == ref["metrics"]["cluster_sizes"]
+
+
+def test_a_phase_leaves_the_method_epochs_unchanged(references):
+    """The phase's heads are drawn from a generator of their own: the method's epochs of a run with
+    the phase equal those of the run without it, record by record."""
+    for case in PHASE_SMOKE:
+        method = case.split("+")[0]
+        n = len(references[method]["log"])
+        assert all(_same_record(a, b) for a, b in zip(references[case]["log"][:n], references[method]["log"]))
+        assert [r["phase"] for r in references[case]["log"][n:]] == ["scan", "scan", "self-label", "self-label"]
 
 
 def _free_port() -> int:
@@ -96,7 +109,8 @@ def _checkpoint_tensors(out) -> dict:
 
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     return {**{f"net.{k}": v for k, v in state["model"].items()},
-            **{f"method.{k}": v for k, v in state["method"]["modules"].items()}}
+            **{f"method.{k}": v for k, v in state["method"]["modules"].items()},
+            **{f"phase.{k}": v for k, v in ((state.get("phase") or {}).get("modules") or {}).items()}}
 
 
 @pytest.mark.slow
@@ -127,9 +141,10 @@ def test_two_processes_equal_one(tmp_path, small_npz, references):
             for key in (k for k in record if k.endswith("_identical_across_ranks")):
                 assert record[key] is True, (m, key, record)
                 checked.add(key.split("_")[0])
-        expected = {"bank"} if METHODS[m].uses_bank else set()
-        expected |= {"structure"} if m != "instance" else set()
-        expected |= {"modules"} if any(k.startswith("method.") for k in _checkpoint_tensors(tmp_path / m)) else set()
+        expected = {"bank"} if METHODS[m.split("+")[0]].uses_bank else set()
+        expected |= {"structure"} if m != "instance" else set()  # a phase's: its mined neighbours
+        expected |= {"modules"} if any(k.startswith(("method.", "phase.")) for k in _checkpoint_tensors(tmp_path / m)) \
+            else set()
         assert checked == expected, (m, checked)
 
 

@@ -37,7 +37,7 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("step", "cosine", "inv")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "method")
+CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "method", "scan")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
 
@@ -209,6 +209,26 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ScanConfig:
+    """The learned clustering stage (``cluster.head: scan``; ``methods/scan.py``): SCAN (Van Gansbeke
+    et al., ECCV 2020) trained after the method's epochs, then optional self-labelling."""
+
+    epochs: int = option(10, low=1)  # epochs of Eq 2 (each: every image once as an anchor, with a neighbour)
+    self_label_epochs: int = option(0, low=0)  # then self-labelling (Sec 3.3); 0: none
+    heads: int = option(10, low=1, high=100)  # heads trained at once; the lowest Eq 2 kept (no labels)
+    neighbours: int = option(20, low=1)  # k mined from the run's embedding (SCAN: 20)
+    entropy_weight: float = option(5.0, low=0, high=100)  # lambda of Eq 2 (SCAN's configs: 5); it
+                                     # pulls towards equal clusters: lower it for imbalanced data
+    confidence: float = option(0.99, low=0, high=1, high_open=True)  # self-labelling threshold
+    class_balance: bool = True  # self-labelling's class weights n / count_c (guards against collapse)
+    lr: float = option(1e-3, low=0, high=10, low_open=True)  # Adam, constant. SCAN's 1e-4 is for ~20k
+                          # steps; on digits (PAD 40 epochs, 20 phase epochs, frozen) 1e-4 gave ACC 0.661, 1e-3 0.946
+    weight_decay: float = option(1e-4, low=0, high=1)
+    backbone: str = option("train", choices=("train", "frozen"))  # frozen: only the heads learn (eval-mode net)
+    normalise: bool = False  # the heads read the features standardised (a BatchNorm without affine parameters)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     knn_k: int = option(200, low=1)  # Wu et al. 2018 / AND
     knn_temperature: float | None = option(None, low=0, high=10, low_open=True)  # None: the bank's T
@@ -226,6 +246,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     options: Any = None  # the method's own options dataclass (its ``Options``)
     # What the data decided (``resolution.resolve``: views chosen from the pixels, the budget plan),

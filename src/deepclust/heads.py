@@ -28,7 +28,8 @@ from .structure.knn import topk_cosine
 
 HEADS = ("kmeans", "spectral", "agglomerative")  # heads fitted here
 # kinds a saved head may have ("method": a method's own clusters, new images by the kNN vote;
-# "linear": a method's own clusters that are the argmax of an affine map of the features, DCCM's head)
+# "linear": clusters that are the argmax of an affine map of the features: DCCM's head, and the head
+# the learned clustering phase kept, ``cluster.head: scan``, methods/scan.py)
 KINDS = (*HEADS, "method", "linear")
 MAX_REFERENCE = 200_000  # training features kept by the spectral head for out-of-sample votes
 MAX_SPECTRAL_FIT = 200_000  # above this, spectral / agglomerative is fitted on a random subsample, the rest voted in
@@ -193,17 +194,20 @@ def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int 
     """The head ``cluster.head`` names, read off ``features`` (never labels): k-means, spectral
     (``eigenvectors`` per cluster), or the method's own clusters (``method``: kept for the rows it
     was trained on, other rows by the head's kNN vote; with ``method_map`` = (A, c), the method's
-    clusters are argmax(A x + c) of these features for any image: a ``linear`` head)."""
+    clusters are argmax(A x + c) of these features for any image: a ``linear`` head). ``scan``: the
+    head the clustering phase trained, given as ``method_map`` (a ``linear`` head)."""
+    if kind == "scan":
+        if method_map is None:
+            raise ConfigError("cluster.head scan is trained with the network (deepclust fit --cluster-head scan); "
+                              "this run has no such head")
+        return linear_head(features, method_map)
     if kind != "method":
         comps = eigenvectors * n_clusters if eigenvectors else None
         return fit_head(features, kind, n_clusters, seed=seed, n_neighbors=n_neighbors, n_components=comps)
     if method_labels is None:
         raise ConfigError("cluster.head: this method has no clusters of its own; use kmeans or spectral")
     if method_map is not None:
-        a, c = (np.asarray(v, np.float32) for v in method_map)
-        head = ClusterHead("linear", len(c), a, bias=c)
-        head.labels_ = head.predict(features)
-        return head
+        return linear_head(features, method_map)
     rows = np.arange(len(features)) if trained_rows is None else trained_rows
     head = head_from_labels(features[rows], method_labels, max(n_clusters, int(method_labels.max()) + 1),
                             kind="method")
@@ -213,16 +217,26 @@ def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int 
     return head
 
 
-def fit_heads(layers: dict[str, np.ndarray], combos, n_clusters: int, method_map=None,
+def linear_head(features: np.ndarray, affine: tuple[np.ndarray, np.ndarray]) -> ClusterHead:
+    """A ``linear`` head: the clusters of any image are argmax(A x + c) of its features."""
+    a, c = (np.asarray(v, np.float32) for v in affine)
+    head = ClusterHead("linear", len(c), a, bias=c)
+    head.labels_ = head.predict(features)
+    return head
+
+
+def fit_heads(layers: dict[str, np.ndarray], combos, n_clusters: int, method_map=None, phase_map=None,
               **options) -> dict[tuple[str, str], tuple]:
     """(head, seconds) of every (kind, layer) of ``combos``, each read off ``layers[layer]``;
     ``options`` as :func:`cluster_head` takes them; ``method_map`` = (layer, A, c): the method's
-    clusters as argmax(A x + c) of that layer (``Method.assignment_map``), used for its own head there."""
+    clusters as argmax(A x + c) of that layer (``Method.assignment_map``), used for its own head there;
+    ``phase_map`` the same of the clustering phase's head (kind ``scan``)."""
     out = {}
     for kind, layer in combos:
         t0 = time.perf_counter()
-        own = method_map is not None and kind == "method" and layer == method_map[0]
-        head = cluster_head(layers[layer], kind, n_clusters, method_map=tuple(method_map[1:]) if own else None,
+        given = {"method": method_map, "scan": phase_map}.get(kind)
+        own = given is not None and layer == given[0]
+        head = cluster_head(layers[layer], kind, n_clusters, method_map=tuple(given[1:]) if own else None,
                             **options)
         out[(kind, layer)] = (head, time.perf_counter() - t0)
     return out

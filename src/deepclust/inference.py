@@ -111,7 +111,13 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     if cfg.cluster.n_clusters > len(images):
         raise ConfigError(f"n_clusters (K={cfg.cluster.n_clusters}) is larger than the number of images "
                           f"(N={len(images)})")
-    metrics, head = compute_metrics(cfg, images, features, embedding)
+    phase_map = None
+    if cfg.cluster.head == "scan":  # the head the run trained: its saved affine map
+        saved = ClusterHead.load(run / "head.npz")
+        if saved.kind != "linear" or run_config(run).cluster.head != "scan":
+            raise ConfigError(f"run {run} trained no scan head; use --cluster-head kmeans|spectral|agglomerative")
+        phase_map = (cfg.cluster.features, saved.centroids, saved.bias)
+    metrics, head = compute_metrics(cfg, images, features, embedding, phase_map=phase_map)
     metrics = {"method": cfg.method, "data": data or cfg.data.spec, **metrics}
     prior = run / "metrics.json"
     if prior.exists():

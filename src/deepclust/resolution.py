@@ -80,6 +80,8 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
     if k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     head, features, eigenvectors = defaults
+    if cl.head == "scan":  # SCAN's head reads the backbone output (methods/scan.py)
+        features = "backbone"
     return dataclasses.replace(cl, n_clusters=k, head=head if cl.head == "auto" else cl.head,
                                features=features if cl.features == "auto" else cl.features,
                                eigenvectors=eigenvectors if cl.eigenvectors is None else cl.eigenvectors)

@@ -92,7 +92,7 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
     features = layers[cfg.cluster.features]
     trained = np.flatnonzero(images.split == 0) if cfg.data.train_on == "train" else None
     metrics, head = compute_metrics(cfg, images, features, embedding, method_labels=result.method_clusters,
-                                    method_map=result.method_map,
+                                    method_map=result.method_map, phase_map=result.phase_map,
                                     trained_rows=trained, layers=layers)
     save_model(work, result.net)
     head.save(work / "head.npz")

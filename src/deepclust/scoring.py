@@ -26,17 +26,22 @@ def head_options(cluster: ClusterConfig, seed: int) -> dict[str, Any]:
             "eigenvectors": cluster.eigenvectors}
 
 
-def _combos(cluster: ClusterConfig, layers: dict[str, np.ndarray], method_labels) -> list[tuple[str, str]]:
-    """Every post-hoc head on every given layer, and the method's own clusters when it has them."""
+def _combos(cluster: ClusterConfig, layers: dict[str, np.ndarray], method_labels,
+            phase_map=None) -> list[tuple[str, str]]:
+    """Every post-hoc head on every given layer, the method's own clusters when it has them, and
+    the clustering phase's head when one was trained."""
     combos = [c for c in ALL_HEADS if c[1] in layers]
     if method_labels is not None:
         combos.append(("method", cluster.features if cluster.features in layers else "embedding"))
+    if phase_map is not None and phase_map[0] in layers:
+        combos.append(("scan", phase_map[0]))
     return combos
 
 
 def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embedding: np.ndarray,
                     *, method_labels: np.ndarray | None = None, trained_rows=None,
-                    layers: dict[str, np.ndarray] | None = None, method_map=None) -> tuple[dict[str, Any], ClusterHead]:
+                    layers: dict[str, np.ndarray] | None = None, method_map=None,
+                    phase_map=None) -> tuple[dict[str, Any], ClusterHead]:
     """Cluster ``features`` (the layer ``cluster.features`` names) with the configured head (labels
     never enter it), then score against labels if any: first every head is fitted, then scored.
 
@@ -45,17 +50,18 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     post-hoc head on the backbone and embedding layers, and the method's own clusters when it has
     them: acc / nmi / ari / seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
     knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
-    ``method_map``: the method's clusters as an affine map of a layer (``Method.assignment_map``).
+    ``method_map``: the method's clusters as an affine map of a layer (``Method.assignment_map``);
+    ``phase_map``: the clustering phase's kept head, the same way (``cluster.head: scan``).
     """
     cl, labels, seed = cfg.cluster, images.labels, cfg.train.seed
     chosen = (cl.head, cl.features)
     layers = {"embedding": embedding, **(layers or {}), cl.features: features}
-    combos = _combos(cl, layers, method_labels) if labels is not None else []
+    combos = _combos(cl, layers, method_labels, phase_map) if labels is not None else []
     options = head_options(cl, seed)
     knn = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature or cfg.memory.temperature, "seed": seed,
            "probe": cfg.eval.linear_probe}  # T: eval.knn_temperature, else the bank's
     fitted = fit_heads(layers, [chosen, *(c for c in combos if c != chosen)], method_labels=method_labels,
-                       trained_rows=trained_rows, method_map=method_map, **options)
+                       trained_rows=trained_rows, method_map=method_map, phase_map=phase_map, **options)
     head, head_seconds = fitted[chosen]
     k, pred = cl.n_clusters, head.labels_
     collapse = collapse_report(pred, max(k, int(pred.max()) + 1))

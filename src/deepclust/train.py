@@ -45,7 +45,7 @@ from .config import Config, EvalConfig, OptimConfig, TrainConfig
 from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .io import append_text, ensure_dir, save_text, save_torch
-from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, method_class
+from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_method, build_phase, method_class
 from .nets import EmbeddingNet, sync_batchnorm
 from .views import BatchViews, ViewSpec, draw_generator
 
@@ -169,6 +169,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     method_clusters: np.ndarray | None = None
     method_map: tuple[str, np.ndarray, np.ndarray] | None = None  # Method.assignment_map()
+    phase_map: tuple[str, np.ndarray, np.ndarray] | None = None  # the clustering phase's kept head
 
     @property
     def bank(self):
@@ -198,6 +199,13 @@ class Trainer:
         shapes = self._tap_shapes()
         self.method = build_method(cfg, n, tap_dims={k: int(np.prod(v)) for k, v in shapes.items()},
                                    tap_shapes=shapes, shallow_layer=self.net.shallow_layer)
+        # the learned clustering phase after the method's epochs (``cluster.head: scan``), or None;
+        # its heads drawn from a generator of their own: the method's run is the same with or without it
+        with preserved_rng():
+            torch.manual_seed(cfg.train.seed + 1)
+            self.phase = build_phase(cfg, n, tap_dims={k: int(np.prod(v)) for k, v in shapes.items()})
+        self.phase_state: dict[str, Any] | None = None  # its optimiser's state read from a checkpoint
+        self.phase_optimizer = None
         # cumulative over a resumed run (checkpointed); ``steps`` drives the per-step rate schedules
         self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0, "steps": 0}
 
@@ -246,11 +254,11 @@ class Trainer:
         torch.distributed.all_gather_object(digests, h.hexdigest())
         return len(set(digests)) == 1
 
-    def _replica_checks(self, record: dict[str, Any]) -> None:
-        """Every part of the method's state (bank, structure, own modules) identical on every rank."""
+    def _replica_checks(self, record: dict[str, Any], stage: Method | None = None) -> None:
+        """Every part of the stage's state (bank, structure, own modules) identical on every rank."""
         if self.world == 1:
             return
-        state = self.method.state_dict()
+        state = (stage or self.method).state_dict()
         parts = {"bank": [state["bank"]["features"]] if state["bank"] is not None else [],
                  "structure": [v for _, v in sorted((state["structure"] or {}).items())],
                  "modules": [v for _, v in sorted(state["modules"].items())]}
@@ -270,6 +278,8 @@ class Trainer:
                 "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": self.net.state_dict(),
                 "optimizer": optimizer.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
                 "config": self.cfg.to_dict(), "history": history, "timing": dict(self.timing),
+                "phase": self.phase.state_dict() if self.phase is not None else None,
+                "phase_optimizer": self.phase_optimizer.state_dict() if self.phase_optimizer is not None else None,
             })
         self.fabric.barrier()
 
@@ -280,6 +290,9 @@ class Trainer:
             self.net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state["method"])
+            if self.phase is not None and state.get("phase") is not None:
+                self.phase.load_state_dict(state["phase"])
+                self.phase_state = state.get("phase_optimizer")
             _set_rng_state(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise DataError(f"checkpoint {path} does not fit this run's network or method: "
@@ -289,20 +302,22 @@ class Trainer:
 
     # -- full passes and discovery -------------------------------------------------------------------
     @torch.no_grad()
-    def _full_passes(self, requests: tuple[FeatureRequest, ...], epoch: int) -> dict[FeatureRequest, Tensor]:
+    def _full_passes(self, requests: tuple[FeatureRequest, ...], epoch: int,
+                     stage: Method | None = None) -> dict[FeatureRequest, Tensor]:
         """Each requested tap over all training images (network in eval mode), shared out over the
         processes and gathered; augmented passes draw one view per image from (seed, epoch)."""
         if not requests:
             return {}
+        stage = stage or self.method
         device, out = self.fabric.device, {}
         rows = self._slices(self.n)[self.rank]
         was = self.net.training
         self.net.eval()
-        self.method.modules.eval()
+        stage.modules.eval()
         layers = set(self.net.layer_names())
         for augmented in sorted({r.augmented for r in requests}):
             taps = tuple(sorted({r.tap for r in requests if r.augmented == augmented}))
-            net_taps = tuple(sorted({t for t in taps if t in layers} | set(self.method.taps)))
+            net_taps = tuple(sorted({t for t in taps if t in layers} | set(stage.taps)))
             params = self.views.sample_params(self.n, draw_generator(self.cfg.train.seed, epoch, 9_000_011)) \
                 if augmented else None
             parts: dict[str, list[Tensor]] = {t: [] for t in taps}
@@ -310,45 +325,46 @@ class Trainer:
                 x = self.data[block.to(device)]
                 x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
                 with self.fabric.autocast():
-                    got = self.method.forward(self.net.taps(x, net_taps))  # network taps + method outputs
+                    got = stage.forward(self.net.taps(x, net_taps))  # network taps + the stage's outputs
                 for t in taps:
                     parts[t].append(got[t].float())
             for t in taps:
                 out[FeatureRequest(t, augmented)] = self._gather_rows(torch.cat(parts[t]), self.n)
         self.net.train(was)
-        self.method.modules.train(was)
+        stage.modules.train(was)
         return out
 
-    def _context(self, epoch: int, passes) -> DiscoveryContext:
+    def _context(self, epoch: int, passes, stage: Method | None = None) -> DiscoveryContext:
         return DiscoveryContext(epoch=epoch, n_images=self.n, seed=self.cfg.train.seed, device=self.fabric.device,
-                                bank=self.method.bank, passes=passes, images=self.data)
+                                bank=(stage or self.method).bank, passes=passes, images=self.data)
 
-    def _discover(self, epoch: int, optimizer, record: dict[str, Any]) -> None:
+    def _discover(self, epoch: int, optimizer, record: dict[str, Any], stage: Method | None = None) -> None:
         t0 = time.perf_counter()
-        passes = self._full_passes(self.method.discovery_features(epoch), epoch)
+        method = stage or self.method
+        passes = self._full_passes(method.discovery_features(epoch), epoch, method)
         structure = None
         if self.rank == 0:
-            structure = self.method.discover(self._context(epoch, passes))
+            structure = method.discover(self._context(epoch, passes, method))
             if structure is not None and self.world > 1:
                 structure = {k: v.cpu() for k, v in structure.items()}
         if self.world > 1:
             structure = self.fabric.broadcast(structure, src=0)
         device = self.fabric.device
-        self.method.set_structure({k: v.to(device) for k, v in structure.items()} if structure is not None else None)
-        for p in self.method.reset_parameters():
+        method.set_structure({k: v.to(device) for k, v in structure.items()} if structure is not None else None)
+        for p in method.reset_parameters():
             optimizer.state.pop(p, None)
         record["discovery_seconds"] = round(time.perf_counter() - t0, 3)
         if self.rank == 0:
-            record.update(self.method.describe(self.labels))
-            if self.labels is not None and self.method.bank is not None:
-                record["bank_knn_top1"] = bank_knn_top1(self.method.bank.features, self.labels, self.cfg.eval,
+            record.update(method.describe(self.labels))
+            if self.labels is not None and method.bank is not None:
+                record["bank_knn_top1"] = bank_knn_top1(method.bank.features, self.labels, self.cfg.eval,
                                                        self.cfg.memory.temperature)
 
     # -- one epoch -------------------------------------------------------------------------------
-    def _views(self, epoch: int, step: int, gidx: Tensor, part: Tensor, batch: Tensor):
+    def _views(self, epoch: int, step: int, gidx: Tensor, part: Tensor, batch: Tensor, stage: Method | None = None):
         """This rank's views of the global batch: view 0 of every row, views 1.. of the rows the
         method selects; returns (images, rows per view, positions of the extra rows or None)."""
-        method, device = self.method, self.fabric.device
+        method, device = stage or self.method, self.fabric.device
         n_views = method.views_at(epoch)
         gen = draw_generator(self.cfg.train.seed, epoch, step)
         # Draws for the global batch, then this rank's slice: the same views on any device count.
@@ -370,12 +386,12 @@ class Trainer:
                 images.append(make(v, batch[rows], local[extra.cpu()] if extra is not None else local))
         return torch.cat(images) if n_views > 1 else images[0], [len(t) for t in images], extra
 
-    def _step(self, model, optimizer, epoch: int, step: int, gidx: Tensor) -> Tensor:
-        device, method = self.fabric.device, self.method
+    def _step(self, model, optimizer, epoch: int, step: int, gidx: Tensor, stage: Method | None = None) -> Tensor:
+        device, method = self.fabric.device, stage or self.method
         part = self._slices(len(gidx))[self.rank]
         gidx_dev = gidx.to(device, non_blocking=True)
         idx = gidx_dev[part.to(device)]
-        x, sizes, extra = self._views(epoch, step, gidx, part, self.data[idx])
+        x, sizes, extra = self._views(epoch, step, gidx, part, self.data[idx], method)
         with self.fabric.autocast():
             out = model(x)  # one forward for all views: one DDP pass, BatchNorm over all views
             outputs = [dict(zip(out, vals)) for vals in zip(*(v.split(sizes) for v in out.values()))]
@@ -400,25 +416,28 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _train_epoch(self, model, optimizer, epoch: int, record: dict[str, Any]) -> None:
-        cfg, device = self.cfg, self.fabric.device
-        per_step = cfg.optim.schedule == "inv"
-        lr = self._set_lr(optimizer, epoch)
+    def _train_epoch(self, model, optimizer, epoch: int, record: dict[str, Any], stage: Method | None = None) -> None:
+        cfg, device, method = self.cfg, self.fabric.device, stage or self.method
+        per_step = cfg.optim.schedule == "inv" and stage is None
+        lr = self._set_lr(optimizer, epoch) if stage is None else optimizer.param_groups[0]["lr"]  # a phase: constant
         model.train()
-        batches = self.method.batches(epoch, self.n, cfg.optim.batch_size, cfg.train.seed)
+        if not method.trains_network():
+            self.net.eval()
+        batches = method.batches(epoch, self.n, cfg.optim.batch_size, cfg.train.seed)
         loss_sum = torch.zeros((), device=device)
         bar = None
         if cfg.train.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{self.method.total_epochs()}", leave=False,
+            name = f"{method.phase(epoch)} " if stage is not None else ""
+            bar = tqdm(total=len(batches), desc=f"{name}epoch {epoch + 1}/{method.total_epochs()}", leave=False,
                        dynamic_ncols=True)
         t_steps = time.perf_counter()
         seen = 0
         for step, gidx in enumerate(batches):
             if per_step and step:
                 self._set_lr(optimizer, epoch)
-            loss_sum += self._step(model, optimizer, epoch, step, gidx)
+            loss_sum += self._step(model, optimizer, epoch, step, gidx, stage)
             self.timing["steps"] += 1
             seen += len(gidx)
             if bar is not None:
@@ -434,7 +453,7 @@ class Trainer:
         record.update(loss=float(total) / max(seen, 1), lr=lr, images_per_second=round(seen / dt, 1))
         if per_step:
             record["lr_last"] = optimizer.param_groups[0]["lr"]
-        self._replica_checks(record)
+        self._replica_checks(record, stage)
 
     # -- the loop --------------------------------------------------------------------------------
     def _setup(self, resume: bool):
@@ -473,30 +492,72 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         t_start = time.perf_counter()
         model, optimizer, start_epoch, history = self._setup(resume)
-        base_seconds = self.timing["train_seconds"]
+        self.method_optimizer, self.clock = optimizer, (t_start, self.timing["train_seconds"])
         if self.rank == 0:
             ensure_dir(self.out_dir)
             self._write_log(history)
         epoch = start_epoch
         while epoch < self.method.total_epochs():  # re-read: a method's length may follow its structure (JULE)
-            t_epoch = time.perf_counter()
-            record: dict[str, Any] = {"epoch": epoch, "phase": self.method.phase(epoch)}
-            if self.method.needs_discovery(epoch):
-                self._discover(epoch, optimizer, record)
-            self._train_epoch(model, optimizer, epoch, record)
-            record["seconds"] = round(time.perf_counter() - t_epoch, 3)
-            self.timing["train_seconds"] = base_seconds + time.perf_counter() - t_start
-            history.append(record)
-            self._write_log(history, append=record)
-            if self.cfg.train.checkpoint:
-                self._save_checkpoint(epoch, optimizer, history)
+            self._epoch(model, optimizer, epoch, epoch, history)
             epoch += 1
-        total = epoch
-        clusters = self._final_clusters(total)
-        self.timing["train_seconds"] = base_seconds + time.perf_counter() - t_start
+        method_end = self.method.total_epochs()  # fixed once the method has finished
+        if self.phase is not None:  # the learned clustering phase, its epochs numbered on in the log
+            phase_model, phase_optimizer = self._setup_phase()
+            while epoch < method_end + self.phase.total_epochs():
+                self._epoch(phase_model, phase_optimizer, epoch, epoch - method_end, history, self.phase)
+                epoch += 1
+        clusters = self._final_clusters(method_end)
+        phase_map = self._phase_head(epoch) if self.phase is not None else None
+        self.timing["train_seconds"] = self.clock[1] + time.perf_counter() - t_start
         return TrainResult(self.net, self.views, self.method, self.timing["train_seconds"],
-                           self.timing["step_seconds"], int(self.timing["images_seen"]), total, history, clusters,
-                           self.method.assignment_map() if self.rank == 0 else None)
+                           self.timing["step_seconds"], int(self.timing["images_seen"]), method_end, history, clusters,
+                           self.method.assignment_map() if self.rank == 0 else None, phase_map)
+
+    def _epoch(self, model, optimizer, epoch: int, local: int, history: list, stage: Method | None = None) -> None:
+        """One epoch of the method (``stage`` None) or of the phase (``local``: its epoch within the
+        stage): discovery when due, training, the log record, the checkpoint."""
+        t_epoch, method = time.perf_counter(), stage or self.method
+        record: dict[str, Any] = {"epoch": epoch, "phase": method.phase(local)}
+        if method.needs_discovery(local):
+            self._discover(local, optimizer, record, stage)
+        self._train_epoch(model, optimizer, local, record, stage)
+        record["seconds"] = round(time.perf_counter() - t_epoch, 3)
+        self.timing["train_seconds"] = self.clock[1] + time.perf_counter() - self.clock[0]
+        history.append(record)
+        self._write_log(history, append=record)
+        if self.cfg.train.checkpoint:
+            self._save_checkpoint(epoch, self.method_optimizer, history)
+
+    def _setup_phase(self):
+        """The phase's module (the network and its heads) and optimiser (Adam at the phase's constant
+        rate, SCAN's), its optimiser state restored on resume, set up by Fabric as the method's."""
+        phase, device = self.phase, self.fabric.device
+        module = TrainModule(self.net, phase)
+        if self.world > 1 and self.cfg.train.sync_batchnorm:
+            module = sync_batchnorm(module, device=device)
+        for p in self.net.parameters():
+            p.requires_grad_(phase.trains_network())
+        if "embedding" not in phase.taps:  # the projection head does not reach the phase's loss (DDP)
+            for p in self.net.head.parameters():
+                p.requires_grad_(False)
+        s = self.cfg.scan
+        optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=s.lr,
+                                     weight_decay=s.weight_decay)
+        if self.phase_state is not None:
+            optimizer.load_state_dict(self.phase_state)
+        model, optimizer = self.fabric.setup(module, optimizer)
+        self.phase_optimizer = optimizer
+        if phase.structure is not None:  # restored by a resume: on the device (idempotent)
+            phase.set_structure({k: v.to(device) for k, v in phase.structure.items()})
+        return model, optimizer
+
+    def _phase_head(self, epoch: int) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """The phase's kept head (rank 0), read off a full pass of its predictions."""
+        passes = self._full_passes(self.phase.final_features(), epoch, self.phase)
+        if self.rank != 0:
+            return None
+        self.phase.final_clusters(self._context(epoch, passes, self.phase))
+        return self.phase.assignment_map()
 
     def _final_clusters(self, epoch: int) -> np.ndarray | None:
         passes = self._full_passes(self.method.final_features(), epoch)

@@ -14,6 +14,7 @@ from .instance import InstanceDiscrimination
 from .jule import Jule
 from .pad import Pad
 from .pcp import ProgressiveClusterPurification
+from .scan import ScanPhase
 
 METHODS: dict[str, type[Method]] = {
     "instance": InstanceDiscrimination,
@@ -38,4 +39,16 @@ def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = N
     return method_class(cfg.method)(cfg, n_images, tap_dims, **net_info)
 
 
-__all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "method_class"]
+def build_phase(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None) -> Method | None:
+    """The training phase after the method's epochs that ``cluster.head`` asks for (``scan``:
+    the learned clustering stage, ``methods/scan.py``), or None."""
+    return ScanPhase(cfg, n_images, tap_dims) if cfg.cluster.head == "scan" else None
+
+
+def phase_epochs(cfg: Config) -> int:
+    """Epochs of that phase (0 without one): what a plan of the run's time must add."""
+    return ScanPhase.epochs_of(cfg) if cfg.cluster.head == "scan" else 0
+
+
+__all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "build_phase",
+           "method_class", "phase_epochs"]

@@ -222,6 +222,11 @@ class Method:
     def phase(self, epoch: int) -> str:
         return ""
 
+    def trains_network(self) -> bool:
+        """Whether the network learns in this stage (a clustering phase may train its heads alone:
+        the network then stays in eval mode and out of the optimiser)."""
+        return True
+
     def views_at(self, epoch: int) -> int:
         """Augmented views per sample at ``epoch`` (PCP's two-view warm-up ends part-way)."""
         return self.n_views

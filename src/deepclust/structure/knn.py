@@ -98,3 +98,14 @@ def knn_graph(features, k: int, *, symmetrize: str = "max", backend: str = "auto
     if symmetrize == "min":
         return a.minimum(a.T).tocsr()
     raise ValueError(f"unknown symmetrize '{symmetrize}'")
+
+
+def mine_neighbours(features, k: int, *, backend: str = "auto"):
+    """SCAN's mining step (Van Gansbeke et al., ECCV 2020, Sec 3.1): the indices of every image's k
+    nearest other images by cosine similarity, (N, k) int64 (numpy for numpy input, torch for torch).
+    k is cut to N - 1 on tiny data."""
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError("mining neighbours needs at least 2 images")
+    _, idx = topk_cosine(features, features, min(k, n - 1), exclude_self=True, backend=backend)
+    return idx

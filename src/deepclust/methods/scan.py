@@ -1,0 +1,214 @@
+"""The learned clustering stage after any method (``cluster.head: scan``): SCAN (Van Gansbeke,
+Vandenhende, Georgoulis, Proesmans & Van Gool, ECCV 2020; reference code
+wvangansbeke/Unsupervised-Classification), as a training phase on the method contract.
+
+The loop (``train.Trainer.fit``) runs the method's epochs, then this phase's epochs with the same
+hooks (discovery on rank 0, global batches seeded by (seed, epoch), per-row losses against the
+gathered batch, checkpoint after every epoch), its own optimiser (Adam at a constant rate as SCAN's;
+1e-3, not their 1e-4: see config.py) and its own modules, the heads:
+ - discovery at the phase's start: the k = 20 nearest neighbours of every image in the run's
+   embedding (a full pass of the un-augmented images; ``structure.knn.mine_neighbours``, Sec 3.1);
+ - SCAN epochs (Eq 2, ``losses/scan.py``): H linear heads Linear(D, K) on ``cluster.features`` (the
+   backbone output; SCAN's head) trained with the network; a global batch is A anchors, every image
+   once an epoch, followed by one neighbour of each drawn uniformly from its k (the authors'
+   ``NeighborsDataset``); both augmented (as the authors'); one forward for both halves;
+ - self-labelling epochs (Sec 3.3, optional): at their start the head with the lowest Eq 2 over the
+   whole data (its mined pairs; no labels) is chosen and only it trains further: the un-augmented
+   image (the weak view, no gradient) gives the target where its top probability > 0.99, the
+   augmented image (the strong view) is trained with a cross-entropy weighted n / count_c per class
+   of the global batch's confident targets (the authors' class balancing);
+ - the final clusters: the argmax of the kept head (chosen again at the end when no self-labelling
+   ran), an affine map of the features, so ``predict`` assigns new images through it (a ``linear``
+   head.npz, as DCCM's).
+
+Choices, written down:
+ - Imbalance: Eq 2's entropy term pulls towards equal clusters (its maximum is the uniform mean
+   prediction); ``scan.entropy_weight`` (5, SCAN's configs) is the knob: lower it for data known
+   to be imbalanced. Self-labelling keeps the class weights on by default (``scan.class_balance``):
+   without them the largest cluster's confident targets dominate the cross-entropy and the small
+   clusters are absorbed (the collapse SCAN's users report on a 60/40 two-class set). Self-labelling
+   is off by default (``scan.self_label_epochs: 0``): it sharpens what Eq 2 found and cannot repair it.
+ - The head is chosen by the training objective (Eq 2 with the configured lambda) on the whole data
+   set, where the authors' ``scan_evaluate`` weighs the entropy by 1, and among the heads whose
+   argmax leaves no cluster empty when there are any (a lower lambda lets heads empty clusters:
+   on digits subsampled 10:1, lambda = 1 kept a head with two empty clusters).
+ - Neighbours come from a full pass of the embedding, not a method's memory bank: every method has
+   an embedding, the bank holds features of augmented images of past epochs.
+ - ``scan.backbone: frozen`` trains the heads only, the network in eval mode (the authors'
+   ``update_cluster_head_only``). With the network trained, the projection head of the embedding
+   is frozen when the heads read the backbone (it does not reach the loss; DDP refuses parameters
+   without a gradient).
+ - ``scan.normalise`` (off): a BatchNorm without affine parameters before the heads. SCAN's heads
+   read the features as they are; on fixed features of thin clusters the linear heads found the
+   partition only once the features were whitened (tests/test_scan.py), and on digits the two
+   were within a seed's spread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..losses.scan import class_weights, scan_objective, scan_rows, self_label_rows
+from ..precision import at_least_float32
+from ..structure.batching import epoch_generator, split_batches
+from ..structure.knn import mine_neighbours
+from .base import DiscoveryContext, FeatureRequest, Method, Step, Structure
+
+PROBABILITIES = FeatureRequest("cluster_probabilities")
+EMBEDDING = FeatureRequest("embedding")
+
+
+def clusters_used(probabilities: Tensor) -> Tensor:
+    """(H,) how many clusters each head's argmax gives at least one image; probabilities (N, H, K)."""
+    n, h, k = probabilities.shape
+    counts = torch.zeros(h, k, device=probabilities.device)
+    counts.scatter_add_(1, probabilities.argmax(-1).t(), torch.ones(h, n, device=probabilities.device))
+    return (counts > 0).sum(1)
+
+
+class ScanPhase(Method):
+    """SCAN as a phase after a method: the Method hooks, its epochs counted from the phase's start."""
+
+    name = "scan"
+    uses_bank = False
+
+    def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
+        super().__init__(cfg, n_images, tap_dims, **net_info)
+        s = cfg.scan
+        self.k = cfg.cluster.n_clusters
+        self.layer = cfg.cluster.features
+        if self.layer not in ("backbone", "embedding"):
+            raise ConfigError(f"cluster.head scan reads the backbone or the embedding, not '{self.layer}'")
+        self.taps = (self.layer,)
+        # H heads as one Linear(D, H K): every head's parameters take part in every step (DDP); with
+        # ``scan.normalise`` after a BatchNorm without affine parameters (features standardised)
+        d = self.tap_dims[self.layer]
+        norm = [nn.BatchNorm1d(d, affine=False)] if s.normalise else []
+        self.modules["heads"] = nn.Sequential(*norm, nn.Linear(d, s.heads * self.k))
+        self.best: int | None = None  # set by final_clusters when no self-labelling chose a head
+
+    @property
+    def options(self):
+        return self.cfg.scan
+
+    # -- schedule ---------------------------------------------------------------------------
+    @classmethod
+    def epochs_of(cls, cfg) -> int:
+        return cfg.scan.epochs + cfg.scan.self_label_epochs
+
+    @classmethod
+    def discovers_at(cls, cfg, epoch: int) -> bool:
+        return epoch == 0 or (cfg.scan.self_label_epochs > 0 and epoch == cfg.scan.epochs)
+
+    def self_labelling(self, epoch: int) -> bool:
+        return epoch >= self.options.epochs
+
+    def phase(self, epoch: int) -> str:
+        return "self-label" if self.self_labelling(epoch) else "scan"
+
+    def trains_network(self) -> bool:
+        return self.options.backbone == "train"
+
+    def views_at(self, epoch: int) -> int:
+        return 2 if self.self_labelling(epoch) else 1
+
+    def plain_views(self, epoch: int) -> tuple[int, ...]:
+        return (0,) if self.self_labelling(epoch) else ()  # the weak view: the image itself
+
+    # -- structure: mined neighbours, then the chosen head ----------------------------------
+    def discovery_features(self, epoch: int) -> tuple[FeatureRequest, ...]:
+        return (EMBEDDING,) if epoch == 0 else (PROBABILITIES,)
+
+    def discover(self, ctx: DiscoveryContext) -> Structure:
+        if ctx.epoch == 0:
+            neighbours = mine_neighbours(ctx.features(EMBEDDING.tap).float(), self.options.neighbours)
+            return {"neighbours": neighbours.long().cpu()}
+        return {"neighbours": self.structure["neighbours"].cpu(),
+                "best": torch.tensor(self.lowest_loss_head(ctx.features(PROBABILITIES.tap)))}
+
+    def lowest_loss_head(self, probabilities: Tensor) -> int:
+        """The head with the lowest Eq 2 over the whole data set among those whose argmax leaves no
+        cluster empty (all heads when none does; labels never enter)."""
+        neighbours = self.structure["neighbours"].to(probabilities.device)
+        loss = scan_objective(probabilities.float(), neighbours, self.options.entropy_weight)
+        full = clusters_used(probabilities) == self.k
+        return int((loss.masked_fill(~full, float("inf")) if full.any() else loss).argmin())
+
+    def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
+        if self.structure is None:
+            return {}
+        out: dict[str, Any] = {}
+        if "best" in self.structure:
+            out["scan_head"] = int(self.structure["best"])
+        if labels is not None:  # SCAN's Fig 2 diagnostic: the share of mined neighbours of one class
+            nb = self.structure["neighbours"].cpu().numpy()
+            out["neighbour_purity"] = round(float((labels[nb] == labels[:, None]).mean()), 4)
+        return out
+
+    # -- batches and loss -------------------------------------------------------------------
+    def batches(self, epoch: int, n: int, batch_size: int, seed: int) -> list[Tensor]:
+        """SCAN epochs: A = batch_size / 2 anchors (each image once an epoch), then one neighbour of
+        each, drawn from its mined k by a generator of (seed, epoch). Self-labelling: uniform."""
+        order = torch.randperm(n, generator=epoch_generator(seed, epoch))
+        if self.self_labelling(epoch):
+            return split_batches(order, batch_size)
+        nb = self.structure["neighbours"].cpu()
+        pick = torch.randint(nb.shape[1], (n,), generator=epoch_generator(seed + 7_919, epoch))
+        partners = nb[order, pick[order]]
+        return [torch.cat([a, p]) for a, p in zip(split_batches(order, max(1, batch_size // 2)),
+                                                    split_batches(partners, max(1, batch_size // 2)))]
+
+    def forward(self, taps: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = taps[self.layer].flatten(1)
+        logits = at_least_float32(self.modules["heads"](x)).view(len(x), -1, self.k)
+        taps["cluster_logits"] = logits
+        taps["cluster_probabilities"] = torch.softmax(logits, dim=-1)
+        return taps
+
+    def batch_loss(self, step: Step) -> Tensor:
+        if self.self_labelling(step.epoch):
+            return self.self_label_loss(step)
+        p = step.outputs[0]["cluster_probabilities"]
+        all_p = step.gather(p)
+        anchors = len(step.gidx) // 2  # rows [0, A) anchors, [A, 2A) their neighbours in order
+        partner = all_p[(step.positions + anchors) % (2 * anchors)]
+        return scan_rows(p, partner, all_p[:anchors].mean(0), self.options.entropy_weight)
+
+    def self_label_loss(self, step: Step) -> Tensor:
+        best = int(self.structure["best"])
+        with torch.no_grad():
+            weak = step.gather(step.outputs[0]["cluster_probabilities"][:, best].detach(), False)
+            top, targets = weak.max(dim=1)
+            confident = top > self.options.confidence
+            weight = class_weights(targets, confident, self.k, self.options.class_balance)
+            weight_sum = (weight[targets] * confident.float()).sum()
+        rows = step.positions
+        strong = step.outputs[1]["cluster_logits"][:, best]
+        return self_label_rows(strong, targets[rows], confident[rows], weight, weight_sum, len(step.gidx))
+
+    # -- the kept head ------------------------------------------------------------------------
+    def final_features(self) -> tuple[FeatureRequest, ...]:
+        return (PROBABILITIES,)
+
+    def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
+        p = ctx.features(PROBABILITIES.tap)
+        self.best = int(self.structure["best"]) if "best" in self.structure else self.lowest_loss_head(p)
+        return p[:, self.best].argmax(dim=1).cpu().numpy()
+
+    @torch.no_grad()
+    def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray]:
+        """The kept head in eval mode is affine (the BatchNorm with its running statistics, then the
+        Linear) and its softmax keeps the order, so the cluster is argmax(A x + c) of the layer."""
+        best = self.best if self.best is not None else int(self.structure["best"])
+        *norm, linear = self.modules["heads"]
+        rows = slice(best * self.k, (best + 1) * self.k)
+        a, c = linear.weight[rows].double(), linear.bias[rows].double()
+        if norm:
+            scale = 1 / torch.sqrt(norm[0].running_var.double() + norm[0].eps)
+            a, c = a * scale, c - (a * scale) @ norm[0].running_mean.double()
+        return self.layer, a.float().cpu().numpy(), c.float().cpu().numpy()
