@@ -4,6 +4,8 @@ statistics, the machine lock.
 Environment:
   DEEPCLUST_RESULTS_DIR  where results are written and read (default benchmarks/results/); smoke runs
                          and tests point it at a temporary directory so the real results stay untouched.
+  DEEPCLUST_SHARED_DATA  the folder of mnist_test.npz, usps.npz, cifar10_test.npz (default ../shared/data
+                         beside the checkout; a GPU machine gets a copy elsewhere).
   DEEPCLUST_LOCK_DIR     where the machine-activity lock lives (deepclust.locks; default the system's
                          temporary directory).
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DEEPCLUST_SHARED_DATA") or ROOT.parent / "shared" / "data")
 NOT_TUNED = "n/a (no tuned settings)"
 # What the library's own defaults (no preset) were chosen on: benchmarks/dev_choices.py's sweep.
 LIBRARY_DEFAULTS = "digits,usps (the library's defaults: benchmarks/results/dev-choices-*.json)"
@@ -155,7 +157,8 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        # a copy without .git (a lent GPU machine): the commit its sender named, if any
+        return {"commit": os.environ.get("DEEPCLUST_COMMIT"), "dirty": None}
     return {"commit": commit, "dirty": dirty}
 
 
