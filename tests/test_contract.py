@@ -75,6 +75,18 @@ def test_shuffled_labels_change_nothing(tmp_path, small_npz, references, method)
     assert got["metrics"]["cluster_sizes"] == ref["metrics"]["cluster_sizes"]
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_bf16_mixed_precision_runs(tmp_path, small_npz, method):
+    """bf16-mixed is the default on a GPU (train.make_fabric); the CPU's autocast takes the same
+    paths (a float32 sentinel in a bfloat16 tensor broke JULE's loss there, found on an H200)."""
+    layer = merge_layers(smoke_layer(method, f"npz:{small_npz}", tmp_path / "run"),
+                         {"train": {"precision": "bf16-mixed"}})
+    fit_run(build_config(layer))
+    got = _outputs(tmp_path / "run")
+    assert np.isfinite(got["embeddings"]).all() and len(got["labels"]) == len(got["embeddings"])
+    assert all(np.isfinite(r["loss"]) for r in got["log"] if r.get("loss") is not None)
+
+
 def test_a_phase_leaves_the_method_epochs_unchanged(references):
     """The phase's heads are drawn from a generator of their own: the method's epochs of a run with
     the phase equal those of the run without it, record by record."""

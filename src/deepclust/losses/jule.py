@@ -51,7 +51,10 @@ def weighted_triplet_loss(z_local: Tensor, labels_local: Tensor, z_global: Tenso
     dtype = torch.promote_types(z_local.dtype, torch.float32)
     a = torch.nn.functional.normalize(z_local.to(dtype), dim=1)
     g = torch.nn.functional.normalize(z_global.to(dtype), dim=1)
-    d = (2.0 - 2.0 * a @ g.t()).clamp_min(0.0)  # ||x_i - x_j||^2 on the unit sphere, (b, B)
+    # autocast (bf16-mixed, the default on a GPU) would run the product in bfloat16, where the
+    # float32 sentinel below overflows: the distances stay in ``dtype``
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        d = (2.0 - 2.0 * a @ g.t()).clamp_min(0.0)  # ||x_i - x_j||^2 on the unit sphere, (b, B)
     rows = torch.arange(a.shape[0], device=a.device)
     same = labels_local.to(a.device)[:, None] == labels_global.to(a.device)[None, :]
     positive = same.clone()
