@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", help="a deepclust method (default: the library's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tag", default="")
+    p.add_argument("--no-auto", action="store_true", help="skip the rule's own run (only the fixed backbones)")
     args = p.parse_args(argv)
     from deepclust.durations import parse_budget
     from deepclust.errors import ConfigError
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_run(data: str, size: int | None, budget: str, backbone: str, seed: int, method: str | None) -> dict:
     from deepclust.configure import build_config
+    from deepclust.inference import compare_heads
     from deepclust.runs import fit_run
 
     spec = data_spec(data)
@@ -73,13 +75,15 @@ def one_run(data: str, size: int | None, budget: str, backbone: str, seed: int, 
         t0 = time.perf_counter()
         m = fit_run(build_config(layer))
         wall = time.perf_counter() - t0
+        heads = compare_heads(str(out)) if m.get("acc") is not None else None  # every head, same features
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     plan = (m.get("resolution") or {}).get("budget") or {}
     return {"data": data, "resize": size, "budget": budget, "asked": backbone, "backbone": plan.get("backbone"),
             "seed": seed, "wall_seconds": round(wall, 1), "warning": plan.get("warning"),
             "planned_seconds": plan.get("estimated_seconds"),
-            **{k: m.get(k) for k in SCORES if k != "wall_seconds"}}
+            **{k: m.get(k) for k in SCORES if k != "wall_seconds"},
+            "heads": [{k: h.get(k) for k in ("head", "features", "acc", "nmi", "ari")} for h in heads or []]}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows = []
                 for budget in args.budgets:
                     for seed in args.seeds:
-                        for backbone in ("auto", *args.backbones):
+                        for backbone in (() if args.no_auto else ("auto",)) + tuple(args.backbones):
                             rows.append(one_run(data, size, budget, backbone, seed, args.method))
                             print(json.dumps(rows[-1]), flush=True)
             save_result(name, {"data": data, "resize": size, "budgets": args.budgets, "seeds": args.seeds,

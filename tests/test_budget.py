@@ -217,6 +217,17 @@ def test_fit_to_budget_fills_epochs_backbone_and_budget():
     assert cfg.train.budget == "1m"
 
 
+def test_candidates_start_at_the_default_network_for_the_images():
+    grey8, colour32 = np.zeros((4, 8, 8), np.uint8), np.zeros((4, 32, 32, 3), np.uint8)
+    assert budget.budget_candidates(grey8) == ("jule_cnn",)  # never ResNet-18 for 8x8 digits
+    assert budget.budget_candidates(colour32) == CANDIDATES  # CIFAR-sized colour: ResNet-18 first
+    assert budget.budget_candidates(np.zeros((4, 200, 200), np.uint8))[0] == "resnet18"
+    m = FakeMachine({"resnet18": 5000.0, "alexnet": 5000.0, "jule_cnn": 3000.0})
+    cfg, _ = fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
+                           measure=m.measure, measure_discovery=m.discovery, clock=m.clock)
+    assert m.measured == ["jule_cnn"] and cfg.net.backbone == "jule_cnn"
+
+
 def test_several_processes_never_calibrate():
     cfg, report = fit_to_budget(build_config({"train": {"devices": 2}}), _digits().images, None, backbone_auto=True)
     assert cfg.train.epochs == budget.FALLBACK_EPOCHS
@@ -252,7 +263,7 @@ def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch,
     images = _digits()
     _FakeCalibration.calls = []
     cfg = resolve(build_config({"method": "and", "train": {"budget": "90s"}}), images)
-    assert _FakeCalibration.calls == list(CANDIDATES)
+    assert _FakeCalibration.calls == ["jule_cnn"]  # 8x8 grey digits: auto's network, nothing heavier
     assert cfg.net.backbone == "jule_cnn" and cfg.train.budget == "90s"
     assert cfg.train.epochs == 27  # 0.9 * 90 s * 510 / 300 = 137.7 epochs over 5 rounds
     assert cfg.resolution["budget"]["backbone"] == "jule_cnn"

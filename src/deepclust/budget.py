@@ -4,8 +4,9 @@ When the configuration gives no ``train.epochs`` (None, the default), ``resoluti
 number of epochs -- and, for ``net.backbone: auto``, the backbone -- so that training fits the
 budget on the machine at hand (:func:`fit_to_budget`):
 
-1. **Measure.** For each candidate backbone, in order of capacity (:data:`CANDIDATES`: ResNet-18,
-   AlexNet, JULE's CNN), build the real ``train.Trainer`` on these images with the resolved views,
+1. **Measure.** For each candidate backbone (:func:`budget_candidates`: the network ``auto`` gives
+   these images without a budget, then the lighter ones of :data:`CANDIDATES`, ResNet-18, AlexNet,
+   JULE's CNN, in that order), build the real ``train.Trainer`` on these images with the resolved views,
    method, memory bank and optimiser, and time a few of its training steps (:class:`TrainerCalibration`:
    one untimed warm-up step, then steps until 1.5 s or 4 steps have passed, their median rate, so a
    step still paying first-call costs does not set it; a candidate that is clearly too slow -- under half the throughput it needs after one timed step, or on a CPU under a
@@ -88,10 +89,11 @@ from .data import ImageSet
 from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .methods import method_class
+from .nets import default_backbone
 from .scoring import compute_metrics
 from .train import Trainer, TrainingProbe, extract_features, make_fabric, preserved_rng
 
-__all__ = ["CANDIDATES", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
+__all__ = ["CANDIDATES", "budget_candidates", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE", "FALLBACK_EPOCHS",
            "parse_budget", "format_seconds", "Span", "Costs", "epochs_for_budget", "estimate_seconds",
            "method_schedule", "extrapolate_seconds", "plan_budget", "TrainerCalibration", "fit_to_budget",
            "unused_budget_note", "describe"]
@@ -509,7 +511,7 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
     n = len(images)
     schedule = method_schedule(cfg)
     text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
-    candidates = CANDIDATES if backbone_auto else (cfg.net.backbone,)
+    candidates = budget_candidates(images) if backbone_auto else (cfg.net.backbone,)
     probe = None
     if measure is None:
         probe = TrainerCalibration(cfg, images, view_spec, labels=labels, evaluated=evaluated,
@@ -526,6 +528,18 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
     train = dataclasses.replace(cfg.train, epochs=report["epochs"], budget=text)
     net = dataclasses.replace(cfg.net, backbone=report["backbone"])
     return validate(dataclasses.replace(cfg, net=net, train=train)), report
+
+
+def budget_candidates(images: np.ndarray) -> tuple[str, ...]:
+    """The backbones a budget may choose for these images (uint8 (N, H, W[, 3])): the one that
+    ``net.backbone: auto`` gives them without a budget (:func:`nets.default_backbone`, the network
+    every preset was chosen with on the development data), then the lighter ones of
+    :data:`CANDIDATES` when it cannot reach ``MIN_EPOCHS``; never a more capable one. Capacity
+    first lost on digits at 2 minutes (issue 29; benchmarks/results/backbone-budget-digits.json):
+    ResNet-18 for 8x8 images, 28 epochs, NMI 0.795, against JULE's CNN at the same budget."""
+    channels = 3 if images.ndim == 4 and images.shape[-1] == 3 else 1
+    first = default_backbone(channels, tuple(images.shape[1:3]))
+    return CANDIDATES[CANDIDATES.index(first):] if first in CANDIDATES else CANDIDATES
 
 
 def unused_budget_note(train: TrainConfig) -> dict[str, str] | None:
