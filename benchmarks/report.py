@@ -350,6 +350,37 @@ def scale_section(results: dict[str, dict]) -> str:
     return "\n".join(parts)
 
 
+def budget_section(results: dict[str, dict]) -> str:
+    """The time budget: which network wins at which budget (backbone_budget.py) and whether the plan
+    keeps its word (budget_plan.py: planned against actual training seconds)."""
+    parts = []
+    for r in of_kind(results, "backbone-budget"):
+        rows = []
+        for t in r["summary"]["table"]:
+            runs = [x for x in r["runs"] if x["budget"] == t["budget"] and x["asked"] == t["backbone"]]
+            agg = [h["nmi"] for x in runs for h in x.get("heads") or []
+                   if (h["head"], h["features"]) == ("agglomerative", "embedding")]
+            rows.append([t["budget"], t["backbone"], str(len(runs)), fmt(t["acc"]), fmt(t["nmi"]),
+                         f"{sum(agg) / len(agg):.3f}" if agg else "-", f"{t['epochs']['mean']:.0f}",
+                         " / ".join(f"{x['planned_seconds']:.0f}-{x['train_seconds']:.0f}" for x in runs)])
+        parts += [f"### {r['data']}" + (f", resized to {r['resize']} px" if r.get("resize") else ""), "",
+                  f"`{r['command']}`; method {r.get('method') or 'the default'}, K = the number of classes. "
+                  "ACC / NMI from the run's head at the time of the run; the agglomerative column is "
+                  "that head on the same embedding.", "",
+                  table(["budget", "network", "seeds", "ACC", "NMI", "agglomerative NMI", "epochs",
+                         "planned-trained s per seed"], rows), ""]
+    plans = [[r["data"], r["budget"], r["planned"]["backbone"], str(r["planned"]["total_epochs"]),
+              f"{r['planned']['estimated_seconds']:.0f}", f"{r['actual']['train_seconds']:.0f}",
+              f"{r['ratios']['training_actual_over_planned']:.2f}",
+              f"{r['actual']['train_seconds'] / r['budget_seconds']:.2f}", f"`{r['command']}`"]
+             for r in of_kind(results, "budget-plan")]
+    if plans:
+        parts += ["The plan against the run (the README's first command is `--data digits --budget 2m`):", "",
+                  table(["data", "budget", "network", "epochs", "planned s", "trained s", "trained / planned",
+                         "trained / budget", "command"], plans), ""]
+    return "\n".join(parts)
+
+
 def papers_section(results: dict[str, dict]) -> str:
     """The papers' tables beside ours, from benchmarks/papers.py when it exists."""
     try:
@@ -370,6 +401,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, dict]], str]]] = [
     ("Reading clusters off the features", heads_section),
     ("Ablations", ablations_section),
     ("Development sweeps", dev_section),
+    ("The time budget", budget_section),
     ("Throughput", throughput_section),
     ("Structure algorithms at scale", scale_section),
 ]

@@ -406,7 +406,11 @@ def test_skipped_images_are_counted_in_one_line_and_in_the_metrics(tmp_path):
                    "--n-clusters", "2", isolated=True)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"deepclust: warning: skipped 1 unreadable image file(s) under {data}: b/bad.png"], lines
+    # one line for the skipped files (other warnings, e.g. an unbalanced partition after one epoch on a
+    # handful of images, may follow it), and no traceback
+    assert [line for line in lines if "skipped" in line or "unreadable" in line] == [
+        f"deepclust: warning: skipped 1 unreadable image file(s) under {data}: b/bad.png"], lines
+    assert all(line.startswith("deepclust: ") for line in lines), lines
     assert json.loads((out / "metrics.json").read_text())["skipped_images"] == {"count": 1, "first": ["b/bad.png"]}
 
 
