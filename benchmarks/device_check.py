@@ -1,7 +1,7 @@
 """The accelerator path, checked where a GPU is lent (this project's CI and development machine have
-none): every method fits on CUDA through Lightning Fabric (bf16-mixed, the library's default there),
-its heads and metrics are finite, and DCCM -- too slow on this 2-core CPU for the report data -- gets
-its report-data rows measured on the GPU, with the CPU time of the same run estimated beside them.
+none): every method fits and is scored on CUDA through Lightning Fabric (bf16-mixed, the library's
+default there), and DCCM -- too slow on this 2-core CPU for the report data -- gets its report-data
+rows measured on the GPU (their seconds are GPU seconds, not the CPU time the issue's goals name).
 
     python benchmarks/device_check.py --smoke                 # every method, 2 epochs, digits, CUDA
     python benchmarks/device_check.py --dccm mnist-test fashion-mnist cifar10-test   # Fashion: its test split
@@ -20,8 +20,8 @@ import argparse
 import json
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def accuracy(argv: list[str], results: Path) -> tuple[int, str]:
     return proc.returncode, (tail[-1] if tail else "")
 
 
-def smoke(results: Path) -> None:
+def smoke() -> None:
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="deepclust-smoke-"))  # the per-method JSONs stay out of RESULTS
     for method in METHODS:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("device_check.py needs a CUDA GPU; none is visible")
     results = results_dir()
     if args.smoke:
-        smoke(results)
+        smoke()
     for data in args.dccm:
         rc, last = accuracy(["--method", "dccm", "--data", data, "--split", "test" if data == "fashion-mnist" else "all",
                              "--config", "dccm-cpu", "--tag", "gpu", "--chosen-on", DCCM_CHOSEN_ON,
