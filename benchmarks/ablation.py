@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 
-from common import class_count, data_spec, exclusive, fail, mean_std, save_result
+from common import class_count, data_spec, exclusive, fail, mean_std, resolved_config, save_result
 
 TABLES: dict[str, list[tuple[str, list[str]]]] = {
     "pcp-components": [
@@ -101,12 +101,15 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int)
     for item in sets:
         key, _, value = item.partition("=")
         set_dotted(layer, key, None if value == "null" else value)
+    cfg = build_config(read_yaml(config), layer)
     try:
-        m = fit_run(build_config(read_yaml(config), layer))
+        m = fit_run(cfg)
+        resolved = resolved_config(out, cfg)  # every option of the row's run (papers.py reads them)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     own = next((h for h in m.get("heads", []) if h["head"] == "method"), {})
-    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **{f"own_{k}": own.get(k) for k in ("acc", "nmi", "ari")}}
+    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **{f"own_{k}": own.get(k) for k in ("acc", "nmi", "ari")},
+            "config": {"method": resolved.get("method"), "options": resolved.get("options")}}
 
 
 def main() -> None:

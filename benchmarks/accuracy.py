@@ -23,11 +23,10 @@ import argparse
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-from common import NOT_TUNED, class_count, data_spec, exclusive, fail, mean_std, save_result
+from common import NOT_TUNED, class_count, data_spec, exclusive, fail, mean_std, resolved_config, save_result
 
 SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "linear_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
@@ -87,14 +86,6 @@ def run_heads(metrics: dict, out: str, wanted: bool) -> list[dict] | None:
     from deepclust.inference import compare_heads
 
     return compare_heads(out)
-
-
-def resolved_config(out: str, cfg) -> dict:
-    """The run's own config.yaml (everything resolved from the data), else the config given."""
-    from deepclust.config import read_yaml
-
-    path = Path(out) / "config.yaml"
-    return read_yaml(str(path)) if path.exists() else cfg.to_dict()
 
 
 def heads_summary(runs: list[dict]) -> dict:

@@ -115,6 +115,14 @@ def load_labelled(name: str, split: str = "all", limit: int | None = None):
     return images
 
 
+def resolved_config(out: str, cfg) -> dict:
+    """A run's own config.yaml (everything resolved from the data), else the config it was given."""
+    from deepclust.config import read_yaml
+
+    path = Path(out) / "config.yaml"
+    return read_yaml(str(path)) if path.exists() else cfg.to_dict()
+
+
 def write_npz(images, path: Path) -> str:
     """Save an ImageSet as an npz file deepclust reads back bit for bit; returns its data spec."""
     import numpy as np

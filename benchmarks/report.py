@@ -381,6 +381,24 @@ def budget_section(results: dict[str, dict]) -> str:
     return "\n".join(parts)
 
 
+def stage_section(results: dict[str, dict]) -> str:
+    """The clustering stage on balanced and imbalanced development data (cluster_stage.py)."""
+    parts = []
+    for r in sorted(of_kind(results, "cluster-stage"), key=lambda r: (r["data"], r["ratio"])):
+        rows = [[head, fmt(s["acc"]), fmt(s["nmi"]), fmt(s["ari"]), f"{s['runs_with_empty_cluster']} of {s['acc']['n']}",
+                 str(s["smallest_cluster"]), fmt(s.get("spectral_embedding_acc")),
+                 f"{s['acc_minus_spectral_embedding']:+.3f}" if "acc_minus_spectral_embedding" in s else "-"]
+                for head, s in r["summary"].items()]
+        sizes = r["class_sizes"]
+        parts += [f"### {r['data']}, largest class {r['ratio']:g} times the smallest ({r['n_images']} images, "
+                  f"classes {max(sizes)}..{min(sizes)})", "",
+                  f"`{r['command']}`: {show(r['method'])}, {r['epochs']} epochs, then the head; spectral = the "
+                  "spectral head on the embedding of the runs without a learned stage; K = the class count.", "",
+                  table(["cluster.head", "ACC", "NMI", "ARI", "runs with an empty cluster", "smallest cluster",
+                         "spectral ACC", "ACC - spectral"], rows), ""]
+    return "\n".join(parts)
+
+
 def papers_section(results: dict[str, dict]) -> str:
     """The papers' tables beside ours, from benchmarks/papers.py when it exists."""
     try:
@@ -399,6 +417,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, dict]], str]]] = [
     ("The papers' tables", papers_section),
     ("Beside other libraries", peers_section),
     ("Reading clusters off the features", heads_section),
+    ("The clustering stage on imbalanced data", stage_section),
     ("Ablations", ablations_section),
     ("Development sweeps", dev_section),
     ("The time budget", budget_section),

@@ -71,6 +71,13 @@ if want peers; then
   run $PY peers.py --data fashion-mnist --split test --seeds 0   # the 10,000 test images, as the accuracy table
 fi
 if want defaults; then  # the bare defaults (method, views, head, backbone and epochs fitted to the budget)
+  for d in mnist-test "fashion-mnist --split test" usps; do  # issue 29: ACC against kNN, N2D's time, USPS's spread
+    run $PY accuracy.py --method pad --data $d --seeds 0 1 2 --set train.budget=2m --tag defaults-2m \
+        --chosen-on "$DEFAULTS"
+  done
+  for ratio in 1 10; do  # issue 29: the clustering stage on digits and on digits subsampled 10:1
+    run $PY cluster_stage.py --data digits --ratio $ratio
+  done
   run $PY accuracy.py --method pad --data fashion-mnist --seeds 0 --set train.budget=60m --tag defaults-60m \
       --chosen-on "$DEFAULTS"
   run $PY accuracy.py --method pad --data cifar10-test --seeds 0 --set train.budget=60m --tag defaults-60m \

@@ -454,3 +454,34 @@ def test_backbone_budget_arguments_and_verdict(tmp_path):
     assert s["verdict"]["2m"] == {"best_by_nmi": "jule_cnn", "best_nmi": pytest.approx(0.87),
                                   "rule_chose": ["alexnet"], "rule_nmi": pytest.approx(0.69)}
     assert [t["backbone"] for t in s["table"]] == ["alexnet", "auto", "jule_cnn"]
+
+
+def test_cluster_stage_subset_has_the_asked_ratio_and_keeps_order():
+    import cluster_stage
+
+    labels = np.repeat(np.arange(10), 180)[np.random.default_rng(1).permutation(1800)]
+    keep = cluster_stage.imbalanced_indices(labels, 10.0)
+    _, counts = np.unique(labels[keep], return_counts=True)
+    assert counts[0] == 180 and counts[-1] == 18 and np.all(np.diff(counts) <= 0)
+    assert np.all(np.diff(keep) > 0)
+    assert len(cluster_stage.imbalanced_indices(labels, 1.0)) == 1800
+
+
+def test_cluster_stage_summary_counts_empty_clusters_and_compares_with_spectral():
+    import cluster_stage
+
+    spectral = [{"head": "spectral", "features": "embedding", "acc": 0.8},
+                {"head": "spectral", "features": "backbone", "acc": 0.7}]
+    runs = {"agglomerative": [{"acc": 0.9, "nmi": 0.9, "ari": 0.8, "cluster_sizes": [5, 5, 3], "heads": spectral}],
+            "scan": [{"acc": 0.6, "nmi": 0.5, "ari": 0.4, "cluster_sizes": [10, 3, 0],
+                      "heads": [{"head": "spectral", "features": "embedding", "acc": 0.1}]}]}
+    rows = cluster_stage.head_rows(runs, 3)
+    assert rows["agglomerative"]["runs_with_empty_cluster"] == 0 and rows["agglomerative"]["smallest_cluster"] == 3
+    assert rows["scan"]["runs_with_empty_cluster"] == 1 and rows["scan"]["smallest_cluster"] == 0
+    assert rows["scan"]["acc_minus_spectral_embedding"] == pytest.approx(-0.2)  # the reference: runs without a stage
+    assert rows["agglomerative"]["acc_minus_spectral_backbone"] == pytest.approx(0.2)
+
+
+def test_cluster_stage_refuses_a_ratio_below_one(tmp_path):
+    r = run_script("cluster_stage.py", "--ratio", "0.5", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ratio" in r.stderr
