@@ -109,6 +109,31 @@ PHASE_SMOKE: dict[str, dict] = {
 KILL_EPOCH["instance+scan"] = 3
 
 
+def fake_calibration(rates, calls: list | None = None) -> type:
+    """A stand-in for ``budget.TrainerCalibration`` that trains nothing: ``rates`` images per second
+    (one figure, or one per backbone), discoveries and what follows training free; every backbone
+    measured is appended to ``calls``."""
+    class FakeCalibration:
+        def __init__(self, cfg, images, view_spec, **kw):
+            assert view_spec is not None and len(images) > 0
+
+        def __call__(self, backbone, need=None):
+            if calls is not None:
+                calls.append(backbone)
+            return float(rates[backbone] if isinstance(rates, dict) else rates)
+
+        def discovery(self, backbone):
+            return 0.0
+
+        def finish(self, backbone):
+            return 0.0
+
+        def close(self):
+            pass
+
+    return FakeCalibration
+
+
 def smoke_layer(method: str, data: str, out, **extra) -> dict:
     """A full configuration layer for a quick run of ``method`` (or of a ``PHASE_SMOKE`` case) on
     ``data`` (CPU, no progress bar)."""

@@ -322,6 +322,7 @@ def test_report_writes_both_files_and_check_fails_once_a_result_changes(fake_res
     text = readme.read_text()
     assert "stale text" not in text and text.startswith("# project\n") and text.endswith("## More\n")
     assert "| AND | 0.710 / 0.610 (6.0 s) |" in text and md.read_text().startswith("# Results")
+    assert "(docs/results.md#the-papers-tables)" in text  # issue 27: the README links the papers' tables
     assert run_script("report.py", *args, env_dirs=dirs).returncode == 0 and readme.read_text() == text  # idempotent
     assert run_script("report.py", "--check", *args, env_dirs=dirs).returncode == 0
     r = json.loads((fake_results / "accuracy-and-digits.json").read_text())

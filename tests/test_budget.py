@@ -21,7 +21,7 @@ from deepclust.config import read_yaml
 from deepclust.configure import build_config
 from deepclust.errors import ConfigError
 
-from conftest import METHOD_SMOKE
+from conftest import METHOD_SMOKE, fake_calibration
 
 # -- parsing ----------------------------------------------------------------------------------------
 
@@ -236,63 +236,46 @@ def test_several_processes_never_calibrate():
                       backbone_auto=True)
 
 
-class _FakeCalibration:
-    calls: list = []
-
-    def __init__(self, cfg, images, view_spec, **kw):
-        assert view_spec is not None and len(images) == 300
-
-    def __call__(self, backbone, need=None):
-        _FakeCalibration.calls.append(backbone)
-        return {"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 510.0}[backbone]
-
-    def discovery(self, backbone):
-        return 0.0
-
-    def finish(self, backbone):
-        return 0.0
-
-    def close(self):
-        pass
+RATES = {"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 510.0}  # images per second of the fake calibration
 
 
 def test_resolve_fits_epochs_to_the_budget_only_when_none_are_given(monkeypatch, capsys):
     from deepclust.resolution import resolve
 
-    monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
+    calls: list[str] = []
+    monkeypatch.setattr(budget, "TrainerCalibration", fake_calibration(RATES, calls))
     images = _digits()
-    _FakeCalibration.calls = []
     cfg = resolve(build_config({"method": "and", "train": {"budget": "90s"}}), images)
-    assert _FakeCalibration.calls == ["jule_cnn"]  # 8x8 grey digits: auto's network, nothing heavier
+    assert calls == ["jule_cnn"]  # 8x8 grey digits: auto's network, nothing heavier
     assert cfg.net.backbone == "jule_cnn" and cfg.train.budget == "90s"
     assert cfg.train.epochs == 27  # 0.9 * 90 s * 510 / 300 = 137.7 epochs over 5 rounds
     assert cfg.resolution["budget"]["backbone"] == "jule_cnn"
     assert "budget 90s" in capsys.readouterr().err
     # the run's config.yaml trains the same schedule without measuring again
-    _FakeCalibration.calls = []
+    calls.clear()
     again = resolve(build_config(cfg.to_dict()), images)
-    assert _FakeCalibration.calls == [] and again.train.epochs == cfg.train.epochs
+    assert calls == [] and again.train.epochs == cfg.train.epochs
     assert again.net.backbone == "jule_cnn"
     # explicit epochs win, with or without a budget
     for layer in ({"train": {"epochs": 3}}, {"train": {"epochs": 3, "budget": "1h"}}):
         cfg = resolve(build_config(layer), images)
-        assert cfg.train.epochs == 3 and cfg.net.backbone == "jule_cnn" and _FakeCalibration.calls == []
+        assert cfg.train.epochs == 3 and cfg.net.backbone == "jule_cnn" and calls == []
     assert "as configured" in capsys.readouterr().err
     # an explicit backbone is the only candidate
     cfg = resolve(build_config({"net": {"backbone": "alexnet"}, "train": {"budget": "90s"}}), images)
-    assert _FakeCalibration.calls == ["alexnet"] and cfg.net.backbone == "alexnet"
+    assert calls == ["alexnet"] and cfg.net.backbone == "alexnet"
 
 
 @pytest.mark.parametrize("preset", ["and-cpu", "instance-cpu", "and-cifar10-resnet18", "pad-mnist-alexnet"])
 def test_presets_keep_their_epochs(monkeypatch, preset):
     from deepclust.resolution import resolve
 
-    monkeypatch.setattr(budget, "TrainerCalibration", _FakeCalibration)
-    _FakeCalibration.calls = []
+    calls: list[str] = []
+    monkeypatch.setattr(budget, "TrainerCalibration", fake_calibration(RATES, calls))
     layer = read_yaml(preset)
     want = layer["train"]["epochs"]
     cfg = resolve(build_config(layer, {"train": {"budget": "1m"}}), _digits())
-    assert cfg.train.epochs == want and _FakeCalibration.calls == []
+    assert cfg.train.epochs == want and calls == []
 
 
 # -- the real measurement (no assertion on speed) ------------------------------------------------------

@@ -11,7 +11,7 @@ from deepclust.configure import build_config
 from deepclust.methods import build_method
 from deepclust.train import learning_rate
 
-from conftest import smoke_layer
+from conftest import fake_calibration, smoke_layer
 
 CPU_PRESETS = ("and-cpu", "instance-cpu", "pad-cpu", "pcp-cpu", "deepcluster-cpu", "dccm-cpu")
 PAPER_FIXED = ("pad-mnist-alexnet", "and-cifar10-alexnet", "pcp-cifar10-resnet18", "dccm-cifar10")
@@ -102,29 +102,10 @@ def test_a_40_epoch_run_decays_at_the_fractions(tmp_path, small_npz):
     assert rates[0] == pytest.approx(0.02) and rates[-1] == pytest.approx(0.0002)
 
 
-class _Calibration:
-    """A fake measurement: 300 images at 300 images/s, 1 s an epoch."""
-
-    def __init__(self, cfg, images, view_spec, **kw):
-        pass
-
-    def __call__(self, backbone, need=None):
-        return 300.0
-
-    def discovery(self, backbone):
-        return 0.0
-
-    def finish(self, backbone):
-        return 0.0
-
-    def close(self):
-        pass
-
-
 def test_a_budgeted_runs_decays_follow_its_planned_epochs(tmp_path, small_npz, monkeypatch):
     from deepclust.runs import fit_run
 
-    monkeypatch.setattr(budget, "TrainerCalibration", _Calibration)
+    monkeypatch.setattr(budget, "TrainerCalibration", fake_calibration(300.0))  # 300 images: 1 s an epoch
     layer = smoke_layer("instance", f"npz:{small_npz}", tmp_path / "run", net={"backbone": "mlp"},
                         train={"epochs": None, "budget": "9s", "checkpoint": False},
                         optim={"batch_size": 150, "schedule": "step"})
