@@ -22,6 +22,7 @@ Tables:
   dccm-components       DCCM Table 3: M1 (pseudo-graph loss alone), M2 + local robustness,
                         M3 + pseudo-labels, M4 + triplet mutual information (DCCM)
   dccm-pairs            DCCM Table 6: the MI pair strategies V1-V4
+  and-curriculum        AND Table 6: the curriculum of Eq 6 vs the one-off discovery
 
 Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
 own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA.json.
@@ -80,12 +81,16 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
         ("M3: + LR + PL", ["options.mutual_information=false"]),
         ("M4: + LR + PL + MI (DCCM)", []),
     ],
+    # AND Table 6: the curriculum (S = r / R, Eq 6) against the one-off discovery (every anchor
+    # neighbourhood used from round 1 on), the same rounds and epochs
+    "and-curriculum": [("curriculum (S = r / R)", ["options.curriculum=linear"]),
+                       ("one-off", ["options.curriculum=one-off"])],
     # DCCM Table 6 (supplement): how the MI positives and negatives are drawn
     "dccm-pairs": [(f"V{i + 1}: {v}", [f"options.pairs={v}"]) for i, v in enumerate(
         ("nearest-random", "nearest-farthest", "random-random", "topn-random"))],
 }
 METHOD_OF = {"pcp-components": "pcp", "pcp-table1": "pcp", "pcp-loss": "pcp", "pcp-floor": "pcp",
-             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm"}
+             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm", "and-curriculum": "and"}
 OTHER_METHOD = {"DC: DeepCluster, K' = 100": ("deepcluster", "deepcluster-cpu")}  # row label -> (method, preset)
 KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
 

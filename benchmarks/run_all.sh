@@ -58,6 +58,7 @@ if want ablations; then
   run $PY ablation.py --table pcp-floor --data digits --config pcp-cpu --chosen-on "$DEV"
   run $PY ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu --chosen-on "$DEV"
   run $PY ablation.py --table pad --data digits --config pad-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table and-curriculum --data digits --config and-cpu --chosen-on "$DEV"
 fi
 if want speed; then
   run $PY scs_search.py --n 1280000 --k 5
