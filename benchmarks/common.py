@@ -155,15 +155,16 @@ def machine() -> dict[str, Any]:
 
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
-    """{"commit": HEAD's hash, "dirty": whether tracked files differ from it}; None values when git
-    or the repository is unavailable."""
+    """{"commit": HEAD's hash, "dirty": whether tracked files other than the results differ from
+    it}; None values when git or the repository is unavailable. benchmarks/results/ is left out: a
+    queue of benchmarks rewrites recorded results, which says nothing about the code that ran."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"))
     except (OSError, subprocess.SubprocessError):
         # a copy without .git (a lent GPU machine): the commit its sender named, if any
         return {"commit": os.environ.get("DEEPCLUST_COMMIT"), "dirty": None}

@@ -486,3 +486,20 @@ def test_cluster_stage_summary_counts_empty_clusters_and_compares_with_spectral(
 def test_cluster_stage_refuses_a_ratio_below_one(tmp_path):
     r = run_script("cluster_stage.py", "--ratio", "0.5", env_dirs=(tmp_path / "r", tmp_path / "l"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ratio" in r.stderr
+
+
+def test_git_state_is_dirty_for_code_but_not_for_rewritten_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    assert common.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"acc": 1}')  # a queue rewrote a result
+    assert common.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.git_state(tmp_path)["dirty"] is True
