@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark behind the README, in sequence, then the README's headline table and docs/results.md (about seven hours
+# Every benchmark behind the README, in sequence, then the README's headline table and docs/results.md (most of a day
 # on the 2-core CPU). Usage: bash benchmarks/run_all.sh [SECTION...]   (from anywhere, .venv installed;
-# ClustPy for the peers). SECTIONS: dev contract accuracy baselines ablations speed peers defaults budget
+# ClustPy for the peers). SECTIONS: dev contract accuracy probes baselines ablations speed peers defaults budget
 # report (default: all but dev, whose results the presets were chosen from, and budget, about 2.5 hours).
 # Run it alone: each benchmark refuses to start (exit 2) while a deepclust fit or another benchmark runs.
 # A failed step is reported at the end and the script exits 1; the others still run.
@@ -14,10 +14,12 @@ PY=../.venv/bin/python
 DEV="digits,usps"
 DEFAULTS="digits,usps (the library's defaults: benchmarks/results/dev-choices-*.json)"
 METHODS="instance and pad pcp deepcluster"
+JULE_CPU="digits (jule-cpu: four short fits on digits, seed 0; checked on USPS seed 0)"
+DCCM_CPU="digits (dccm-cpu: lr swept on digits, 3 seeds)"
 failed=()
 run() { echo "== $*" >&2; "$@" || { echo "FAILED ($?): $*" >&2; failed+=("$*"); }; }
 want() { [ $# -eq 0 ] && return 0; for s in "${SECTIONS[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
-SECTIONS=("$@"); [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(contract accuracy baselines ablations speed peers defaults report)
+SECTIONS=("$@"); [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(contract accuracy probes baselines ablations speed peers defaults report)
 
 if want dev; then  # the development sweep the defaults and presets were chosen from
   for data in digits usps; do
@@ -41,7 +43,19 @@ if want accuracy; then  # every method at the same budget: network, views, 40 ep
       # shellcheck disable=SC2086
       run $PY accuracy.py --method $m --data $data --config $m-cpu --chosen-on "$DEV"
     done
+    # shellcheck disable=SC2086
+    run $PY accuracy.py --method jule --data $data --config jule-cpu --chosen-on "$JULE_CPU"
   done
+  # DCCM on this CPU: digits only (a USPS epoch takes minutes); the report data on a lent GPU:
+  # device_check.py --dccm mnist-test cifar10-test fashion-mnist (tag gpu)
+  run $PY accuracy.py --method dccm --data digits --config dccm-cpu --chosen-on "$DCCM_CPU"
+fi
+if want probes; then  # the papers' linear protocol (AND, PAD, PCP report it), and a second run of each preset
+  for m in $METHODS; do
+    run $PY accuracy.py --method $m --data digits --config $m-cpu --tag probe --probe --chosen-on "$DEV ($m-cpu)"
+    run $PY accuracy.py --method $m --data digits --config $m-cpu --chosen-on "$DEV" --tag reproduce
+  done
+  run $PY accuracy.py --method pad --data usps --config pad-cpu --tag heads --chosen-on "$DEV (pad-cpu)"
 fi
 if want baselines; then
   for data in digits usps mnist-test "fashion-mnist --split test --tag test"; do
@@ -59,10 +73,13 @@ if want ablations; then
   run $PY ablation.py --table deepcluster-clusters --data digits --config deepcluster-cpu --chosen-on "$DEV"
   run $PY ablation.py --table pad --data digits --config pad-cpu --chosen-on "$DEV"
   run $PY ablation.py --table and-curriculum --data digits --config and-cpu --chosen-on "$DEV"
+  run $PY ablation.py --table dccm-components --data digits --config dccm-cpu --chosen-on "$DCCM_CPU"
+  run $PY ablation.py --table dccm-pairs --data digits --config dccm-cpu --chosen-on "digits (dccm-cpu)"
 fi
 if want speed; then
   run $PY scs_search.py --n 1280000 --k 5
   run $PY throughput.py
+  run $PY agglomerative.py --n 70000
   run $PY spectral_scale.py
   run $PY spectral_scale.py --features fashion-mnist
 fi
