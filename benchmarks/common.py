@@ -155,16 +155,17 @@ def machine() -> dict[str, Any]:
 
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
-    """{"commit": HEAD's hash, "dirty": whether tracked files other than the results differ from
-    it}; None values when git or the repository is unavailable. benchmarks/results/ is left out: a
-    queue of benchmarks rewrites recorded results, which says nothing about the code that ran."""
+    """{"commit": HEAD's hash, "dirty": whether tracked files other than the results and Markdown
+    differ from it}; None values when git or the repository is unavailable. benchmarks/results/ and
+    *.md are left out: a queue of benchmarks rewrites recorded results and report.py the generated
+    tables, which says nothing about the code that ran."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results", ":(exclude)*.md"))
     except (OSError, subprocess.SubprocessError):
         # a copy without .git (a lent GPU machine): the commit its sender named, if any
         return {"commit": os.environ.get("DEEPCLUST_COMMIT"), "dirty": None}

@@ -495,11 +495,13 @@ def test_git_state_is_dirty_for_code_but_not_for_rewritten_results(tmp_path):
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}")
     (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("tables\n")
     git("init", "-q")
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
     assert common.git_state(tmp_path)["dirty"] is False
     (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"acc": 1}')  # a queue rewrote a result
+    (tmp_path / "README.md").write_text("regenerated tables\n")
     assert common.git_state(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.git_state(tmp_path)["dirty"] is True
