@@ -135,7 +135,7 @@ CLAIMS: dict[str, list[Claim]] = {
               Source("ablation-dccm-components-digits", "own_acc", "M1: L_PG only"),
               "M1-M4 on digits (development data), ablation.py --table dccm-components"),
         *[Claim("Table 6 (supplement)", f"V1 (nearest pos + random neg) 0.744 vs {label} {fig}", "CIFAR-10, a model "
-                "trained with L_MI alone on the fixed graph of an L_PG + L_PL model; classification ACC",
+                "trained with L_MI alone on the fixed graph of an L_PG + L_PL model (its figure: classification ACC)",
                 "clustering ACC of the head", Source("ablation-dccm-pairs-digits", "own_acc", "V1: nearest-random"),
                 Source("ablation-dccm-pairs-digits", "own_acc", row),
                 "ours: the whole of DCCM trained with each strategy on digits (development data), its own "
