@@ -74,17 +74,16 @@ def imbalanced_indices(labels: np.ndarray, ratio: float, seed: int = 0) -> np.nd
 def head_rows(runs_by_head: dict[str, list[dict]], k: int) -> dict:
     """Per head: scores over seeds, empty clusters, the smallest cluster, and the spectral reference."""
     reference = [r for h, rs in runs_by_head.items() if h not in LEARNED for r in rs]
-    spectral = {f: [x for r in reference for x in r.get("heads") or [] if (x["head"], x["features"]) == ("spectral", f)]
-                for f in ("embedding", "backbone")}
+    spectral = {f: mean_std([x["acc"] for r in reference for x in r.get("heads") or []
+                             if (x["head"], x["features"]) == ("spectral", f)]) for f in ("embedding", "backbone")}
     out = {}
     for head, runs in runs_by_head.items():
         sizes = [r["cluster_sizes"] for r in runs]
         row = {k_: mean_std([r[k_] for r in runs]) for k_ in ("acc", "nmi", "ari")}
         row["runs_with_empty_cluster"] = sum(len(s) < k or min(s) == 0 for s in sizes)
         row["smallest_cluster"] = min(min(s) if len(s) == k else 0 for s in sizes)
-        for f, rows in spectral.items():
-            if rows:
-                ref = mean_std([x["acc"] for x in rows])
+        for f, ref in spectral.items():
+            if ref:
                 row[f"acc_minus_spectral_{f}"] = round(row["acc"]["mean"] - ref["mean"], 4)
                 row[f"spectral_{f}_acc"] = ref
         out[head] = row
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     save_result(name, {"data": args.data, "spec": data_spec(args.data), "ratio": args.ratio, "method": args.method,
                        "epochs": args.epochs, "class_sizes": counts.tolist(), "n_images": len(images),
                        "summary": head_rows(runs_by_head, len(counts)),
-                       "runs": {h: rs for h, rs in runs_by_head.items()}}, chosen_on=args.chosen_on)
+                       "runs": runs_by_head}, chosen_on=args.chosen_on)
 
 
 if __name__ == "__main__":
