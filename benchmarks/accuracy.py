@@ -88,6 +88,16 @@ def run_heads(metrics: dict, out: str, wanted: bool) -> list[dict] | None:
     return compare_heads(out)
 
 
+def run_plan(metrics: dict) -> dict | None:
+    """A budgeted run's plan (metrics.json's ``resolution.budget``, issue 29: planned against trained
+    seconds): the budget, the network and epochs it chose, its estimated training seconds; None
+    when the run was given its epochs."""
+    plan = (metrics.get("resolution") or {}).get("budget") or {}
+    if "estimated_seconds" not in plan:
+        return None
+    return {k: plan.get(k) for k in ("budget_seconds", "backbone", "total_epochs", "estimated_seconds")}
+
+
 def heads_summary(runs: list[dict]) -> dict:
     """Mean / std over seeds of every cluster head's scores, keyed "head/features" (e.g. JULE's RC
     clusters are "agglomerative/embedding", its SF clusters "method/embedding")."""
@@ -118,6 +128,8 @@ def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
         finally:
             shutil.rmtree(out, ignore_errors=True)
         run = {"seed": seed, **{k: m.get(k) for k in RUN_KEYS}, "config": config}
+        if planned := run_plan(m):
+            run["planned"] = planned
         if heads is not None:
             run["heads"] = heads
         runs.append(run)

@@ -435,6 +435,24 @@ def test_budget_plan_compares_the_plan_with_the_run():
     assert short["within_15pct"] == {"training": False, "wall": False}
 
 
+def test_a_budgeted_accuracy_run_records_its_plan_and_the_report_sets_it_against_the_training():
+    import accuracy
+
+    assert accuracy.run_plan({"resolution": {"budget": {"ignored": "epochs given"}}}) is None
+    assert accuracy.run_plan({}) is None
+    plan = {"budget_seconds": 900.0, "backbone": "dccm_cnn", "total_epochs": 3, "estimated_seconds": 660.0,
+            "candidates": [{"backbone": "dccm_cnn"}]}
+    assert accuracy.run_plan({"resolution": {"budget": plan}}) == {
+        "budget_seconds": 900.0, "backbone": "dccm_cnn", "total_epochs": 3, "estimated_seconds": 660.0}
+    r = acc_result("dccm", "usps", [0.5, 0.6], [0.4, 0.5], [600.0, 700.0], tag="budget-15m")
+    r["runs"][1]["planned"] = accuracy.run_plan({"resolution": {"budget": plan}})
+    md = report.budget_section({"accuracy-dccm-usps-budget-15m": r})
+    rows = table_rows(md[md.index("each seed's plan"):])
+    assert rows == [["usps", "DCCM (budget-15m)", "1", "15.0m", "dccm_cnn", "3", "660", "700", "1.06", "0.78",
+                     "`accuracy-dccm-usps-budget-15m`"]]  # seed 0 had no plan: no row
+    assert report.budget_section({"accuracy-dccm-usps": acc_result("dccm", "usps", [0.5], [0.4], [9.0])}) == ""
+
+
 def test_backbone_budget_arguments_and_verdict(tmp_path):
     import backbone_budget
 
