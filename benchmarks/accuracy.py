@@ -120,14 +120,14 @@ def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
         try:
             m = fit_run(cfg)
             heads = run_heads(m, out, args.heads)
-            if args.probe:  # AND / PAD / PCP's linear protocol on the saved embeddings (inference.probe_run)
+            for protocol, layer in args.probe:  # AND / PAD / PCP's linear protocol, DCCM's MLP (Fig 4)
                 from deepclust.inference import probe_run
 
-                m["linear_top1"] = probe_run(out, "linear", write=False)["top1"]
+                m[probe_key(protocol, layer)] = probe_run(out, protocol, features=layer, write=False)["top1"]
             config = resolved_config(out, cfg)
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        run = {"seed": seed, **{k: m.get(k) for k in RUN_KEYS}, "config": config}
+        run = {"seed": seed, **{k: m.get(k) for k in (*RUN_KEYS, *probe_keys(args))}, "config": config}
         if planned := run_plan(m):
             run["planned"] = planned
         if heads is not None:
@@ -152,18 +152,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result's name")
     p.add_argument("--no-heads", dest="heads", action="store_false",
                    help="skip scoring k-means / spectral on embedding / backbone features per run")
-    p.add_argument("--probe", action="store_true",
-                   help="also score a linear probe on each run's embeddings (linear_top1: the data's "
-                        "train/test split, else stratified 5-fold; labels score only)")
+    p.add_argument("--probe", nargs="*", metavar="PROTOCOL[:LAYER]",
+                   help="also score probes on each run (the data's train/test split, else stratified 5-fold; "
+                        "labels score only): alone, a linear probe on the embeddings (linear_top1); else "
+                        "each of linear / mlp (DCCM's one hidden layer of 200 units) on the embeddings or a "
+                        "layer of the network, e.g. mlp:conv4 mlp:fc (mlp_top1_conv4, mlp_top1_fc)")
     p.add_argument("--quick", action="store_true", help="one seed, 2 epochs: a smoke test of the script")
     args = p.parse_args(argv)
     if args.method in PIXEL_BASELINES:
         args.chosen_on = args.chosen_on or NOT_TUNED
     elif not (args.chosen_on or "").strip():
         fail("--chosen-on DATA is required: name the data the settings were chosen on (e.g. digits,usps)")
+    args.probe = probe_specs(args.probe)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 2
     return args
+
+
+def probe_specs(given: list[str] | None) -> list[tuple[str, str]]:
+    """--probe's (protocol, layer) pairs: none when absent, the linear probe on the embeddings when
+    given alone; a bad protocol fails in one line."""
+    if given is None:
+        return []
+    specs = [(p, layer or "embedding") for p, _, layer in (g.partition(":") for g in given or ["linear"])]
+    bad = [p for p, _ in specs if p not in ("linear", "mlp")]
+    if bad:
+        fail(f"--probe takes linear or mlp, optionally :LAYER, got '{bad[0]}'")
+    return specs
+
+
+def probe_key(protocol: str, layer: str) -> str:
+    """The score's name: linear_top1 on the embeddings, mlp_top1_conv4 on a layer."""
+    return f"{protocol}_top1" + ("" if layer == "embedding" else f"_{layer}")
+
+
+def probe_keys(args) -> list[str]:
+    return [probe_key(p, layer) for p, layer in args.probe if probe_key(p, layer) not in RUN_KEYS]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             keys: tuple[str, ...] = ("acc", "nmi", "ari", "seconds")
         else:
             out = deep_method(args.method, spec, args.seeds, args)
-            keys = SCORES
+            keys = (*SCORES, *probe_keys(args))
         summary = {k: mean_std([r.get(k) for r in out["runs"]]) for k in keys
                    if any(r.get(k) is not None for r in out["runs"])}
         save_result(name, {"method": args.method, "data": args.data, "spec": spec, "split": args.split,

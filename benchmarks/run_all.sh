@@ -55,6 +55,8 @@ if want probes; then  # the papers' linear protocol (AND, PAD, PCP report it), a
     run $PY accuracy.py --method $m --data digits --config $m-cpu --tag probe --probe --chosen-on "$DEV ($m-cpu)"
     run $PY accuracy.py --method $m --data digits --config $m-cpu --chosen-on "$DEV" --tag reproduce
   done
+  run $PY accuracy.py --method dccm --data digits --config dccm-cpu --tag probe --probe mlp:conv4 mlp:fc \
+    --chosen-on "$DCCM_CPU"  # DCCM Fig 4: the MLP probe on the last conv and the Y(64) fc features
   run $PY accuracy.py --method pad --data usps --config pad-cpu --tag heads --chosen-on "$DEV (pad-cpu)"
 fi
 if want baselines; then

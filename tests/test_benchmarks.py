@@ -125,6 +125,34 @@ def test_accuracy_records_each_seeds_config_and_heads(private_dirs, monkeypatch)
     assert r["summary"]["acc"]["median"] == pytest.approx(0.91) and r["summary"]["train_seconds"]["max"] == 12.0
 
 
+def test_accuracy_scores_each_probe_asked_for_under_its_own_name(private_dirs, monkeypatch, tmp_path):
+    import accuracy
+    import deepclust.inference as inference
+    import deepclust.runs as runs
+
+    assert accuracy.probe_specs(None) == [] and accuracy.probe_specs([]) == [("linear", "embedding")]
+    assert accuracy.probe_specs(["mlp:conv4", "mlp"]) == [("mlp", "conv4"), ("mlp", "embedding")]
+    p = run_script("accuracy.py", "--method", "dccm", "--chosen-on", "digits", "--probe", "svm:fc",
+                   env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--probe" in p.stderr, p.stderr
+
+    def fake_fit(cfg):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.yaml").write_text(cfg.to_yaml())
+        return {"acc": 0.9, "nmi": 0.8, "train_seconds": 1.0, "heads": [{"head": "method"}]}
+
+    asked = []
+    monkeypatch.setattr(runs, "fit_run", fake_fit)
+    monkeypatch.setattr(inference, "probe_run", lambda out, protocol, features, write: asked.append(
+        (protocol, features, write)) or {"top1": {"conv4": 0.7, "fc": 0.6}[features]})
+    accuracy.main(["--method", "dccm", "--data", "digits", "--seeds", "0", "1", "--epochs", "2", "--chosen-on", "digits",
+                   "--tag", "probe", "--probe", "mlp:conv4", "mlp:fc"])
+    r = json.loads((private_dirs[0] / "accuracy-dccm-digits-probe.json").read_text())
+    assert asked == [("mlp", "conv4", False), ("mlp", "fc", False)] * 2
+    assert [(x["mlp_top1_conv4"], x["mlp_top1_fc"]) for x in r["runs"]] == [(0.7, 0.6)] * 2
+    assert r["summary"]["mlp_top1_conv4"]["mean"] == 0.7 and "linear_top1" not in r["summary"]
+
+
 # ------------------------------------------------------------------------------------------------
 # peers.py and throughput.py: argument checks (no training)
 
