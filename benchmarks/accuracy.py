@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from common import NOT_TUNED, class_count, data_spec, exclusive, fail, mean_std, resolved_config, save_result
+from common import NOT_TUNED, budget_plan_of, class_count, data_spec, exclusive, fail, mean_std, resolved_config, save_result
 
 SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "linear_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
@@ -92,7 +92,7 @@ def run_plan(metrics: dict) -> dict | None:
     """A budgeted run's plan (metrics.json's ``resolution.budget``, issue 29: planned against trained
     seconds): the budget, the network and epochs it chose, its estimated training seconds; None
     when the run was given its epochs."""
-    plan = (metrics.get("resolution") or {}).get("budget") or {}
+    plan = budget_plan_of(metrics)
     if "estimated_seconds" not in plan:
         return None
     return {k: plan.get(k) for k in ("budget_seconds", "backbone", "total_epochs", "estimated_seconds")}
@@ -187,7 +187,8 @@ def probe_key(protocol: str, layer: str) -> str:
 
 
 def probe_keys(args) -> list[str]:
-    return [probe_key(p, layer) for p, layer in args.probe if probe_key(p, layer) not in RUN_KEYS]
+    """The probe scores a run records beyond RUN_KEYS (linear_top1 is one of them)."""
+    return [key for key in (probe_key(p, layer) for p, layer in args.probe) if key not in RUN_KEYS]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import class_count, data_spec, exclusive, fail, mean_std, save_result
+from common import budget_plan_of, class_count, data_spec, exclusive, fail, mean_std, save_result
 
 BACKBONES = ("auto", "resnet18", "alexnet", "jule_cnn", "dccm_cnn", "mlp")
 SCORES = ("acc", "nmi", "ari", "knn_top1", "epochs", "train_seconds", "wall_seconds")
@@ -78,7 +78,7 @@ def one_run(data: str, size: int | None, budget: str, backbone: str, seed: int, 
         heads = compare_heads(str(out)) if m.get("acc") is not None else None  # every head, same features
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    plan = (m.get("resolution") or {}).get("budget") or {}
+    plan = budget_plan_of(m)
     return {"data": data, "resize": size, "budget": budget, "asked": backbone, "backbone": plan.get("backbone"),
             "seed": seed, "wall_seconds": round(wall, 1), "warning": plan.get("warning"),
             "planned_seconds": plan.get("estimated_seconds"),

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import LIBRARY_DEFAULTS, data_spec, exclusive, fail, save_result
+from common import LIBRARY_DEFAULTS, budget_plan_of, data_spec, exclusive, fail, save_result
 
 TOLERANCE = 0.15
 
@@ -135,7 +135,7 @@ def run(args) -> dict:
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    plan = (metrics.get("resolution") or {}).get("budget") or {}
+    plan = budget_plan_of(metrics)
     if "candidates" not in plan:
         fail(f"the fit made no budget plan ({plan.get('ignored') or plan.get('reason') or 'epochs given'})")
     scores = {k: metrics.get(k) for k in ("acc", "nmi", "ari", "knn_top1", "n_clusters", "head_seconds")}

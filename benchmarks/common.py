@@ -115,6 +115,12 @@ def load_labelled(name: str, split: str = "all", limit: int | None = None):
     return images
 
 
+def budget_plan_of(metrics: dict) -> dict:
+    """The time budget's plan a fit recorded (metrics.json's ``resolution.budget``); {} when the run
+    was given its epochs."""
+    return (metrics.get("resolution") or {}).get("budget") or {}
+
+
 def resolved_config(out: str, cfg) -> dict:
     """A run's own config.yaml (everything resolved from the data), else the config it was given."""
     from deepclust.config import read_yaml
