@@ -50,10 +50,10 @@ if want accuracy; then  # every method at the same budget: network, views, 40 ep
   # USPS epoch takes a minute here), CIFAR-10-test beside the defaults at the same 15 minutes; 40 epochs
   # of the report data on a lent GPU: device_check.py --dccm mnist-test cifar10-test fashion-mnist (tag gpu)
   run $PY accuracy.py --method dccm --data digits --config dccm-cpu --chosen-on "$DCCM_CPU"
-  for data in usps mnist-test cifar10-test "fashion-mnist --split test --tag test-budget-15m"; do
-    tag=$([[ $data == fashion* ]] || echo "--tag budget-15m")
+  for data in "usps --tag budget-15m" "mnist-test --tag budget-15m" "cifar10-test --tag budget-15m" \
+      "fashion-mnist --split test --tag test-budget-15m"; do
     # shellcheck disable=SC2086
-    run $PY accuracy.py --method dccm --data $data $tag --config dccm-cpu --seeds 0 --set train.epochs=none \
+    run $PY accuracy.py --method dccm --data $data --config dccm-cpu --seeds 0 --set train.epochs=none \
         --set train.budget=15m --chosen-on "$DCCM_CPU"
   done
   run $PY accuracy.py --method pad --data cifar10-test --seeds 0 --set train.budget=15m --tag defaults-15m \
