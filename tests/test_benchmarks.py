@@ -534,6 +534,27 @@ def test_cluster_stage_refuses_a_ratio_below_one(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ratio" in r.stderr
 
 
+def test_weak_features_rows_follow_the_modularity_gap_and_the_summary_counts_them():
+    import weak_features
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 100)
+    centres = rng.normal(0, 1, (4, 16))
+    rows = [weak_features.case_row(centres[y] + noise * rng.normal(0, 1, (400, 16)), y, 4) for noise in (0.3, 2.5)]
+    for r in rows:
+        assert set(r) >= {"knn_top1", "agglomerative", "spectral", "kmeans", "graph", "modularity_gap"}
+        assert r["graph"]["kept"] == ("spectral" if r["modularity_gap"] > r["graph"]["margin"] else "agglomerative")
+    assert rows[0]["graph"]["acc"] == 1.0 and rows[0]["knn_top1"] > rows[1]["knn_top1"]
+    s = weak_features.summary(rows)
+    assert s["rows"] == 2 and s["acc"]["graph"]["n"] == 2
+    assert s["gap_where_agglomerative_won"].get("n", 0) + s["gap_where_agglomerative_lost"].get("n", 0) == 2
+
+
+def test_weak_features_refuses_negative_noise(tmp_path):
+    r = run_script("weak_features.py", "--noise", "-1", env_dirs=(tmp_path / "r", tmp_path / "l"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--noise" in r.stderr
+
+
 def test_git_state_is_dirty_for_code_but_not_for_rewritten_results(tmp_path):
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)

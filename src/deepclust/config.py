@@ -37,7 +37,7 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("step", "cosine", "inv")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "method", "scan")
+CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method", "scan")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
 

@@ -1,9 +1,12 @@
 """Reading clusters off features: a fitted, saveable cluster head.
 
 ``kmeans`` (faiss; the papers' protocol), ``spectral`` (normalised spectral clustering on the
-sparse kNN graph) or ``agglomerative`` (JULE's forward pass on fixed features: the graph-degree-
+sparse kNN graph), ``agglomerative`` (JULE's forward pass on fixed features: the graph-degree-
 linkage agglomeration of ``structure.agglomeration`` from its initial clusters down to K; JULE's
-"OURS-RC", its clusters re-computed from the final representation, usable after any method).
+"OURS-RC", its clusters re-computed from the final representation, usable after any method) or
+``graph`` (the agglomerative partition, checked against the spectral one on the same kNN graph:
+spectral's is kept instead when the agglomerative one's modularity is more than ``GRAPH_MARGIN``
+lower, the sign of agglomeration chaining into one large cluster on weak features).
 Features are L2-normalised first (all heads work on cosine geometry: the memory-bank methods train
 cosine similarities). Out-of-sample rules, saved with the run: k-means assigns a new image to the
 nearest centroid; spectral and agglomerative clusters are not convex, so those heads keep (up to
@@ -15,7 +18,7 @@ here reads labels.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +26,10 @@ import numpy as np
 from .errors import ConfigError, DataError
 from .io import save_npz
 from .structure.agglomeration import agglomerate, initial_clusters, small_cluster_floor
-from .structure.clustering import assign_to_centroids, kmeans, spectral
-from .structure.knn import topk_cosine
+from .structure.clustering import assign_to_centroids, kmeans, modularity, spectral, spectral_of_graph
+from .structure.knn import knn_graph, topk_cosine
 
-HEADS = ("kmeans", "spectral", "agglomerative")  # heads fitted here
+HEADS = ("kmeans", "spectral", "agglomerative", "graph")  # heads fitted here
 # kinds a saved head may have ("method": a method's own clusters, new images by the kNN vote;
 # "linear": clusters that are the argmax of an affine map of the features: DCCM's head, and the head
 # the learned clustering phase kept, ``cluster.head: scan``, methods/scan.py)
@@ -37,6 +40,11 @@ AGGLOMERATIVE_KS = 20  # JULE's K_s (Table 2): neighbours of the agglomerative h
 # clusters under 5% of the mean size are set aside at the cut (structure.agglomeration.merge_clusters,
 # min_size; chosen on digits and USPS pixels, where 0.02-0.1 give the same partition as no rule)
 AGGLOMERATIVE_SMALL = 0.05
+# the graph head keeps the agglomerative partition unless its modularity on the kNN graph is more than
+# this below the spectral partition's. Development data (benchmarks/weak_features.py, digits and USPS,
+# trained and noise-weakened features): where agglomeration won, spectral's modularity was at most
+# 0.025 higher; where it chained into one cluster of 7-9 times its share, 0.18 to 0.51 higher.
+GRAPH_MARGIN = 0.05
 VOTE_K = 10
 _HEAD_KEYS = ("kind", "n_clusters", "centroids", "labels", "reference", "reference_labels")
 _OPTIONAL_KEYS = ("bias",)  # the linear head's offsets (absent from heads of other kinds and older runs)
@@ -56,6 +64,7 @@ class ClusterHead:
     reference: np.ndarray | None = None  # (M, D) float16 normalised training features (spectral)
     reference_labels: np.ndarray | None = None
     bias: np.ndarray | None = None  # (K,) "linear": cluster = argmax(features @ centroids.T + bias)
+    note: dict | None = field(default=None, compare=False)  # the evidence of a choice made in fitting (not saved)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         if self.kind == "linear":  # the raw features, as the method's head reads them
@@ -162,6 +171,11 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
         return head
     elif kind == "agglomerative":
         return head_from_labels(x, agglomerative_labels(x, n_clusters), n_clusters, kind=kind, seed=seed)
+    elif kind == "graph":
+        labels, note = graph_labels(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
+        head = head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
+        head.note = note
+        return head
     else:
         labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
         return head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
@@ -185,6 +199,23 @@ def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
         start = np.arange(n, dtype=np.int64)
     floor = small_cluster_floor(n, n_clusters, AGGLOMERATIVE_SMALL)
     return agglomerate(x, n_clusters, k_s=min(AGGLOMERATIVE_KS, n - 1), labels=start, min_size=floor)
+
+
+def graph_labels(features: np.ndarray, n_clusters: int, *, n_neighbors: int = 10, seed: int = 0,
+                 n_components: int | None = None, margin: float = GRAPH_MARGIN) -> tuple[np.ndarray, dict]:
+    """The ``graph`` head: the agglomerative partition unless the spectral partition of the same
+    cosine kNN graph (``n_neighbors``) has a modularity more than ``margin`` higher (then spectral's).
+    Returns (labels, evidence: both modularities and the partition kept). Never reads labels."""
+    x = normalise(features)
+    n = len(x)
+    if n_clusters == 1 or n < 3:
+        return agglomerative_labels(x, n_clusters), {"kept": "agglomerative", "reason": "too few images or K = 1"}
+    graph = knn_graph(x, min(n_neighbors, n - 1))
+    found = {"agglomerative": agglomerative_labels(x, n_clusters),
+             "spectral": spectral_of_graph(graph, n_clusters, seed=seed, n_components=n_components)[0]}
+    q = {name: round(modularity(graph, labels), 4) for name, labels in found.items()}
+    kept = "spectral" if q["spectral"] - q["agglomerative"] > margin else "agglomerative"
+    return found[kept], {"kept": kept, "modularity": q, "margin": margin}
 
 
 def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,

@@ -104,7 +104,7 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     cfg = run_config(run, overrides)
     if cfg.cluster.head == "method":
         raise ConfigError("evaluate cannot re-run a method's own clustering; use the run's labels.npy, "
-                          "or --cluster-head kmeans|spectral|agglomerative")
+                          "or --cluster-head kmeans|spectral|agglomerative|graph")
     images = load_data(cfg.data, data)
     net, views = load_network(run, cfg, images)
     features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)
@@ -115,7 +115,7 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     if cfg.cluster.head == "scan":  # the head the run trained: its saved affine map
         saved = ClusterHead.load(run / "head.npz")
         if saved.kind != "linear" or run_config(run).cluster.head != "scan":
-            raise ConfigError(f"run {run} trained no scan head; use --cluster-head kmeans|spectral|agglomerative")
+            raise ConfigError(f"run {run} trained no scan head; use --cluster-head kmeans|spectral|agglomerative|graph")
         phase_map = (cfg.cluster.features, saved.centroids, saved.bias)
     metrics, head = compute_metrics(cfg, images, features, embedding, phase_map=phase_map)
     metrics = {"method": cfg.method, "data": data or cfg.data.spec, **metrics}

@@ -46,7 +46,7 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     never enter it), then score against labels if any: first every head is fitted, then scored.
 
     Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
-    head_seconds; with labels: acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every
+    head_seconds, cluster_head_choice (the graph head: the partition it kept and why); with labels: acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every
     post-hoc head on the backbone and embedding layers, and the method's own clusters when it has
     them: acc / nmi / ari / seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
     knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
@@ -71,6 +71,8 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     m: dict[str, Any] = {"n_images": len(images), "n_clusters": k, "cluster_head": cl.head,
                          "cluster_features": cl.features, "head_seconds": round(head_seconds, 3),
                          "cluster_sizes": sizes, "collapse": collapse}
+    if head.note is not None:  # the evidence of the head's own choice (the graph head's modularities)
+        m["cluster_head_choice"] = head.note
     if labels is not None:
         m.update(clustering_scores(labels, pred))
         m["heads"] = head_scores(labels, [(*c, fitted[c][0].labels_, fitted[c][1]) for c in combos])

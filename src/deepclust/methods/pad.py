@@ -84,8 +84,10 @@ class Pad(Method):
     # JULE's merges with the small-cluster rule). USPS, pad-cpu, 3 seeds (accuracy-pad-usps-heads):
     # ACC 0.979 +- 0.001 against 0.932 +- 0.087 for spectral on the embedding with K eigenvectors (the
     # earlier default, dev-choices-*.json); digits, --budget 2m, 3 seeds (backbone-budget-digits):
-    # NMI 0.913 against 0.889. The spectral head stays one --cluster-head away.
-    cluster_head = ("agglomerative", "embedding", 1)
+    # NMI 0.913 against 0.889. The spectral head stays one --cluster-head away. Since then the graph
+    # head (heads.graph_labels): that partition unless it chains into one large cluster on weak
+    # features, which the kNN graph's modularity shows (benchmarks/weak_features.py, digits and USPS).
+    cluster_head = ("graph", "embedding", 1)
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
