@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="digits", help="short name or data spec with labels (default digits)")
     p.add_argument("--ratio", type=float, default=10.0, help="largest / smallest class (default 10; 1 keeps all)")
     p.add_argument("--method", default="pad", help="deepclust method (default pad, the library's)")
-    p.add_argument("--heads", nargs="+", default=["agglomerative", "scan"], help="cluster.head of each fit")
+    p.add_argument("--heads", nargs="+", default=["graph", "agglomerative", "scan"], help="cluster.head of each fit")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=40, help="the method's epochs (default 40)")
     p.add_argument("--config", help="a preset name or a YAML file")

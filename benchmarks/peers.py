@@ -3,7 +3,7 @@ same images, in the same run, so the README compares ratios from one run.
 
     python benchmarks/peers.py --data usps|mnist-test|fashion-mnist [--split test] [--seeds 0 1 2]
         [--method M] [--deepclust-config PRESET_OR_FILE] [--set KEY=VALUE] [--epochs N]
-        [--peers n2d dec] [--pretrain-epochs 100] [--clustering-epochs 150] [--limit N] [--chosen-on DATA]
+        [--peers n2d dec] [--pretrain-epochs 100] [--clustering-epochs 150] [--limit N] [--chosen-on DATA] [--tag T]
 
 Per seed, in this order: deepclust (``fit_run``, what ``deepclust fit`` runs: the library's defaults,
 or --method / --deepclust-config / --set / --epochs), then each peer, all on the same images (loaded
@@ -22,7 +22,7 @@ The peers (ClustPy 0.0.3 defaults unless named here), on pixels scaled to [0, 1]
 
 ClustPy is optional (pip install clustpy); without it the script says so in one line and exits 2.
 --chosen-on is required with --deepclust-config or --set (the data those settings were chosen on);
-otherwise "n/a (no tuned settings)" is recorded. Saved as RESULTS/peers-DATA[-SPLIT][-limitN].json
+otherwise "n/a (no tuned settings)" is recorded. Saved as RESULTS/peers-DATA[-SPLIT][-limitN][-TAG].json
 (RESULTS: benchmarks/results/ or $DEEPCLUST_RESULTS_DIR); refuses to start while a fit or another
 benchmark runs (exit 2).
 """
@@ -138,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clustering-epochs", type=int, default=150, help="DEC clustering epochs (default 150)")
     p.add_argument("--limit", type=int, help="only the first N images (a smoke test; marked quick)")
     p.add_argument("--chosen-on", help="the data the deepclust settings were chosen on")
+    p.add_argument("--tag", default="", help="suffix of the result's name (e.g. budget-140s)")
     args = p.parse_args(argv)
     if (args.deepclust_config or args.set) and not args.chosen_on:
         fail("--chosen-on DATA is required with --deepclust-config / --set: name the data those settings "
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     deep = import_clustpy()
     data_name = args.data + (f"-{args.split}" if args.split != "all" else "")
-    name = f"peers-{data_name}" + (f"-limit{args.limit}" if args.limit else "")
+    name = f"peers-{data_name}" + (f"-limit{args.limit}" if args.limit else "") + (f"-{args.tag}" if args.tag else "")
     with exclusive(name), tempfile.TemporaryDirectory(prefix="deepclust-peers-data-") as tmp:
         images = load_labelled(args.data, args.split, args.limit)
         if images.labels is None:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
         save_result(name, {
             "data": args.data, "data_name": data_name, "spec": data_spec(args.data), "split": args.split,
-            "n_images": len(images), "limit": args.limit, "quick": bool(args.limit), "seeds": args.seeds,
+            "n_images": len(images), "limit": args.limit, "quick": bool(args.limit), "seeds": args.seeds, "tag": args.tag,
             "clustpy": getattr(clustpy, "__version__", "?"),
             "peer_settings": {"n2d": {"manifold_params": N2D_MANIFOLD, "pretrain_epochs": args.pretrain_epochs},
                               "dec": {"pretrain_epochs": args.pretrain_epochs,

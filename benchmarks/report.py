@@ -156,7 +156,7 @@ def headline_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]],
                                stats(mine[d], "train_seconds") or stats(mine[d], "seconds")) if d in mine else "-"
                  for d in datas]
         rows.append([show(method), *cells, seed_counts([len(r["seeds"]) for r in mine.values()])])
-    peers = [r for r in of_kind(results, "peers-") if r.get("data_name", r["data"]) in datas]
+    peers = [r for r in of_kind(results, "peers-") if r.get("data_name", r["data"]) in datas and not r.get("tag")]
     names = list(dict.fromkeys(name for r in peers for name in r["systems"]))
     for name in names:
         mine = {r.get("data_name", r["data"]): r["systems"][name] for r in peers if name in r["systems"]}
@@ -253,7 +253,7 @@ def peers_section(results: dict[str, dict]) -> str:
     for r in peers:
         for name, s in r["systems"].items():
             ratio = (s.get("seconds_ratio_to_deepclust") or {}).get("median")
-            rows.append([r.get("data_name", r["data"]), str(r["n_images"]), name, str(s["acc"]["n"]), fmt(s["acc"]),
+            rows.append([r.get("data_name", r["data"]) + (f" ({r['tag']})" if r.get("tag") else ""), str(r["n_images"]), name, str(s["acc"]["n"]), fmt(s["acc"]),
                          fmt(s["nmi"]), fmt(s["ari"]), fmt_median(s["seconds"]),
                          "-" if ratio is None else f"{ratio:.2f}"])
     if not rows:

@@ -81,9 +81,22 @@ def summary(rows: list[dict]) -> dict:
     agg_lost = [r["modularity_gap"] for r in rows if r["agglomerative"]["acc"] < r["spectral"]["acc"]]
     best = [max(r["agglomerative"]["acc"], r["spectral"]["acc"]) for r in rows]
     return {"gap_where_agglomerative_won": mean_std(agg_won), "gap_where_agglomerative_lost": mean_std(agg_lost),
+            "margins": margin_sweep(rows),
             "acc": {h: mean_std([r[h]["acc"] for r in rows]) for h in ("agglomerative", "spectral", "kmeans", "graph")},
             "graph_picked_the_better_of_two": sum(r["graph"]["acc"] == b for r, b in zip(rows, best)),
             "rows": len(rows)}
+
+
+def margin_sweep(rows: list[dict], step: float = 0.0025, top: float = 0.5) -> dict:
+    """For margins 0, step, ..., top: in how many rows the rule (spectral when the modularity gap
+    exceeds the margin) keeps the better of the two partitions; the best count and the margins that
+    reach it (the interval the library's margin is taken from)."""
+    margins = np.round(np.arange(0, top + step / 2, step), 4)
+    spectral_better = np.array([r["spectral"]["acc"] > r["agglomerative"]["acc"] for r in rows])
+    gaps = np.array([r["modularity_gap"] for r in rows])
+    right = np.array([int(((gaps > m) == spectral_better).sum()) for m in margins])
+    best = margins[right == right.max()]
+    return {"best_count": int(right.max()), "of": len(rows), "best_from": float(best.min()), "best_to": float(best.max())}
 
 
 def main(argv=None) -> None:

@@ -548,6 +548,9 @@ def test_weak_features_rows_follow_the_modularity_gap_and_the_summary_counts_the
     s = weak_features.summary(rows)
     assert s["rows"] == 2 and s["acc"]["graph"]["n"] == 2
     assert s["gap_where_agglomerative_won"].get("n", 0) + s["gap_where_agglomerative_lost"].get("n", 0) == 2
+    sweep = weak_features.margin_sweep([{"agglomerative": {"acc": 0.9}, "spectral": {"acc": 0.5}, "modularity_gap": 0.02},
+                                        {"agglomerative": {"acc": 0.2}, "spectral": {"acc": 0.6}, "modularity_gap": 0.3}])
+    assert sweep["best_count"] == 2 and sweep["best_from"] == pytest.approx(0.02) and sweep["best_to"] == pytest.approx(0.2975)
 
 
 def test_weak_features_refuses_negative_noise(tmp_path):
