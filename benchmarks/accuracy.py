@@ -30,7 +30,8 @@ from common import NOT_TUNED, budget_plan_of, class_count, data_spec, exclusive,
 
 SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "linear_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
-RUN_KEYS = (*SCORES, "epochs", "n_images", "n_clusters", "cluster_head", "cluster_features", "cluster_sizes")
+RUN_KEYS = (*SCORES, "epochs", "n_images", "n_clusters", "cluster_head", "cluster_features", "cluster_sizes",
+            "cluster_head_choice")  # the graph head: the partition it kept and both modularities
 PIXEL_BASELINES = ("kmeans-pixels", "spectral-pixels")
 
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         runs_by_head = {}
         for head in args.heads:
             fit_args = argparse.Namespace(split="all", epochs=args.epochs, config=args.config, heads=True,
-                                          probe=False, set=[*args.set, f"cluster.head={head}"])
+                                          probe=[], set=[*args.set, f"cluster.head={head}"])
             runs_by_head[head] = accuracy.deep_method(args.method, spec, args.seeds, fit_args)["runs"]
     _, counts = np.unique(images.labels, return_counts=True)
     save_result(name, {"data": args.data, "spec": data_spec(args.data), "ratio": args.ratio, "method": args.method,

@@ -529,6 +529,26 @@ def test_cluster_stage_summary_counts_empty_clusters_and_compares_with_spectral(
     assert rows["agglomerative"]["acc_minus_spectral_backbone"] == pytest.approx(0.2)
 
 
+def test_cluster_stage_fits_each_head_through_accuracy_and_saves_the_summary(private_dirs, monkeypatch):
+    import cluster_stage
+    import deepclust.runs as runs
+
+    heads = []
+
+    def fake_fit(cfg):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.yaml").write_text(cfg.to_yaml())
+        heads.append(cfg.cluster.head)
+        return {"acc": 0.8, "nmi": 0.7, "ari": 0.6, "train_seconds": 1.0, "epochs": 1,
+                "cluster_sizes": [3] * 10, "heads": [{"head": "spectral", "features": "embedding", "acc": 0.7}]}
+
+    monkeypatch.setattr(runs, "fit_run", fake_fit)
+    cluster_stage.main(["--data", "digits", "--ratio", "10", "--heads", "graph", "scan", "--seeds", "0", "--epochs", "1"])
+    r = json.loads((private_dirs[0] / "cluster-stage-digits-r10.json").read_text())
+    assert heads == ["graph", "scan"] and set(r["summary"]) == {"graph", "scan"}
+    assert r["summary"]["graph"]["acc_minus_spectral_embedding"] == pytest.approx(0.1)
+
+
 def test_cluster_stage_refuses_a_ratio_below_one(tmp_path):
     r = run_script("cluster_stage.py", "--ratio", "0.5", env_dirs=(tmp_path / "r", tmp_path / "l"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ratio" in r.stderr
