@@ -120,7 +120,7 @@ def machines(rs: list[dict]) -> str:
         m = r.get("machine")
         if not m:
             continue
-        text = (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+        text = (f"{m.get('cpu', '?')}" + (f" ({m['simd'].upper()})" if m.get("simd") else "") + f", {m.get('cores', '?')} cores, "
                 f"{('GPU ' + m['gpu']) if m.get('gpu') else 'no GPU'}, torch {m.get('torch', '?')} on "
                 f"{r.get('torch_threads', m.get('torch_threads', '?'))} threads")
         if text not in seen:
@@ -411,6 +411,29 @@ def stage_section(results: dict[str, dict]) -> str:
     return "\n".join(parts)
 
 
+def weak_section(results: dict[str, dict]) -> str:
+    """The graph head's rule on weakened development features (weak_features.py)."""
+    parts = []
+    for r in of_kind(results, "weak-features"):
+        rows = [[x["data"], x["features"], f"{x['ratio']:g}:1", f"{x['knn_top1']:.3f}",
+                 f"{x['agglomerative']['acc']:.3f} ({x['agglomerative']['largest_over_share']:.1f}x)",
+                 f"{x['spectral']['acc']:.3f}", f"{x['kmeans']['acc']:.3f}",
+                 f"{x['agglomerative']['modularity']:.3f} / {x['spectral']['modularity']:.3f}",
+                 f"{x['modularity_gap']:+.3f}", x["graph"]["kept"], f"{x['graph']['acc']:.3f}"] for x in r["rows"]]
+        s, m = r["summary"], r["summary"]["margins"]
+        parts += [f"`{r['command']}`. ACC of each head on the same features (in brackets: the largest cluster "
+                  "over its share N / K); modularity of the agglomerative and spectral partitions on the cosine "
+                  f"10-NN graph, and their gap; the graph head (margin {r['rows'][0]['graph']['margin']:g}) and "
+                  "the partition it kept.", "",
+                  table(["data", "features", "classes", "kNN top-1", "agglomerative", "spectral", "k-means",
+                         "modularity agg / spec", "gap", "graph kept", "graph ACC"], rows), "",
+                  f"Mean ACC over the {s['rows']} cases: graph {fmt(s['acc']['graph'])}, agglomerative "
+                  f"{fmt(s['acc']['agglomerative'])}, spectral {fmt(s['acc']['spectral'])}, k-means "
+                  f"{fmt(s['acc']['kmeans'])}. Margins from {m['best_from']:g} to {m['best_to']:g} keep the better of "
+                  f"agglomerative and spectral in {m['best_count']} of {m['of']} cases.", ""]
+    return "\n".join(parts)
+
+
 def papers_section(results: dict[str, dict]) -> str:
     """The papers' tables beside ours, from benchmarks/papers.py when it exists."""
     try:
@@ -430,6 +453,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, dict]], str]]] = [
     ("Beside other libraries", peers_section),
     ("Reading clusters off the features", heads_section),
     ("The clustering stage on imbalanced data", stage_section),
+    ("The graph head on weak features", weak_section),
     ("Ablations", ablations_section),
     ("Development sweeps", dev_section),
     ("The time budget", budget_section),

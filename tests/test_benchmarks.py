@@ -573,6 +573,20 @@ def test_weak_features_rows_follow_the_modularity_gap_and_the_summary_counts_the
     assert sweep["best_count"] == 2 and sweep["best_from"] == pytest.approx(0.02) and sweep["best_to"] == pytest.approx(0.2975)
 
 
+def test_report_shows_each_weak_feature_case_and_the_margin_interval():
+    row = {"data": "usps", "features": "pixels+noise 1", "ratio": 10.0, "knn_top1": 0.6,
+           "agglomerative": {"acc": 0.15, "largest_over_share": 9.3, "modularity": 0.06},
+           "spectral": {"acc": 0.52, "modularity": 0.54}, "kmeans": {"acc": 0.5},
+           "modularity_gap": 0.48, "graph": {"kept": "spectral", "acc": 0.52, "margin": 0.06}}
+    acc = {h: common.mean_std([v]) for h, v in (("graph", 0.52), ("agglomerative", 0.15), ("spectral", 0.52),
+                                                   ("kmeans", 0.5))}
+    r = {"benchmark": "weak-features", "command": "weak_features.py", "rows": [row],
+         "summary": {"rows": 1, "acc": acc, "margins": {"best_count": 1, "of": 1, "best_from": 0.0, "best_to": 0.475}}}
+    text = report.weak_section({"weak-features": r})
+    assert "| usps | pixels+noise 1 | 10:1 | 0.600 | 0.150 (9.3x) | 0.520 |" in text
+    assert "+0.480 | spectral | 0.520 |" in text and "Margins from 0 to 0.475" in text
+
+
 def test_weak_features_refuses_negative_noise(tmp_path):
     r = run_script("weak_features.py", "--noise", "-1", env_dirs=(tmp_path / "r", tmp_path / "l"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--noise" in r.stderr
