@@ -20,7 +20,7 @@ The peers (ClustPy 0.0.3 defaults unless named here), on pixels scaled to [0, 1]
   DEC  the same autoencoder, k-means initialisation, then DEC's clustering loss.
 --pretrain-epochs (default 100) and --clustering-epochs (DEC, default 150) are ClustPy's defaults.
 
-ClustPy is optional (pip install clustpy); without it the script says so in one line and exits 2.
+ClustPy is optional (pip install -e '.[peers]', ClustPy 0.0.3); without it the script says so in one line and exits 2.
 --chosen-on is required with --deepclust-config or --set (the data those settings were chosen on);
 otherwise "n/a (no tuned settings)" is recorded. Saved as RESULTS/peers-DATA[-SPLIT][-limitN][-TAG].json
 (RESULTS: benchmarks/results/ or $DEEPCLUST_RESULTS_DIR); refuses to start while a fit or another
@@ -53,7 +53,7 @@ def import_clustpy():
     try:
         return importlib.import_module("clustpy.deep")
     except ImportError as e:
-        fail(f"ClustPy is not installed ({e}); pip install clustpy to run the peers")
+        fail(f"ClustPy is not installed ({e}); pip install -e '.[peers]' to run the peers")
 
 
 def peer_model(name: str, k: int, seed: int, args, deep):
