@@ -560,10 +560,17 @@ def test_weak_features_rows_follow_the_modularity_gap_and_the_summary_counts_the
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 100)
     centres = rng.normal(0, 1, (4, 16))
-    rows = [weak_features.case_row(centres[y] + noise * rng.normal(0, 1, (400, 16)), y, 4) for noise in (0.3, 2.5)]
-    for r in rows:
+    from deepclust.evaluate import cluster_acc
+    from deepclust.heads import graph_labels
+
+    cases = [centres[y] + noise * rng.normal(0, 1, (400, 16)) for noise in (0.3, 2.5)]
+    rows = [weak_features.case_row(x, y, 4) for x in cases]
+    for x, r in zip(cases, rows):
         assert set(r) >= {"knn_top1", "agglomerative", "spectral", "kmeans", "graph", "modularity_gap"}
         assert r["graph"]["kept"] == ("spectral" if r["modularity_gap"] > r["graph"]["margin"] else "agglomerative")
+        labels, note = graph_labels(x, 4, n_components=4)  # the row's choice is the library head's
+        assert note["kept"] == r["graph"]["kept"]
+        assert r["graph"]["acc"] == round(cluster_acc(y, labels), 4)
     assert rows[0]["graph"]["acc"] == 1.0 and rows[0]["knn_top1"] > rows[1]["knn_top1"]
     s = weak_features.summary(rows)
     assert s["rows"] == 2 and s["acc"]["graph"]["n"] == 2

@@ -46,9 +46,10 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     never enter it), then score against labels if any: first every head is fitted, then scored.
 
     Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
-    head_seconds, cluster_head_choice (the graph head: the partition it kept and why); with labels: acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every
-    post-hoc head on the backbone and embedding layers, and the method's own clusters when it has
-    them: acc / nmi / ari / seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
+    head_seconds, cluster_head_choice (the graph head: the partition it kept and why); with labels:
+    acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every post-hoc head on the backbone
+    and embedding layers, and the method's own clusters when it has them: acc / nmi / ari / seconds
+    each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
     knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
     ``method_map``: the method's clusters as an affine map of a layer (``Method.assignment_map``);
     ``phase_map``: the clustering phase's kept head, the same way (``cluster.head: scan``).
