@@ -297,6 +297,7 @@ def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch
     assert all(np.isfinite(v) and v >= 0 for v in costs.values()) and costs["steady_images_per_second"] > 0
     assert cal.discovery("alexnet") == {} and cal.finish("alexnet") == 0.0  # not the live candidate
     assert cal.finish("jule_cnn") > 0  # the passes, heads and metrics on 300 images, timed
+    assert cal.phase("jule_cnn") == 0.0  # no clustering phase after AND here
     cal.close()
     assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -331,6 +332,7 @@ class FakeRun:
     def __init__(self, first_ips, steady_ips, first_disc, disc, finish, before):
         self.first_ips, self.steady_ips, self.first_disc, self.disc = first_ips, steady_ips, first_disc, disc
         self.finish_s, self.now = finish, float(before)
+        self.phase_s = 0.0
 
     def clock(self):
         return self.now
@@ -348,6 +350,10 @@ class FakeRun:
         self.now += 1.0
         return self.finish_s
 
+    def phase(self, backbone):  # the clustering phase (cluster.head: scan), ``phase_s`` seconds
+        self.now += 1.0
+        return self.phase_s
+
     def run_seconds(self, cfg, n):
         """What the run then takes, epoch by epoch as the method's own hooks schedule it."""
         from deepclust.methods import method_class
@@ -359,7 +365,7 @@ class FakeRun:
                 seconds += self.first_disc if discovered == 0 else self.disc
                 discovered += 1
             seconds += n / (self.first_ips if discovered == 0 else self.steady_ips)
-        return seconds + self.finish_s
+        return seconds + self.phase_s + self.finish_s
 
 
 @pytest.mark.parametrize("method", ["pad", "and", "instance", "pcp", "deepcluster"])
@@ -446,3 +452,46 @@ def test_the_finish_is_timed_for_a_method_whose_head_is_its_own_clusters(method,
     backbone = cfg.net.backbone
     assert cal(backbone) > 0 and cal.finish(backbone) > 0
     cal.close()
+
+
+@pytest.mark.parametrize("budget_s,n,speeds,phase_s", [
+    (120, 1797, (900.0, 1600.0, 3.0, 0.05, 4.0, 6.0), 25.0),  # digits-like, 2 minutes
+    (600, 10_000, (400.0, 700.0, 2.0, 0.6, 15.0, 20.0), 160.0),  # 10k images, 10 minutes
+])
+def test_the_clustering_phase_counts_in_the_plan(budget_s, n, speeds, phase_s):
+    """cluster.head scan trains SCAN's phase after the method (issue 29: it counts in the budget):
+    its fixed cost comes off the time before the method's epochs are chosen, the run still ends
+    within 15% of the budget, and the report says how much of the training it is."""
+    layer = {"method": "pad", "net": {"backbone": "jule_cnn"}}
+    schedule = method_schedule(build_config(layer))
+    plans = {}
+    for with_phase in (False, True):
+        m = FakeRun(*speeds)
+        m.phase_s = phase_s if with_phase else 0.0
+        plans[with_phase] = plan_budget(budget_s, n, ("jule_cnn",), m.measure, schedule, measure_discovery=m.discovery,
+                                        measure_finish=m.finish, measure_phase=m.phase, started=0.0, clock=m.clock,
+                                        max_per_unit=10_000)
+        total = m.now + m.run_seconds(build_config(layer, {"train": {"epochs": plans[with_phase]["epochs"]}}), n)
+        assert 0.85 * budget_s <= total <= budget_s, (plans[with_phase], total)
+    assert plans[True]["epochs"] < plans[False]["epochs"]
+    assert plans[True]["phase_seconds"] == phase_s and plans[False]["phase_seconds"] == 0.0
+    assert "of it the clustering phase" in budget.describe({"budget": "2m", **plans[True]})
+
+
+def test_a_budgeted_run_with_the_scan_head_is_measured(tmp_path, monkeypatch):
+    """The real calibration of a run whose head is the clustering phase: the phase is timed (its
+    neighbour mining, steps and head pass), and the finish is timed with a stand-in for the head the
+    phase will train (it raised 'this run has no such head' before)."""
+    from deepclust.resolution import resolve, view_spec
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(build_config({"method": "pad", "cluster": {"n_clusters": 10, "head": "scan"},
+                                "scan": {"epochs": 2, "heads": 2}, "optim": {"batch_size": 64},
+                                "train": {"epochs": 2, "accelerator": "cpu", "threads": 1}}), _digits())
+    rng = torch.get_rng_state()
+    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+                                    min_seconds=0.0, max_steps=1)
+    assert cal("jule_cnn") > 0
+    assert cal.phase("jule_cnn") > 0 and cal.finish("jule_cnn") > 0
+    cal.close()
+    assert torch.equal(torch.get_rng_state(), rng) and list(tmp_path.iterdir()) == []

@@ -22,6 +22,11 @@ budget on the machine at hand (:func:`fit_to_budget`):
      its later epochs only of the isolated ones but add the group terms: the two costs differ,
      and timing epoch 0 alone charged every epoch epoch 0's), then the same discovery again: the first call's costs (imports, allocations) are
      paid once in a run, so every later discovery is counted at the second timing;
+   - the learned clustering phase after the method's epochs (``cluster.head: scan``;
+     :meth:`TrainerCalibration.phase`): its neighbour mining, its steps (anchors with their
+     neighbours, and self-labelling's two views when configured) and the pass that reads its kept
+     head. Its epochs are fixed, so its cost comes off the budget before the method's epochs are
+     chosen (before issue 29's fix the plan left it out, and its finish measurement failed);
    - what follows training (:meth:`TrainerCalibration.finish`): the full feature passes at the
      measured cost per image, and the cluster head with the metrics (every head and the kNN
      accuracy when there are labels) timed on 1,000 and 2,000 of the images and extrapolated
@@ -129,12 +134,14 @@ class Costs:
     terms; None: as epoch 0's); ``first_discovery_seconds``: the first discovery, with its
     first-call costs (None: as the others); ``discovery_seconds``: every later one;
     ``finish_seconds``: what follows the training (the full feature passes, the cluster head and
-    the metrics)."""
+    the metrics); ``phase_seconds``: the learned clustering phase after the method's epochs
+    (``cluster.head: scan``), whose epochs are fixed: training time that does not depend on E."""
     images_per_second: float
     discovery_seconds: float = 0.0
     first_discovery_seconds: float | None = None
     steady_images_per_second: float | None = None
     finish_seconds: float = 0.0
+    phase_seconds: float = 0.0
 
     def training_seconds(self, span: Span, n_images: int) -> float:
         if self.steady_images_per_second:
@@ -142,6 +149,7 @@ class Costs:
                      + (span.total - span.before) * n_images / self.steady_images_per_second)
         else:
             steps = span.total * n_images / self.images_per_second
+        steps += self.phase_seconds
         if span.discoveries <= 0:
             return steps
         first = self.discovery_seconds if self.first_discovery_seconds is None else self.first_discovery_seconds
@@ -203,12 +211,14 @@ class Probes:
     measure: Callable[..., float]
     discovery: Callable[[str], float | dict] | None = None
     finish: Callable[[str], float] | None = None
+    phase: Callable[[str], float] | None = None
 
 
 def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...] | list[str],
                 measure: Callable[..., float], schedule: Schedule, *,
                 measure_discovery: Callable[[str], float | dict] | None = None,
-                measure_finish: Callable[[str], float] | None = None, started: float | None = None,
+                measure_finish: Callable[[str], float] | None = None,
+                measure_phase: Callable[[str], float] | None = None, started: float | None = None,
                 min_epochs: int = MIN_EPOCHS, max_per_unit: int = MAX_EPOCHS_PER_UNIT, reserve: float = RESERVE,
                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Choose (backbone, epochs per unit) for a budget (see the module doc).
@@ -219,7 +229,8 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     that cannot be built for these images, which is then skipped. Asked only of a candidate that
     passes on throughput: ``measure_discovery(backbone)`` -> seconds of each discovery, or a dict of
     :class:`Costs` fields (the first discovery, the later ones, the steps once a structure exists),
-    when its schedule discovers; ``measure_finish(backbone)`` -> seconds of what follows training.
+    when its schedule discovers; ``measure_finish(backbone)`` -> seconds of what follows training;
+    ``measure_phase(backbone)`` -> seconds of the learned clustering phase (part of training).
     ``started``: the ``clock()`` reading when the run began (data loading and the rest of the
     resolution so far count against the budget; None: now). ``clock`` times the calibration, which
     counts too. Returns the report: ``backbone``, ``epochs`` (per unit), ``total_epochs``,
@@ -232,7 +243,7 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     start = clock()
     origin = start if started is None else float(started)
     total_min = schedule(_smallest_reaching(schedule, min_epochs, max_per_unit)).total
-    probes = Probes(measure, measure_discovery, measure_finish)
+    probes = Probes(measure, measure_discovery, measure_finish, measure_phase)
 
     def seconds_left(finish: float = 0.0) -> float:  # for training: what is spent so far counts
         return reserve * (budget_seconds - (clock() - origin) - finish)
@@ -259,6 +270,7 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     report = {"budget_seconds": round(float(budget_seconds), 3), "backbone": chosen["backbone"],
               "epochs": int(chosen["epochs"]), "total_epochs": int(chosen["total_epochs"]),
               "estimated_seconds": chosen["estimated_seconds"], "finish_seconds": chosen.get("finish_seconds", 0.0),
+              "phase_seconds": chosen.get("phase_seconds", 0.0),
               "candidates": rows, "before_seconds": round(start - origin, 3),
               "calibration_seconds": round(clock() - start, 3), "min_epochs": min_epochs,
               "max_epochs_per_unit": max_per_unit, "reserve": reserve}
@@ -288,6 +300,8 @@ def _measure_candidate(name: str, probes: Probes, need: float, seconds_left: Cal
     if schedule(e).total >= min_epochs or last:
         if probes.discovery is not None and schedule(max(e, 1)).discoveries > 0:
             costs = dataclasses.replace(costs, **_discovery_costs(probes.discovery(name)))
+        if probes.phase is not None:
+            costs = dataclasses.replace(costs, phase_seconds=float(probes.phase(name)))
         if probes.finish is not None:
             costs = dataclasses.replace(costs, finish_seconds=float(probes.finish(name)))
         e = epochs_for_budget(seconds_left(costs.finish_seconds), n_images, costs, schedule, max_per_unit=max_per_unit)
@@ -301,7 +315,7 @@ def _measure_candidate(name: str, probes: Probes, need: float, seconds_left: Cal
 def _discovery_costs(measured: float | dict) -> dict[str, float]:
     """:class:`Costs` fields from a discovery measurement: one number (every discovery), or a dict."""
     if isinstance(measured, dict):
-        fields = {f.name for f in dataclasses.fields(Costs)} - {"images_per_second", "finish_seconds"}
+        fields = {f.name for f in dataclasses.fields(Costs)} - {"images_per_second", "finish_seconds", "phase_seconds"}
         return {k: float(v) for k, v in measured.items() if k in fields and v is not None}
     return {"discovery_seconds": float(measured)}
 
@@ -478,13 +492,51 @@ class TrainerCalibration:
                 feats = {name: extract_features(trainer.net, trainer.views, sub.images, device=trainer.fabric.device,
                                                 layer=name) for name in layers}
                 pass_seconds = (self.clock() - t) / (m * len(layers))
-                own = np.arange(m) % self.cfg.cluster.n_clusters if self.cfg.cluster.head == "method" else None
-                t = self.clock()  # a stand-in for the method's own clusters when the head reads them
+                own, learned = self._stand_ins(feats[layers[0]][0])
+                t = self.clock()
                 compute_metrics(self.cfg, sub, feats[layers[0]][0], feats[layers[0]][1], method_labels=own,
-                                layers={name: f[0] for name, f in feats.items()})
+                                phase_map=learned, layers={name: f[0] for name, f in feats.items()})
                 points.append((m, self.clock() - t))
         passes = len(layers) + len(trainer.method.final_features())
         return pass_seconds * n * passes + extrapolate_seconds(points, n)
+
+    def _stand_ins(self, features: np.ndarray):
+        """Stand-ins for what the run's head reads and the calibration has not trained: the method's
+        own clusters (``cluster.head: method``), the phase's kept head (``scan``: a linear map of
+        the head's features, as ``heads.linear_head`` reads it)."""
+        k, head = self.cfg.cluster.n_clusters, self.cfg.cluster.head
+        own = np.arange(len(features)) % k if head == "method" else None
+        learned = None
+        if head == "scan":
+            weights = np.random.default_rng(0).standard_normal((k, features.shape[1])).astype(np.float32)
+            learned = (self.cfg.cluster.features, weights, np.zeros(k, np.float32))
+        return own, learned
+
+    def phase(self, backbone: str) -> float:
+        """Seconds of the learned clustering phase after the method's epochs (``cluster.head:
+        scan``, methods/scan.py) for the live candidate, 0 without one: its discoveries (mining the
+        neighbours; choosing the head before self-labelling), each of its epochs as its batches at
+        the median of a few timed steps (after an untimed one) with an epoch's checkpoint, and the
+        pass that reads its kept head. Its epochs are fixed (``scan.epochs`` +
+        ``scan.self_label_epochs``): the plan takes its cost before choosing the method's epochs."""
+        probe = self._live_probe(backbone)
+        if probe is None or probe.trainer.phase is None:
+            return 0.0
+        s = self.cfg.scan
+        with preserved_rng(), contextlib.redirect_stderr(io.StringIO()):
+            seconds = probe.time_phase_discovery(0) + s.epochs * self._phase_epoch(probe, 0)
+            if s.self_label_epochs:
+                seconds += probe.time_phase_discovery(s.epochs)
+                seconds += s.self_label_epochs * self._phase_epoch(probe, s.epochs)
+            return seconds + probe.time_phase_head(s.epochs + s.self_label_epochs)
+
+    def _phase_epoch(self, probe: TrainingProbe, local: int) -> float:
+        probe.time_phase_step(local)  # warm-up: first-call costs, not timed
+        times: list[float] = []
+        while not times or (sum(times) < self.min_seconds and len(times) < self.max_steps):
+            times.append(probe.time_phase_step(local)[1])
+        checkpoint = probe.checkpoint_seconds() if self.cfg.train.checkpoint else 0.0
+        return len(probe.phase_batches(local)) * float(np.median(times)) + checkpoint
 
     def close(self) -> None:
         if self.live is not None:
@@ -496,15 +548,16 @@ class TrainerCalibration:
 
 def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, labels: np.ndarray | None = None,
                   evaluated: ImageSet | None = None, started: float | None = None, measure=None,
-                  measure_discovery=None, measure_finish=None, clock: Callable[[], float] = time.perf_counter):
+                  measure_discovery=None, measure_finish=None, measure_phase=None,
+                  clock: Callable[[], float] = time.perf_counter):
     """(Config with ``train.epochs``, ``net.backbone`` and ``train.budget`` filled in, report) for a
     configuration whose ``train.epochs`` is None (see the module doc). ``images``: the training
     images, uint8 (N, H, W[, 3]); ``view_spec``: the resolved ``views.ViewSpec``; ``labels``: the
     training labels if any -- never used to choose anything, only so that the timed discovery and
     finish include the label diagnostics and scores the run computes; ``evaluated``: the images
     clustered and scored after training (default: the training images); ``started``: the
-    ``clock()`` reading when the run began. ``measure`` / ``measure_discovery`` / ``measure_finish``
-    replace the real measurement (tests)."""
+    ``clock()`` reading when the run began. ``measure`` / ``measure_discovery`` / ``measure_finish`` /
+    ``measure_phase`` replace the real measurement (tests)."""
     world = cfg.train.devices * cfg.train.num_nodes
     if world > 1:
         if cfg.train.budget is not None:
@@ -521,10 +574,10 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
         probe = TrainerCalibration(cfg, images, view_spec, labels=labels, evaluated=evaluated,
                                    probe_epochs=_smallest_reaching(schedule, MIN_EPOCHS, MAX_EPOCHS_PER_UNIT),
                                    clock=clock)
-        measure, measure_discovery, measure_finish = probe, probe.discovery, probe.finish
+        measure, measure_discovery, measure_finish, measure_phase = probe, probe.discovery, probe.finish, probe.phase
     try:
         report = plan_budget(parse_budget(text), n, candidates, measure, schedule, measure_discovery=measure_discovery,
-                             measure_finish=measure_finish, started=started, clock=clock)
+                             measure_finish=measure_finish, measure_phase=measure_phase, started=started, clock=clock)
     finally:
         if probe is not None:
             probe.close()
@@ -554,6 +607,11 @@ def unused_budget_note(train: TrainConfig) -> dict[str, str] | None:
                        "epochs only when train.epochs is none: --set train.epochs=none)"}
 
 
+def _phase_part(report: dict[str, Any]) -> str:
+    phase = report.get("phase_seconds") or 0
+    return f" ({format_seconds(phase)} of it the clustering phase)" if phase else ""
+
+
 def describe(report: dict[str, Any]) -> str:
     """One line for the log: what was measured and chosen."""
     if "ignored" in report:
@@ -564,7 +622,7 @@ def describe(report: dict[str, Any]) -> str:
                        else f"{r['backbone']} failed" for r in report["candidates"])
     line = (f"budget {report['budget']}: measured {speeds}; chose {report['backbone']}, "
             f"{report['epochs']} epochs per unit ({report['total_epochs']} in all), about "
-            f"{format_seconds(report['estimated_seconds'] or 0)} of training after "
+            f"{format_seconds(report['estimated_seconds'] or 0)} of training{_phase_part(report)} after "
             f"{format_seconds(report.get('before_seconds', 0))} of loading and resolving and "
             f"{format_seconds(report['calibration_seconds'])} of calibration, then about "
             f"{format_seconds(report.get('finish_seconds', 0))} for the clusters and metrics")

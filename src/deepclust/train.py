@@ -622,6 +622,7 @@ class TrainingProbe:
         cfg = trainer.cfg
         self.batches = trainer.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
         self.steps = 0
+        self.phase_parts, self.phase_steps = None, 0
         self.model.train()
 
     def _sync(self) -> None:
@@ -643,6 +644,43 @@ class TrainingProbe:
         """Seconds of the structure discovery of ``epoch`` on the current state."""
         t = self.clock()
         self.trainer._discover(epoch, self.optimizer, {})
+        self._sync()
+        return self.clock() - t
+
+    # the learned clustering phase after the method (``cluster.head: scan``), timed the same way
+    def _phase(self):
+        if self.phase_parts is None:  # set up as the loop sets it up after the method's epochs
+            self.phase_parts = self.trainer._setup_phase()
+        return self.phase_parts
+
+    def time_phase_discovery(self, local: int) -> float:
+        """Seconds of the phase's discovery of its epoch ``local`` (SCAN: mining the neighbours)."""
+        _, optimizer = self._phase()
+        t = self.clock()
+        self.trainer._discover(local, optimizer, {}, self.trainer.phase)
+        self._sync()
+        return self.clock() - t
+
+    def phase_batches(self, local: int) -> list[Tensor]:
+        """The phase's batches of its epoch ``local`` (they need its structure: discover first)."""
+        cfg = self.trainer.cfg
+        return self.trainer.phase.batches(local, self.trainer.n, cfg.optim.batch_size, cfg.train.seed)
+
+    def time_phase_step(self, local: int) -> tuple[int, float]:
+        """(images, seconds) of the phase's next step of its epoch ``local``."""
+        model, optimizer = self._phase()
+        batches = self.phase_batches(local)
+        gidx = batches[self.phase_steps % len(batches)]
+        t = self.clock()
+        self.trainer._step(model, optimizer, local, self.phase_steps, gidx, self.trainer.phase)
+        self._sync()
+        self.phase_steps += 1
+        return len(gidx), self.clock() - t
+
+    def time_phase_head(self, epoch: int) -> float:
+        """Seconds of the full pass that reads the phase's kept head after its last epoch."""
+        t = self.clock()
+        self.trainer._phase_head(epoch)
         self._sync()
         return self.clock() - t
 
