@@ -95,3 +95,35 @@ def test_graph_head_records_its_choice_in_the_metrics_and_reads_no_labels():
         outs.append(head.labels_)
         assert m["cluster_head"] == "graph" and m["cluster_head_choice"]["kept"] in ("agglomerative", "spectral")
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_scored_heads_reuse_the_graph_heads_partitions(monkeypatch):
+    """A labelled run scores the agglomerative and spectral heads beside the graph head: on the same
+    layer they are built from the partitions the graph head made (one agglomeration, one
+    eigensolve), equal to fitting each again; on another layer they are fitted."""
+    from deepclust import heads
+
+    x, _ = noisy_blobs(2.0, seed=1)
+    other = x[:, ::-1].copy() + 0.5
+    combos = [("graph", "embedding"), ("agglomerative", "embedding"), ("spectral", "embedding"),
+              ("agglomerative", "backbone")]
+    options = {"n_clusters": 5, "seed": 0, "n_neighbors": 10, "eigenvectors": None}
+    calls = {"agglomerative": 0, "spectral": 0}
+    agglomerative, spectral, spectral_of_graph = heads.agglomerative_labels, heads.spectral, heads.spectral_of_graph
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(heads, "agglomerative_labels", counted("agglomerative", agglomerative))
+    monkeypatch.setattr(heads, "spectral_of_graph", counted("spectral", spectral_of_graph))  # the graph head's
+    monkeypatch.setattr(heads, "spectral", counted("spectral", spectral))  # the spectral head's
+    fitted = heads.fit_heads({"embedding": x, "backbone": other}, combos, **options)
+    assert calls == {"agglomerative": 2, "spectral": 1}  # the embedding's once, the backbone's agglomeration
+    monkeypatch.undo()
+    for kind, layer in combos[1:]:
+        alone = fit_head({"embedding": x, "backbone": other}[layer], kind, 5, seed=0, n_neighbors=10)
+        assert np.array_equal(fitted[(kind, layer)][0].labels_, alone.labels_)
+        assert np.allclose(fitted[(kind, layer)][0].centroids, alone.centroids)

@@ -67,6 +67,9 @@ class ClusterHead:
     reference_labels: np.ndarray | None = None
     bias: np.ndarray | None = None  # (K,) "linear": cluster = argmax(features @ centroids.T + bias)
     note: dict | None = field(default=None, compare=False)  # the evidence of a choice made in fitting (not saved)
+    # the graph head's two partitions of the same features, by kind (not saved): fit_heads scores
+    # the agglomerative and spectral heads of that layer from them instead of fitting them again
+    partitions: dict | None = field(default=None, compare=False, repr=False)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         if self.kind == "linear":  # the raw features, as the method's head reads them
@@ -174,9 +177,9 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
     elif kind == "agglomerative":
         return head_from_labels(x, agglomerative_labels(x, n_clusters), n_clusters, kind=kind, seed=seed)
     elif kind == "graph":
-        labels, note = graph_labels(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
-        head = head_from_labels(x, labels, n_clusters, kind=kind, seed=seed)
-        head.note = note
+        found, note = _graph_partitions(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
+        head = head_from_labels(x, found[note["kept"]], n_clusters, kind=kind, seed=seed)
+        head.note, head.partitions = note, found
         return head
     else:
         labels, _ = spectral(x, n_clusters, n_neighbors=n_neighbors, seed=seed, n_components=n_components)
@@ -208,16 +211,26 @@ def graph_labels(features: np.ndarray, n_clusters: int, *, n_neighbors: int = 10
     """The ``graph`` head: the agglomerative partition unless the spectral partition of the same
     cosine kNN graph (``n_neighbors``) has a modularity more than ``margin`` higher (then spectral's).
     Returns (labels, evidence: both modularities and the partition kept). Never reads labels."""
+    found, note = _graph_partitions(features, n_clusters, n_neighbors=n_neighbors, seed=seed,
+                                    n_components=n_components, margin=margin)
+    return found[note["kept"]], note
+
+
+def _graph_partitions(features: np.ndarray, n_clusters: int, *, n_neighbors: int = 10, seed: int = 0,
+                      n_components: int | None = None, margin: float = GRAPH_MARGIN) -> tuple[dict, dict]:
+    """The agglomerative and spectral partitions of :func:`graph_labels` (the first alone when there
+    are too few images or K = 1), and the evidence of its choice."""
     x = normalise(features)
     n = len(x)
     if n_clusters == 1 or n < 3:
-        return agglomerative_labels(x, n_clusters), {"kept": "agglomerative", "reason": "too few images or K = 1"}
+        return {"agglomerative": agglomerative_labels(x, n_clusters)}, {"kept": "agglomerative",
+                                                                        "reason": "too few images or K = 1"}
     graph = knn_graph(x, min(n_neighbors, n - 1))
     found = {"agglomerative": agglomerative_labels(x, n_clusters),
              "spectral": spectral_of_graph(graph, n_clusters, seed=seed, n_components=n_components)[0]}
     q = {name: round(modularity(graph, labels), 4) for name, labels in found.items()}
     kept = "spectral" if q["spectral"] - q["agglomerative"] > margin else "agglomerative"
-    return found[kept], {"kept": kept, "modularity": q, "margin": margin}
+    return found, {"kept": kept, "modularity": q, "margin": margin}
 
 
 def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,
@@ -263,14 +276,20 @@ def fit_heads(layers: dict[str, np.ndarray], combos, n_clusters: int, method_map
     """(head, seconds) of every (kind, layer) of ``combos``, each read off ``layers[layer]``;
     ``options`` as :func:`cluster_head` takes them; ``method_map`` = (layer, A, c): the method's
     clusters as argmax(A x + c) of that layer (``Method.assignment_map``), used for its own head there;
-    ``phase_map`` the same of the clustering phase's head (kind ``scan``)."""
-    out = {}
+    ``phase_map`` the same of the clustering phase's head (kind ``scan``). The agglomerative and
+    spectral heads of a layer whose graph head came earlier are built from the partitions it made
+    (the same fits, on the same features and options), not fitted again."""
+    out, known = {}, {}  # known: (kind, layer) -> a partition a graph head of that layer already made
     for kind, layer in combos:
         t0 = time.perf_counter()
-        given = {"method": method_map, "scan": phase_map}.get(kind)
-        own = given is not None and layer == given[0]
-        head = cluster_head(layers[layer], kind, n_clusters, method_map=tuple(given[1:]) if own else None,
-                            **options)
+        x = layers[layer]
+        if (kind, layer) in known and len(known[(kind, layer)]) == len(x):  # the same fit: not run again
+            head = head_from_labels(x, known[(kind, layer)], n_clusters, kind=kind, seed=options.get("seed", 0))
+        else:
+            given = {"method": method_map, "scan": phase_map}.get(kind)
+            own = given is not None and layer == given[0]
+            head = cluster_head(x, kind, n_clusters, method_map=tuple(given[1:]) if own else None, **options)
+        known.update({(name, layer): labels for name, labels in (head.partitions or {}).items()})
         out[(kind, layer)] = (head, time.perf_counter() - t0)
     return out
 
