@@ -13,6 +13,7 @@ cd "$(dirname "$0")"
 PY=../.venv/bin/python
 DEV="digits,usps"
 DEFAULTS="digits,usps (the library's defaults: benchmarks/results/dev-choices-*.json, weak-features.json)"
+SCAN="digits,usps (the library's defaults; the SCAN stage's settings on digits: cluster-stage-digits-r*.json)"
 METHODS="instance and pad pcp deepcluster"
 JULE_CPU="digits (jule-cpu: four short fits on digits, seed 0; checked on USPS seed 0)"
 DCCM_CPU="digits (dccm-cpu: lr swept on digits, 3 seeds)"
@@ -111,6 +112,12 @@ if want defaults; then  # the bare defaults (method, views, head, backbone and e
   for ratio in 1 10; do  # issue 29: the clustering stage on digits and on digits subsampled 10:1
     run $PY cluster_stage.py --data digits --ratio $ratio
   done
+  # issue 29: the learned clustering stage against the defaults' graph head on Fashion-MNIST-test, one
+  # budget for both (10 minutes: the stage's 10 epochs fit beside the method's)
+  run $PY accuracy.py --method pad --data fashion-mnist --split test --seeds 0 1 --set train.budget=10m \
+      --set cluster.head=scan --tag scan-10m --chosen-on "$SCAN"
+  run $PY accuracy.py --method pad --data fashion-mnist --split test --seeds 0 1 --set train.budget=10m \
+      --tag defaults-10m --chosen-on "$DEFAULTS"
   run $PY accuracy.py --method pad --data fashion-mnist --seeds 0 --set train.budget=60m --tag defaults-60m \
       --chosen-on "$DEFAULTS"
   run $PY accuracy.py --method pad --data cifar10-test --seeds 0 --set train.budget=60m --tag defaults-60m \
@@ -124,6 +131,12 @@ if want budget; then  # issue 29: does the budget keep its word? planned against
   done
   # issue 29: the defaults against ClustPy N2D's MNIST-test run (286 s) in half its time, K given as to N2D
   run $PY budget_plan.py --data mnist-test --budget 140s --n-clusters 10 --tag n2d-half
+  # issue 29: the SCAN stage's fixed epochs come off the budget first (digits 2m; USPS 5m: at 2m its
+  # 10 epochs alone would take most of the budget on a 2-core CPU)
+  for case in "digits 2m" "usps 5m"; do
+    set -- $case
+    run $PY budget_plan.py --data "$1" --budget "$2" --set cluster.head=scan --tag scan --chosen-on "$SCAN"
+  done
 fi
 if want report; then
   run $PY cluster_heads.py

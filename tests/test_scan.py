@@ -290,10 +290,3 @@ def test_a_frozen_backbone_leaves_the_network_as_the_method_left_it(tmp_path, sm
     assert np.array_equal(plain, frozen)
     log = [__import__("json").loads(line) for line in (tmp_path / "frozen" / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log[2:]] == ["scan", "scan", "self-label", "self-label"]
-
-
-def test_the_time_plan_hook_counts_the_phase_epochs():
-    from deepclust.methods import phase_epochs
-
-    assert phase_epochs(build_config({"scan": {"epochs": 7, "self_label_epochs": 3}})) == 0
-    assert phase_epochs(build_config({"cluster": {"head": "scan"}, "scan": {"epochs": 7, "self_label_epochs": 3}})) == 10

@@ -45,10 +45,5 @@ def build_phase(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = No
     return ScanPhase(cfg, n_images, tap_dims) if cfg.cluster.head == "scan" else None
 
 
-def phase_epochs(cfg: Config) -> int:
-    """Epochs of that phase (0 without one): what a plan of the run's time must add."""
-    return ScanPhase.epochs_of(cfg) if cfg.cluster.head == "scan" else 0
-
-
 __all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "build_phase",
-           "method_class", "phase_epochs"]
+           "method_class"]
