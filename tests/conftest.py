@@ -128,6 +128,9 @@ def fake_calibration(rates, calls: list | None = None) -> type:
         def finish(self, backbone):
             return 0.0
 
+        def phase(self, backbone):
+            return 0.0
+
         def close(self):
             pass
 
