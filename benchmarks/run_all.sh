@@ -114,9 +114,9 @@ if want defaults; then  # the bare defaults (method, views, head, backbone and e
   done
   # issue 29: the learned clustering stage against the defaults' graph head on Fashion-MNIST-test, one
   # budget for both (10 minutes: the stage's 10 epochs fit beside the method's)
-  run $PY accuracy.py --method pad --data fashion-mnist --split test --seeds 0 1 --set train.budget=10m \
+  run $PY accuracy.py --method pad --data fashion-mnist --split test --seeds 0 --set train.budget=10m \
       --set cluster.head=scan --tag scan-10m --chosen-on "$SCAN"
-  run $PY accuracy.py --method pad --data fashion-mnist --split test --seeds 0 1 --set train.budget=10m \
+  run $PY accuracy.py --method pad --data fashion-mnist --split test --seeds 0 --set train.budget=10m \
       --tag defaults-10m --chosen-on "$DEFAULTS"
   run $PY accuracy.py --method pad --data fashion-mnist --seeds 0 --set train.budget=60m --tag defaults-60m \
       --chosen-on "$DEFAULTS"

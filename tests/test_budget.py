@@ -495,3 +495,28 @@ def test_a_budgeted_run_with_the_scan_head_is_measured(tmp_path, monkeypatch):
     assert cal.phase("jule_cnn") > 0 and cal.finish("jule_cnn") > 0
     cal.close()
     assert torch.equal(torch.get_rng_state(), rng) and list(tmp_path.iterdir()) == []
+
+
+def test_the_finish_leaves_first_call_costs_out(tmp_path, monkeypatch):
+    """Costs paid once in a process (numba compiling the agglomeration on a fresh install) are paid
+    by the calibration: the timed finish comes after an untimed one, so the plan does not charge
+    them to the run (a 2-minute digits plan expected 16.9 s for a finish of 0.7 s)."""
+    from deepclust.resolution import resolve, view_spec
+
+    monkeypatch.chdir(tmp_path)
+    now, calls = [0.0], []
+
+    def fake_metrics(cfg, images, *args, **kwargs):  # 10 s the first time, then 1 ms an image
+        now[0] += (10.0 if not calls else 0.0) + len(images) / 1000
+        calls.append(len(images))
+        return {}, None
+
+    monkeypatch.setattr(budget, "compute_metrics", fake_metrics)
+    cfg = resolve(build_config({"method": "instance", "train": {"epochs": 1, "accelerator": "cpu", "threads": 1}}),
+                  _digits())
+    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+                                    min_seconds=0.0, max_steps=1, clock=lambda: now[0])
+    cal("jule_cnn")
+    assert cal.finish("jule_cnn") == pytest.approx(0.3)  # 300 images at 1 ms, the 10 s left out
+    assert calls == [300, 300]  # the untimed first finish, then the timed one
+    cal.close()
