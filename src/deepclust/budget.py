@@ -30,7 +30,8 @@ budget on the machine at hand (:func:`fit_to_budget`):
    - what follows training (:meth:`TrainerCalibration.finish`): the full feature passes at the
      measured cost per image, and the cluster head with the metrics (every head and the kNN
      accuracy when there are labels) timed on 1,000 and 2,000 of the images and extrapolated
-     (:func:`extrapolate_seconds`), or timed on all of them for up to 2,000.
+     (:func:`extrapolate_seconds`), or timed on all of them for up to 2,000, after an untimed
+     first finish on 500 (``FINISH_WARMUP``: first-call costs are paid by the calibration).
    What the run spent before the plan (loading the images, estimating K, choosing the views:
    ``started``, from ``runs.fit_run``) and the calibration itself count as spent.
 2. **Plan** (:func:`plan_budget`, pure, with the measurements injected). With R = ``RESERVE`` x
