@@ -56,7 +56,7 @@ def trained_embedding(name: str, epochs: int, k: int) -> np.ndarray:
 def case_row(x: np.ndarray, y: np.ndarray, k: int) -> dict:
     """Every head's partition of ``x``, scored, with its modularity on the 10-NN graph."""
     from deepclust.evaluate import clustering_scores, knn_top1
-    from deepclust.heads import GRAPH_MARGIN, fit_head, normalise
+    from deepclust.heads import GRAPH_MARGIN, fit_head, graph_kept, normalise
     from deepclust.structure.clustering import modularity
     from deepclust.structure.knn import knn_graph
 
@@ -72,7 +72,7 @@ def case_row(x: np.ndarray, y: np.ndarray, k: int) -> dict:
     # the graph head's rule (heads.graph_labels) on these same two partitions and graph: the spectral
     # head above is spectral_of_graph on knn_graph(x, 10) with the seed graph_labels uses
     row["modularity_gap"] = round(row["spectral"]["modularity"] - row["agglomerative"]["modularity"], 4)
-    kept = "spectral" if row["modularity_gap"] > GRAPH_MARGIN else "agglomerative"
+    kept = graph_kept({name: row[name]["modularity"] for name in ("agglomerative", "spectral")})
     row["graph"] = {"kept": kept, "acc": row[kept]["acc"], "margin": GRAPH_MARGIN}
     return row
 

@@ -229,8 +229,13 @@ def _graph_partitions(features: np.ndarray, n_clusters: int, *, n_neighbors: int
     found = {"agglomerative": agglomerative_labels(x, n_clusters),
              "spectral": spectral_of_graph(graph, n_clusters, seed=seed, n_components=n_components)[0]}
     q = {name: round(modularity(graph, labels), 4) for name, labels in found.items()}
-    kept = "spectral" if q["spectral"] - q["agglomerative"] > margin else "agglomerative"
-    return found, {"kept": kept, "modularity": q, "margin": margin}
+    return found, {"kept": graph_kept(q, margin), "modularity": q, "margin": margin}
+
+
+def graph_kept(modularity_of: dict[str, float], margin: float = GRAPH_MARGIN) -> str:
+    """The graph head's rule on the two partitions' modularities (rounded to 4 digits): the
+    agglomerative one unless spectral's is more than ``margin`` higher."""
+    return "spectral" if modularity_of["spectral"] - modularity_of["agglomerative"] > margin else "agglomerative"
 
 
 def cluster_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0, n_neighbors: int = 10,

@@ -622,30 +622,29 @@ class TrainingProbe:
         cfg = trainer.cfg
         self.batches = trainer.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
         self.steps = 0
-        self.phase_parts, self.phase_steps = None, 0
+        self.phase_parts, self.phase_steps, self.phase_batch_cache = None, 0, {}
         self.model.train()
 
-    def _sync(self) -> None:
+    def _timed(self, work) -> float:
+        """Seconds of ``work()`` on this clock, the device synchronised before the reading."""
+        t = self.clock()
+        work()
         if self.trainer.fabric.device.type == "cuda":
             torch.cuda.synchronize()
+        return self.clock() - t
 
     def time_step(self, epoch: int = 0) -> tuple[int, float]:
         """(images, seconds) of the next training step as ``epoch`` trains it (its views and loss,
         with the structure the method holds; the batches are epoch 0's): forward, loss, backward,
         optimiser step and the method's bank update."""
         gidx = self.batches[self.steps % len(self.batches)]
-        t = self.clock()
-        self.trainer._step(self.model, self.optimizer, epoch, self.steps, gidx)
-        self._sync()
+        seconds = self._timed(lambda: self.trainer._step(self.model, self.optimizer, epoch, self.steps, gidx))
         self.steps += 1
-        return len(gidx), self.clock() - t
+        return len(gidx), seconds
 
     def time_discovery(self, epoch: int) -> float:
         """Seconds of the structure discovery of ``epoch`` on the current state."""
-        t = self.clock()
-        self.trainer._discover(epoch, self.optimizer, {})
-        self._sync()
-        return self.clock() - t
+        return self._timed(lambda: self.trainer._discover(epoch, self.optimizer, {}))
 
     # the learned clustering phase after the method (``cluster.head: scan``), timed the same way
     def _phase(self):
@@ -656,37 +655,34 @@ class TrainingProbe:
     def time_phase_discovery(self, local: int) -> float:
         """Seconds of the phase's discovery of its epoch ``local`` (SCAN: mining the neighbours)."""
         _, optimizer = self._phase()
-        t = self.clock()
-        self.trainer._discover(local, optimizer, {}, self.trainer.phase)
-        self._sync()
-        return self.clock() - t
+        self.phase_batch_cache.pop(local, None)  # a new structure: its batches are drawn again
+        return self._timed(lambda: self.trainer._discover(local, optimizer, {}, self.trainer.phase))
 
     def phase_batches(self, local: int) -> list[Tensor]:
-        """The phase's batches of its epoch ``local`` (they need its structure: discover first)."""
-        cfg = self.trainer.cfg
-        return self.trainer.phase.batches(local, self.trainer.n, cfg.optim.batch_size, cfg.train.seed)
+        """The phase's batches of its epoch ``local`` (they need its structure: discover first),
+        drawn once per epoch as the loop draws them."""
+        if local not in self.phase_batch_cache:
+            cfg = self.trainer.cfg
+            self.phase_batch_cache[local] = self.trainer.phase.batches(local, self.trainer.n, cfg.optim.batch_size,
+                                                                       cfg.train.seed)
+        return self.phase_batch_cache[local]
 
     def time_phase_step(self, local: int) -> tuple[int, float]:
         """(images, seconds) of the phase's next step of its epoch ``local``."""
         model, optimizer = self._phase()
         batches = self.phase_batches(local)
         gidx = batches[self.phase_steps % len(batches)]
-        t = self.clock()
-        self.trainer._step(model, optimizer, local, self.phase_steps, gidx, self.trainer.phase)
-        self._sync()
+        seconds = self._timed(lambda: self.trainer._step(model, optimizer, local, self.phase_steps, gidx,
+                                                         self.trainer.phase))
         self.phase_steps += 1
-        return len(gidx), self.clock() - t
+        return len(gidx), seconds
 
     def time_phase_head(self, epoch: int) -> float:
         """Seconds of the full pass that reads the phase's kept head after its last epoch."""
-        t = self.clock()
-        self.trainer._phase_head(epoch)
-        self._sync()
-        return self.clock() - t
+        return self._timed(lambda: self.trainer._phase_head(epoch))
 
     def checkpoint_seconds(self) -> float:
         """Seconds to serialise an epoch's checkpoint (network, optimiser, method), in memory."""
-        t = self.clock()
-        torch.save({"model": self.trainer.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "method": self.trainer.method.state_dict()}, io.BytesIO())
-        return self.clock() - t
+        return self._timed(lambda: torch.save({"model": self.trainer.net.state_dict(),
+                                               "optimizer": self.optimizer.state_dict(),
+                                               "method": self.trainer.method.state_dict()}, io.BytesIO()))
