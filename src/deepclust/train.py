@@ -613,14 +613,15 @@ def preserved_rng():
 class TrainingProbe:
     """A :class:`Trainer`'s training steps and discoveries, timed one at a time with nothing written:
     the trainer is set up as for a fresh run, the steps are epoch 0's batches in order, and a
-    discovery runs as the loop runs it (with the label diagnostics it logs). Training changes the
-    global RNG states: measure inside :func:`preserved_rng`."""
+    discovery runs as the loop runs it (with the label diagnostics it logs). The batches are drawn at
+    the first step and again after each discovery (DeepCluster samples them uniformly over the
+    pseudo-labels its discovery makes: drawn before it, a budgeted DeepCluster run failed). Training
+    changes the global RNG states: measure inside :func:`preserved_rng`."""
 
     def __init__(self, trainer: Trainer, clock=time.perf_counter):
         self.trainer, self.clock = trainer, clock
         self.model, self.optimizer, _, _ = trainer._setup(resume=False)
-        cfg = trainer.cfg
-        self.batches = trainer.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
+        self.batches: list[Tensor] | None = None
         self.steps = 0
         self.phase_parts, self.phase_steps, self.phase_batch_cache = None, 0, {}
         self.model.train()
@@ -637,6 +638,9 @@ class TrainingProbe:
         """(images, seconds) of the next training step as ``epoch`` trains it (its views and loss,
         with the structure the method holds; the batches are epoch 0's): forward, loss, backward,
         optimiser step and the method's bank update."""
+        if self.batches is None:
+            cfg = self.trainer.cfg
+            self.batches = self.trainer.method.batches(0, self.trainer.n, cfg.optim.batch_size, cfg.train.seed)
         gidx = self.batches[self.steps % len(self.batches)]
         seconds = self._timed(lambda: self.trainer._step(self.model, self.optimizer, epoch, self.steps, gidx))
         self.steps += 1
@@ -644,6 +648,7 @@ class TrainingProbe:
 
     def time_discovery(self, epoch: int) -> float:
         """Seconds of the structure discovery of ``epoch`` on the current state."""
+        self.batches = None  # a new structure: the batches are drawn again
         return self._timed(lambda: self.trainer._discover(epoch, self.optimizer, {}))
 
     # the learned clustering phase after the method (``cluster.head: scan``), timed the same way
