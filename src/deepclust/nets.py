@@ -389,8 +389,15 @@ class EmbeddingNet(nn.Module):
                                                  nn.Linear(head_hidden, dim))
         else:
             self.head = nn.Linear(self.feature_dim, dim)
+        self.to(memory_format=torch.channels_last)  # the conv weights NHWC, and the inputs (see _input)
 
     def _input(self, x: Tensor) -> Tensor:
+        # NHWC ("channels_last"): oneDNN's convolutions and pools run faster in it on a CPU. Training
+        # images per second on this 2-core machine: JULE's CNN at 28 px 1,060 -> 1,365, at 32 px in
+        # colour 507 -> 607-799; AlexNet at 32 px 63 -> 84; ResNet-18 24 -> 27; DCCM's CNN 320 -> 360.
+        # The same function: outputs agree with NCHW to float rounding (1e-5). Values, shapes and
+        # state dicts are unchanged (a stored layout only; a 1-channel batch is already NHWC).
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         return self.sobel(x) if self.sobel is not None else x
 
     @property
