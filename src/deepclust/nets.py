@@ -392,9 +392,11 @@ class EmbeddingNet(nn.Module):
         self.to(memory_format=torch.channels_last)  # the conv weights NHWC, and the inputs (see _input)
 
     def _input(self, x: Tensor) -> Tensor:
-        # NHWC ("channels_last"): oneDNN's convolutions and pools run faster in it on a CPU. Training
-        # images per second on this 2-core machine: JULE's CNN at 28 px 1,060 -> 1,365, at 32 px in
-        # colour 507 -> 607-799; AlexNet at 32 px 63 -> 84; ResNet-18 24 -> 27; DCCM's CNN 320 -> 360.
+        # NHWC ("channels_last"): oneDNN's convolutions and pools run a little faster in it on a CPU.
+        # Forward+backward of JULE's CNN, NHWC and NCHW interleaved on this 2-core machine (12 pairs,
+        # batches of 128 and 256, 28 px grey and 32 px colour): NHWC faster in every pair, median +10%
+        # (3-54%: the host drifted during the run).
+        # Whole PAD epochs (MNIST-test, CIFAR-10-test) moved within this host's run-to-run noise.
         # The same function: outputs agree with NCHW to float rounding (1e-5). Values, shapes and
         # state dicts are unchanged (a stored layout only; a 1-channel batch is already NHWC).
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
