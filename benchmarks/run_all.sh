@@ -101,10 +101,13 @@ if want peers; then
   # issue 29: the defaults in at most half of N2D's time (286 s), beside N2D in the same run
   run $PY peers.py --data mnist-test --seeds 0 --peers n2d --set train.budget=140s --tag budget-140s \
       --chosen-on "$DEFAULTS"
+  run $PY peers.py --data mnist-test --seeds 0 --peers n2d --set train.budget=120s --tag budget-120s \
+      --chosen-on "$DEFAULTS"
   run $PY peers.py --data fashion-mnist --split test --seeds 0   # the 10,000 test images, as the accuracy table
 fi
 if want defaults; then  # the bare defaults (method, views, head, backbone and epochs fitted to the budget)
-  for d in mnist-test "fashion-mnist --split test" usps; do  # issue 29: ACC against kNN, N2D's time, USPS's spread
+  for d in digits mnist-test "fashion-mnist --split test" usps; do  # issue 29: the README's first command's spread,
+    # ACC against kNN, N2D's time, USPS's spread
     run $PY accuracy.py --method pad --data $d --seeds 0 1 2 --set train.budget=2m --tag defaults-2m \
         --chosen-on "$DEFAULTS"
   done
