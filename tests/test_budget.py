@@ -552,3 +552,31 @@ def test_the_discovery_leaves_first_call_costs_out(method, tmp_path, monkeypatch
     assert set(costs) == ({"discovery_seconds"} if method == "deepcluster"
                           else {"discovery_seconds", "steady_images_per_second"})
     cal.close()
+
+
+# -- what a command's budget counts from ----------------------------------------------------------------
+
+
+def test_process_started_is_the_process_start():
+    """A budget given on the command line counts the interpreter's start and the imports: the
+    reading is this process's start, not the call's (a process that slept 1.0 s before asking)."""
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(1.0); from deepclust.durations import process_started; "
+            "s = process_started(); print('none' if s is None else time.perf_counter() - s)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if sys.platform.startswith("linux"):
+        assert 1.0 <= float(out) < 30.0, out
+    else:
+        assert out == "none" or float(out) >= 1.0
+
+
+def test_the_command_line_budget_counts_from_the_process_start(monkeypatch, tmp_path):
+    from deepclust import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "process_started", lambda: 123.0)
+    monkeypatch.setattr(cli, "fit_run", lambda cfg, **kw: seen.update(kw) or {})
+    assert cli.main(["fit", "--data", "digits", "--budget", "30s", "--out", str(tmp_path / "r")]) == 0
+    assert seen["started"] == 123.0

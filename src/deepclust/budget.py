@@ -36,7 +36,8 @@ budget on the machine at hand (:func:`fit_to_budget`):
      (:func:`extrapolate_seconds`), or timed on all of them for up to 2,000, after an untimed
      first finish on 500 (``FINISH_WARMUP``: first-call costs are paid by the calibration).
    What the run spent before the plan (loading the images, estimating K, choosing the views:
-   ``started``, from ``runs.fit_run``) and the calibration itself count as spent.
+   ``started``, from ``runs.fit_run``; on the command line from the process's start, imports
+   included: ``durations.process_started``) and the calibration itself count as spent.
 2. **Plan** (:func:`plan_budget`, pure, with the measurements injected). With R = ``RESERVE`` x
    (the budget - the seconds spent so far - the finishing estimate), a candidate gets the largest
    epochs-per-unit E (``train.epochs``: per round for AND / PCP) whose estimated training time

@@ -33,6 +33,7 @@ from .config import (BACKBONE_NAMES, CLUSTER_HEADS, VIEW_PRESET_NAMES, Config, m
                      set_dotted)
 from .configure import build_config, load_config, resume_request
 from .data import DATASET_NAMES, SPLITS
+from .durations import process_started
 from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
 from .methods import METHODS
@@ -185,7 +186,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.out is None:
             cfg = dataclasses.replace(cfg, out=os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec))
     os.environ[OUT_ENV] = cfg.out
-    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given)
+    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given, started=process_started())
     if metrics:
         print(json.dumps(metrics | {"out": cfg.out}, indent=2))
     return 0

@@ -36,12 +36,14 @@ from .train import Trainer, TrainResult, extract_features, make_fabric
 
 
 def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabric=None,
-            given: dict | None = None, images: ImageSet | None = None) -> dict[str, Any]:
+            given: dict | None = None, images: ImageSet | None = None,
+            started: float | None = None) -> dict[str, Any]:
     """Train, cluster, evaluate and write the run directory. Returns metrics.json's content (an empty
     dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
     against the run on ``resume``). ``images``: images held in memory (``api.Clusterer``), used
-    instead of loading ``cfg.data.spec``."""
-    started = time.perf_counter()  # a time budget counts from here (budget.py)
+    instead of loading ``cfg.data.spec``. ``started``: the ``time.perf_counter()`` reading a time
+    budget counts from (the command line's: its process's start; None: now, as for the API)."""
+    started = time.perf_counter() if started is None else started  # (budget.py)
     out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
     primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
