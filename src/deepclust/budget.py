@@ -9,8 +9,9 @@ budget on the machine at hand (:func:`fit_to_budget`):
    JULE's CNN, in that order), build the real ``train.Trainer`` on these images with the resolved views,
    method, memory bank and optimiser, and time a few of its training steps (:class:`TrainerCalibration`:
    one untimed warm-up step, then steps until 1.5 s or 4 steps have passed, their median rate, so a
-   step still paying first-call costs does not set it; a candidate that is clearly too slow -- under half the throughput it needs after one timed step, or on a CPU under a
-   quarter after the warm-up step -- is not timed further). The figure is training images per
+   step still paying first-call costs does not set it; a candidate that is clearly too slow -- under
+   half the throughput it needs after one timed step, or on a CPU under a quarter after the warm-up
+   step -- is not timed further). The figure is training images per
    second, each image with all its views and the method's loss, backward, optimiser step and
    bank update, and each epoch's checkpoint (its serialisation, timed in memory) spread over the
    epoch. For a candidate that passes on throughput, the rest of the run is measured too
@@ -24,7 +25,7 @@ budget on the machine at hand (:func:`fit_to_budget`):
      discovery of the run is counted at that second timing: the first call's costs (imports,
      allocations, numba compiling PAD's SCS search: 6.4 s against 0.03 s on digits) are paid by the
      calibration, in the run's own process (a budget never calibrates with several processes), so
-     the run does not pay them again (the plan charged them once until issue 29's stop 37);
+     the run does not pay them again;
    - the learned clustering phase after the method's epochs (``cluster.head: scan``;
      :meth:`TrainerCalibration.phase`): its neighbour mining, its steps (anchors with their
      neighbours, and self-labelling's two views when configured) and the pass that reads its kept
@@ -38,16 +39,17 @@ budget on the machine at hand (:func:`fit_to_budget`):
    What the run spent before the plan (loading the images, estimating K, choosing the views:
    ``started``, from ``runs.fit_run``; on the command line from the process's start, imports
    included: ``durations.process_started``) and the calibration itself count as spent.
-2. **Plan** (:func:`plan_budget`, pure, with the measurements injected). With R = ``RESERVE`` x
-   (the budget - the seconds spent so far - the finishing estimate), a candidate gets the largest
+2. **Plan** (:func:`plan_budget`, pure, with the measurements injected). With R = ``RESERVE`` x (the
+   budget - the seconds spent so far - the finishing estimate), a candidate gets the largest
    epochs-per-unit E (``train.epochs``: per round for AND / PCP) whose estimated training time
-   (:meth:`Costs.training_seconds`: epochs before the first discovery at epoch 0's throughput, the
-   rest at the throughput with a structure, each discovery at its warm cost) fits R, capped at ``MAX_EPOCHS_PER_UNIT``. The first (most capable) candidate whose total
-   reaches ``MIN_EPOCHS`` is chosen; if none does, the one with the most epochs (at least one per
-   unit, with a warning when that overruns the budget). ``total_epochs``, the discovery count and
-   the epochs before the first discovery come from the method's own hooks (``Method.epochs_of`` /
-   ``discovers_at``, :func:`method_schedule`), so rounds are handled for every method: AND trains
-   round 0 plus ``options.rounds`` rounds of E epochs, PCP ``options.rounds`` x E.
+   (:meth:`Costs.training_seconds`: epochs before the first discovery at epoch 0's throughput, the rest
+   at the throughput with a structure, each discovery at its warm cost) fits R, capped at
+   ``MAX_EPOCHS_PER_UNIT``. The first (most capable) candidate whose total reaches ``MIN_EPOCHS`` is
+   chosen; if none does, the one with the most epochs (at least one per unit, with a warning when that
+   overruns the budget). ``total_epochs``, the discovery count and the epochs before the first
+   discovery come from the method's own hooks (``Method.epochs_of`` / ``discovers_at``,
+   :func:`method_schedule`), so rounds are handled for every method: AND trains round 0 plus
+   ``options.rounds`` rounds of E epochs, PCP ``options.rounds`` x E.
 3. **Record.** ``train.epochs``, ``net.backbone`` and ``train.budget`` are written into the resolved
    configuration (``config.yaml``: resuming or re-running it trains the same schedule, no
    re-measurement; the learning-rate schedule's fractions, ``optim.milestones_frac``, are of that
@@ -630,7 +632,7 @@ def describe(report: dict[str, Any]) -> str:
     line = (f"budget {report['budget']}: measured {speeds}; chose {report['backbone']}, "
             f"{report['epochs']} epochs per unit ({report['total_epochs']} in all), about "
             f"{format_seconds(report['estimated_seconds'] or 0)} of training{_phase_part(report)} after "
-            f"{format_seconds(report.get('before_seconds', 0))} of loading and resolving and "
+            f"{format_seconds(report.get('before_seconds', 0))} of start-up, loading and resolving and "
             f"{format_seconds(report['calibration_seconds'])} of calibration, then about "
             f"{format_seconds(report.get('finish_seconds', 0))} for the clusters and metrics")
     return line + (f"; warning: {report['warning']}" if report.get("warning") else "")
