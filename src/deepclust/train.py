@@ -621,10 +621,21 @@ class TrainingProbe:
     def __init__(self, trainer: Trainer, clock=time.perf_counter):
         self.trainer, self.clock = trainer, clock
         self.model, self.optimizer, _, _ = trainer._setup(resume=False)
-        self.batches: list[Tensor] | None = None
         self.steps = 0
-        self.phase_parts, self.phase_steps, self.phase_batch_cache = None, 0, {}
+        self.phase_parts, self.phase_steps = None, 0
+        self.batch_cache: dict[tuple[bool, int], list[Tensor]] = {}  # (phase?, epoch) -> its batches
         self.model.train()
+
+    def _batches(self, epoch: int, stage: Method | None = None) -> list[Tensor]:
+        """The batches of the method's (``stage`` None) or the phase's ``epoch``, drawn once per
+        structure as the loop draws them: they may need it (DeepCluster samples uniformly over its
+        pseudo-labels, SCAN pairs anchors with their mined neighbours), so a discovery drops them."""
+        key = (stage is not None, epoch)
+        if key not in self.batch_cache:
+            cfg = self.trainer.cfg
+            self.batch_cache[key] = (stage or self.trainer.method).batches(epoch, self.trainer.n,
+                                                                          cfg.optim.batch_size, cfg.train.seed)
+        return self.batch_cache[key]
 
     def _timed(self, work) -> float:
         """Seconds of ``work()`` on this clock, the device synchronised before the reading."""
@@ -638,17 +649,15 @@ class TrainingProbe:
         """(images, seconds) of the next training step as ``epoch`` trains it (its views and loss,
         with the structure the method holds; the batches are epoch 0's): forward, loss, backward,
         optimiser step and the method's bank update."""
-        if self.batches is None:
-            cfg = self.trainer.cfg
-            self.batches = self.trainer.method.batches(0, self.trainer.n, cfg.optim.batch_size, cfg.train.seed)
-        gidx = self.batches[self.steps % len(self.batches)]
+        batches = self._batches(0)
+        gidx = batches[self.steps % len(batches)]
         seconds = self._timed(lambda: self.trainer._step(self.model, self.optimizer, epoch, self.steps, gidx))
         self.steps += 1
         return len(gidx), seconds
 
     def time_discovery(self, epoch: int) -> float:
         """Seconds of the structure discovery of ``epoch`` on the current state."""
-        self.batches = None  # a new structure: the batches are drawn again
+        self.batch_cache.pop((False, 0), None)  # a new structure: the batches are drawn again
         return self._timed(lambda: self.trainer._discover(epoch, self.optimizer, {}))
 
     # the learned clustering phase after the method (``cluster.head: scan``), timed the same way
@@ -660,17 +669,12 @@ class TrainingProbe:
     def time_phase_discovery(self, local: int) -> float:
         """Seconds of the phase's discovery of its epoch ``local`` (SCAN: mining the neighbours)."""
         _, optimizer = self._phase()
-        self.phase_batch_cache.pop(local, None)  # a new structure: its batches are drawn again
+        self.batch_cache.pop((True, local), None)  # a new structure: its batches are drawn again
         return self._timed(lambda: self.trainer._discover(local, optimizer, {}, self.trainer.phase))
 
     def phase_batches(self, local: int) -> list[Tensor]:
-        """The phase's batches of its epoch ``local`` (they need its structure: discover first),
-        drawn once per epoch as the loop draws them."""
-        if local not in self.phase_batch_cache:
-            cfg = self.trainer.cfg
-            self.phase_batch_cache[local] = self.trainer.phase.batches(local, self.trainer.n, cfg.optim.batch_size,
-                                                                       cfg.train.seed)
-        return self.phase_batch_cache[local]
+        """The phase's batches of its epoch ``local`` (they need its structure: discover first)."""
+        return self._batches(local, self.trainer.phase)
 
     def time_phase_step(self, local: int) -> tuple[int, float]:
         """(images, seconds) of the phase's next step of its epoch ``local``."""
