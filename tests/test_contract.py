@@ -104,17 +104,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Methods whose loss thresholds its own predictions (DCCM's pseudo-graph and pseudo-labels): a
-# rounding difference flips a pair over the threshold and the runs part after a few steps, so two
-# processes are compared with one after ONE optimiser step (every parameter, the method's modules
-# included: the step's gradient is the one-process gradient), not after the smoke run's epochs. The
-# step is plain SGD: RMSprop divides a gradient by its own size, so a bias in front of a BatchNorm,
-# whose true gradient is 0, moves by a whole learning rate in the direction of its rounding noise.
-ONE_STEP = {"dccm"}
-
-
-def _one_step(layer: dict) -> dict:
-    return merge_layers(layer, {"train": {"epochs": 1}, "optim": {"batch_size": 300, "optimizer": "sgd"}})
+# Cases compared with one process after ONE optimiser step of each stage, where DDP's guarantee ends:
+# the step's gradient is the one-process gradient up to the order of a float sum, and nothing more.
+# - DCCM thresholds its own predictions (pseudo-graph and pseudo-labels): a rounding difference flips a
+#   pair over the threshold and the runs part after a few steps.
+# - The clustering stage (SCAN) trains with Adam, which divides each gradient by its own size: where
+#   the true gradient is 0 (a bias or a weight row in front of a BatchNorm) the rounding noise becomes
+#   steps of the whole rate, and the runs part by 1e-4 (AVX2) to 1.5e-3 (AVX-512) in the embedding.
+# The one-step runs use plain SGD, so the step is the gradient times the rate, and every parameter must
+# agree tightly; the stage's one-step run has every stage (method, SCAN, self-labelling) take one step
+# of the whole data set. Its mined neighbours' closest call (20th against 21st) is 1.4e-5 apart here,
+# two orders above the runs' difference. The smoke runs of these cases are checked for what holds over
+# many steps: every rank's state identical every epoch, the same epochs and stages as one process.
+ONE_STEP = {"dccm": {"train": {"epochs": 1}, "optim": {"batch_size": 300, "optimizer": "sgd"}},
+            "instance+scan": {"train": {"epochs": 1}, "optim": {"batch_size": 600, "optimizer": "sgd"},
+                              "scan": {"epochs": 1, "self_label_epochs": 1, "confidence": 0.0,
+                                       "optimizer": "sgd"}}}
 
 
 def _checkpoint_tensors(out) -> dict:
@@ -126,10 +131,7 @@ def _checkpoint_tensors(out) -> dict:
             **{f"phase.{k}": v for k, v in ((state.get("phase") or {}).get("modules") or {}).items()}}
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, small_npz, references):
-    layers = {m: smoke_layer(m, f"npz:{small_npz}", tmp_path / m, train={"devices": 2}) for m in ALL}
-    layers.update({m: _one_step(layers[m]) for m in ONE_STEP})
+def _ddp(layers: dict) -> None:
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, WORKER, "ddp", json.dumps({"layers": layers})],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2",
@@ -138,27 +140,47 @@ def test_two_processes_equal_one(tmp_path, small_npz, references):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    for m in sorted(ONE_STEP):
-        fit_run(build_config(_one_step(smoke_layer(m, f"npz:{small_npz}", tmp_path / f"{m}-one"))))
-        one, two = _checkpoint_tensors(tmp_path / f"{m}-one"), _checkpoint_tensors(tmp_path / m)
-        assert one.keys() == two.keys()
-        for k in one:
-            assert torch_close(one[k], two[k]), (m, k)
+
+
+def _ranks_identical(m: str, out) -> None:
+    """Every rank's bank, structure and own modules identical after every epoch (the log's flags)."""
+    checked = set()
+    for record in _outputs(out)["log"]:
+        for key in (k for k in record if k.endswith("_identical_across_ranks")):
+            assert record[key] is True, (m, key, record)
+            checked.add(key.split("_")[0])
+    expected = {"bank"} if METHODS[m.split("+")[0]].uses_bank else set()
+    expected |= {"structure"} if m != "instance" else set()  # a phase's: its mined neighbours
+    expected |= {"modules"} if any(k.startswith(("method.", "phase.")) for k in _checkpoint_tensors(out)) else set()
+    assert checked == expected, (m, checked)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, small_npz, references):
+    layers = {m: smoke_layer(m, f"npz:{small_npz}", tmp_path / m, train={"devices": 2}) for m in ALL}
+    layers.update({f"{m}-one": merge_layers(smoke_layer(m, f"npz:{small_npz}", tmp_path / f"{m}-one",
+                                                         train={"devices": 2}), one)
+                   for m, one in ONE_STEP.items()})
+    _ddp(layers)
+    for m, one in sorted(ONE_STEP.items()):
+        fit_run(build_config(merge_layers(smoke_layer(m, f"npz:{small_npz}", tmp_path / f"{m}-ref"), one)))
+        ref, two = _checkpoint_tensors(tmp_path / f"{m}-ref"), _checkpoint_tensors(tmp_path / f"{m}-one")
+        assert ref.keys() == two.keys()
+        for k in ref:
+            assert torch_close(ref[k], two[k]), (m, k, (ref[k].double() - two[k].double()).abs().max())
+        assert np.allclose(_outputs(tmp_path / f"{m}-one")["embeddings"],
+                           _outputs(tmp_path / f"{m}-ref")["embeddings"], atol=1e-4), m
+        _ranks_identical(m, tmp_path / f"{m}-one")
     for m in ALL:
-        got, ref = _outputs(tmp_path / m), (references[m] if m not in ONE_STEP else _outputs(tmp_path / f"{m}-one"))
+        got, ref = _outputs(tmp_path / m), references[m]
+        _ranks_identical(m, tmp_path / m)
+        assert [(r["epoch"], r.get("phase")) for r in got["log"]] == [(r["epoch"], r.get("phase")) for r in ref["log"]]
+        assert np.isfinite(got["embeddings"]).all() and len(got["labels"]) == len(ref["labels"])
+        if m in ONE_STEP:
+            continue
         assert np.allclose(got["embeddings"], ref["embeddings"], atol=1e-4), \
             (m, np.abs(got["embeddings"] - ref["embeddings"]).max())
         assert (got["labels"] == ref["labels"]).mean() > 0.99, m
-        checked = set()
-        for record in got["log"]:  # every rank's bank, structure and own modules, every epoch
-            for key in (k for k in record if k.endswith("_identical_across_ranks")):
-                assert record[key] is True, (m, key, record)
-                checked.add(key.split("_")[0])
-        expected = {"bank"} if METHODS[m.split("+")[0]].uses_bank else set()
-        expected |= {"structure"} if m != "instance" else set()  # a phase's: its mined neighbours
-        expected |= {"modules"} if any(k.startswith(("method.", "phase.")) for k in _checkpoint_tensors(tmp_path / m)) \
-            else set()
-        assert checked == expected, (m, checked)
 
 
 def torch_close(a, b) -> bool:

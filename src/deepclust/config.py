@@ -224,6 +224,8 @@ class ScanConfig:
     lr: float = option(1e-3, low=0, high=10, low_open=True)  # Adam, constant. SCAN's 1e-4 is for ~20k
                           # steps; on digits (PAD 40 epochs, 20 phase epochs, frozen) 1e-4 gave ACC 0.661, 1e-3 0.946
     weight_decay: float = option(1e-4, low=0, high=1)
+    optimizer: str = option("adam", choices=("adam", "sgd"))  # adam: SCAN's; sgd: plain, the step is the gradient
+                                                              # times lr (the contract's one-step DDP test)
     backbone: str = option("train", choices=("train", "frozen"))  # frozen: only the heads learn (eval-mode net)
     normalise: bool = False  # the heads read the features standardised (a BatchNorm without affine parameters)
 

@@ -529,8 +529,9 @@ class Trainer:
             self._save_checkpoint(epoch, self.method_optimizer, history)
 
     def _setup_phase(self):
-        """The phase's module (the network and its heads) and optimiser (Adam at the phase's constant
-        rate, SCAN's), its optimiser state restored on resume, set up by Fabric as the method's."""
+        """The phase's module (the network and its heads) and optimiser (``scan.optimizer`` at the
+        phase's constant rate: Adam, SCAN's, by default), its optimiser state restored on resume, set
+        up by Fabric as the method's."""
         phase, device = self.phase, self.fabric.device
         module = TrainModule(self.net, phase)
         if self.world > 1 and self.cfg.train.sync_batchnorm:
@@ -541,8 +542,8 @@ class Trainer:
             for p in self.net.head.parameters():
                 p.requires_grad_(False)
         s = self.cfg.scan
-        optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=s.lr,
-                                     weight_decay=s.weight_decay)
+        make = torch.optim.SGD if s.optimizer == "sgd" else torch.optim.Adam
+        optimizer = make([p for p in module.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay)
         if self.phase_state is not None:
             optimizer.load_state_dict(self.phase_state)
         model, optimizer = self.fabric.setup(module, optimizer)
