@@ -102,6 +102,38 @@ def test_mi_loss_is_the_jensen_shannon_estimate_per_row():
     torch.testing.assert_close(got, torch.stack([row0, row1]).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_factorised_discriminator_equals_the_plain_one_with_its_gradients():
+    """mi_loss projects each shallow map and each deep row once (the first 1x1 convolution split over
+    [s, d]); the loss and every gradient equal scoring each pair's concatenation with ``forward``."""
+    torch.manual_seed(1)
+    disc = LocalDiscriminator(5, 7, width=16)
+    deep = torch.randn(4, 7, requires_grad=True)
+    shallow = torch.randn(6, 5, 3, 3, requires_grad=True)
+    positives = torch.tensor([[0, 2], [1, -1], [2, 5], [3, 0]])
+    negatives = torch.tensor([[4, 5], [-1, -1], [0, -1], [1, 2]])
+
+    def plain():
+        terms = []
+        for i in range(4):
+            term = deep.new_zeros(())
+            for partners, sign in ((positives[i], -1.0), (negatives[i], 1.0)):
+                js = [int(j) for j in partners if j >= 0]
+                if js:
+                    scores = disc(deep[i].expand(len(js), -1), shallow[js])
+                    term = term + F.softplus(sign * scores).flatten(1).mean(1).mean()
+            terms.append(term)
+        return torch.stack(terms)
+
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])  # every row's term reaches the gradient distinctly
+    got_loss = mi_loss(disc, deep, shallow, positives, negatives)
+    got = torch.autograd.grad((got_loss * weights).sum(), [deep, shallow, *disc.parameters()])
+    want_loss = plain()
+    want = torch.autograd.grad((want_loss * weights).sum(), [deep, shallow, *disc.parameters()])
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_mi_estimate_tells_true_pairs_from_shuffled_ones_after_a_few_steps():
     """Deep features that carry the shallow map's information: the discriminator learns to score
     true pairs above shuffled ones, so -loss (the MI estimate) of true pairs rises above its value

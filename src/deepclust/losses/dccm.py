@@ -46,10 +46,15 @@ def label_loss(probabilities: Tensor, labels: Tensor, confident: Tensor) -> Tens
 class LocalDiscriminator(nn.Module):
     """T(d, s) of DCCM Sec 3.4 / Hjelm et al. 2019: three 1x1 convolutions (ReLU between, no bias, as
     the authors' code) on the shallow map concatenated with the deep vector copied to every position.
-    Returns one score per position, (P, H, W) for P pairs."""
+    ``forward`` returns one score per position, (P, H, W) for P pairs.
+
+    The first convolution is linear in [s, d]: W [s; d] = W_s s + W_d d. ``mi_loss`` computes W_s s
+    once per map of the batch and W_d d once per row (``project``), then only the sum, the ReLU and the
+    last two convolutions per pair (``score``): the same function as ``forward``, to float rounding."""
 
     def __init__(self, shallow_channels: int, deep_dim: int, width: int = 512):
         super().__init__()
+        self.shallow_channels = shallow_channels
         self.net = nn.Sequential(
             nn.Conv2d(shallow_channels + deep_dim, width, 1, bias=False), nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 1, bias=False), nn.ReLU(inplace=True),
@@ -61,6 +66,17 @@ class LocalDiscriminator(nn.Module):
         d = deep[:, :, None, None].expand(-1, -1, *shallow.shape[2:])
         return self.net(torch.cat([shallow, d.to(shallow.dtype)], dim=1)).squeeze(1)
 
+    def project(self, deep: Tensor, shallow: Tensor) -> tuple[Tensor, Tensor]:
+        """(W_d d: (b, width), W_s s: (B, width, H, W)), the first convolution's two halves."""
+        shallow = shallow if shallow.ndim == 4 else shallow[:, :, None, None]
+        w = self.net[0].weight
+        c = self.shallow_channels
+        return F.linear(deep.to(shallow.dtype), w[:, c:, 0, 0]), F.conv2d(shallow, w[:, :c])
+
+    def score(self, deep_part: Tensor, shallow_part: Tensor) -> Tensor:
+        """T of P pairs from their projected halves (P, width) and (P, width, H, W): (P, H, W)."""
+        return self.net[2:](torch.relu(shallow_part + deep_part[:, :, None, None])).squeeze(1)
+
 
 def mi_loss(discriminator: LocalDiscriminator, deep: Tensor, shallow_all: Tensor, positives: Tensor,
             negatives: Tensor) -> Tensor:
@@ -70,15 +86,19 @@ def mi_loss(discriminator: LocalDiscriminator, deep: Tensor, shallow_all: Tensor
     (gathered with gradient); positives / negatives: (b, P) / (b, Q) indices into the global batch,
     -1 for none (a row's own map is among its positives). Term_i = mean_p sp(-T(d_i, s_p)) +
     mean_q sp(T(d_i, s_q)), T averaged over positions; a row without negatives has no second part.
+    Positive and negative pairs are scored in one pass of the discriminator.
     """
-    def part(partners: Tensor, sign: float) -> Tensor:
-        valid = partners >= 0
-        rows, cols = torch.nonzero(valid, as_tuple=True)
-        if rows.numel() == 0:
-            return deep.new_zeros(deep.shape[0], dtype=torch.float32)
-        scores = discriminator(deep[rows], shallow_all[partners[rows, cols]])
-        per_pair = F.softplus(sign * at_least_float32(scores)).flatten(1).mean(dim=1)
-        total = torch.zeros(deep.shape[0], dtype=per_pair.dtype, device=deep.device).index_add(0, rows, per_pair)
-        return total / valid.sum(1).clamp_min(1).to(total.dtype)
-
-    return part(positives, -1.0) + part(negatives, 1.0)
+    partners = torch.cat([positives, negatives], dim=1)
+    sign = torch.cat([positives.new_full(positives.shape, -1), negatives.new_full(negatives.shape, 1)], dim=1)
+    valid = partners >= 0
+    rows, cols = torch.nonzero(valid, as_tuple=True)
+    if rows.numel() == 0:
+        return deep.new_zeros(deep.shape[0], dtype=torch.float32)
+    deep_part, shallow_part = discriminator.project(deep, shallow_all)
+    scores = discriminator.score(deep_part[rows], shallow_part[partners[rows, cols]])
+    per_pair = F.softplus(sign[rows, cols].to(torch.float32)[:, None]
+                          * at_least_float32(scores).flatten(1)).mean(dim=1)
+    n_pos = positives.shape[1]
+    counts = torch.stack([valid[:, :n_pos].sum(1), valid[:, n_pos:].sum(1)], dim=1)  # (b, 2)
+    share = per_pair / counts[rows, (cols >= n_pos).long()].to(per_pair.dtype)  # each part a mean
+    return torch.zeros(deep.shape[0], dtype=per_pair.dtype, device=deep.device).index_add(0, rows, share)
