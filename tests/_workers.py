@@ -31,10 +31,10 @@ def kill(spec: dict) -> None:
 
     original = train.Trainer._save_checkpoint
 
-    def save_or_die(self, epoch, optimizer, history):
+    def save_or_die(self, epoch, history):
         if epoch == spec["kill_epoch"]:
             os.kill(os.getpid(), signal.SIGKILL)
-        original(self, epoch, optimizer, history)
+        original(self, epoch, history)
 
     train.Trainer._save_checkpoint = save_or_die
     for layer in spec["layers"].values():

@@ -117,13 +117,13 @@ def fake_calibration(rates, calls: list | None = None) -> type:
         def __init__(self, cfg, images, view_spec, **kw):
             assert view_spec is not None and len(images) > 0
 
-        def __call__(self, backbone, need=None):
+        def measure(self, backbone, need=None):
             if calls is not None:
                 calls.append(backbone)
             return float(rates[backbone] if isinstance(rates, dict) else rates)
 
         def discovery(self, backbone):
-            return 0.0
+            return {"discovery_seconds": 0.0}
 
         def finish(self, backbone):
             return 0.0

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepclust import budget
+from deepclust import budget, calibration
 from deepclust.budget import (
     CANDIDATES,
     DEFAULT_BUDGET,
     MAX_EPOCHS_PER_UNIT,
     MIN_EPOCHS,
+    Costs,
+    Probes,
     epochs_for_budget,
     fit_to_budget,
     method_schedule,
@@ -80,14 +82,14 @@ def test_method_schedules_count_rounds_and_discoveries():
 def test_epochs_for_budget_divides_the_total_over_rounds():
     rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))
     # 1000 images at 1000 images/s: 1 s an epoch; 100 s fit 100 epochs = 20 per round (5 rounds)
-    assert epochs_for_budget(100, 1000, 1000.0, rounds5) == 20
-    assert epochs_for_budget(104.9, 1000, 1000.0, rounds5) == 20
+    assert epochs_for_budget(100, 1000, Costs(1000.0), rounds5) == 20
+    assert epochs_for_budget(104.9, 1000, Costs(1000.0), rounds5) == 20
     # 4 discoveries of 5 s each take 20 s of it: 80 s / 5 rounds = 16 per round
-    assert epochs_for_budget(100, 1000, 1000.0, rounds5, discovery_seconds=5.0) == 16
-    assert epochs_for_budget(1e9, 1000, 1000.0, rounds5) == MAX_EPOCHS_PER_UNIT
-    assert epochs_for_budget(0.5, 1000, 1000.0, rounds5) == 0
+    assert epochs_for_budget(100, 1000, Costs(1000.0, discovery_seconds=5.0), rounds5) == 16
+    assert epochs_for_budget(1e9, 1000, Costs(1000.0), rounds5) == MAX_EPOCHS_PER_UNIT
+    assert epochs_for_budget(0.5, 1000, Costs(1000.0), rounds5) == 0
     plain = method_schedule(build_config({"method": "instance"}))
-    assert epochs_for_budget(100, 1000, 1000.0, plain) == 100
+    assert epochs_for_budget(100, 1000, Costs(1000.0), plain) == 100
 
 
 # -- planning with a fake throughput and a fake clock ------------------------------------------------------
@@ -114,13 +116,15 @@ class FakeMachine:
     def discovery(self, backbone):
         self.discoveries.append(backbone)
         self.now += self.disc
-        return self.disc
+        return {"discovery_seconds": self.disc}
+
+    def probes(self):
+        return Probes(self.measure, self.discovery)
 
 
 def _plan(machine, seconds, n, method="instance", **kw):
     schedule = method_schedule(build_config({"method": method}))
-    return plan_budget(seconds, n, CANDIDATES, machine.measure, schedule, measure_discovery=machine.discovery,
-                       clock=machine.clock, **kw)
+    return plan_budget(seconds, n, CANDIDATES, machine.probes(), schedule, clock=machine.clock, **kw)
 
 
 def test_the_most_capable_candidate_that_reaches_the_minimum_epochs_is_chosen():
@@ -185,9 +189,9 @@ def test_a_candidate_that_cannot_be_built_is_skipped():
         _plan(m, 600, 10_000)
 
 
-def test_a_one_argument_measure_is_accepted():
+def test_a_plan_needs_only_the_throughput():
     schedule = method_schedule(build_config({"method": "instance"}))
-    r = plan_budget(60, 100, ("jule_cnn",), lambda backbone: 1000.0, schedule, clock=lambda: 0.0)
+    r = plan_budget(60, 100, ("jule_cnn",), Probes(lambda backbone, need: 1000.0), schedule, clock=lambda: 0.0)
     assert r["backbone"] == "jule_cnn" and r["epochs"] == 200
 
 
@@ -206,13 +210,13 @@ def _digits(n=300):
 def test_fit_to_budget_fills_epochs_backbone_and_budget():
     m = FakeMachine({"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 3000.0})
     cfg, report = fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
-                                measure=m.measure, measure_discovery=m.discovery, clock=m.clock)
+                                probes=m.probes(), clock=m.clock)
     # 600 s (the default) * 0.9 * 3000 / 300 = 5400 epochs -> capped at 200 per round
     assert (cfg.net.backbone, cfg.train.epochs, cfg.train.budget) == ("jule_cnn", 200, DEFAULT_BUDGET)
     assert report["budget"] == DEFAULT_BUDGET and report["n_images"] == 300
     m = FakeMachine({"alexnet": 100.0})
     cfg, report = fit_to_budget(build_config({"net": {"backbone": "alexnet"}, "train": {"budget": "1m"}}),
-                                _digits().images, None, backbone_auto=False, measure=m.measure, clock=m.clock)
+                                _digits().images, None, backbone_auto=False, probes=Probes(m.measure), clock=m.clock)
     assert m.measured == ["alexnet"] and cfg.net.backbone == "alexnet" and cfg.train.epochs == 18  # 54 s * 100 / 300
     assert cfg.train.budget == "1m"
 
@@ -224,7 +228,7 @@ def test_candidates_start_at_the_default_network_for_the_images():
     assert budget.budget_candidates(np.zeros((4, 200, 200), np.uint8))[0] == "resnet18"
     m = FakeMachine({"resnet18": 5000.0, "alexnet": 5000.0, "jule_cnn": 3000.0})
     cfg, _ = fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
-                           measure=m.measure, measure_discovery=m.discovery, clock=m.clock)
+                           probes=m.probes(), clock=m.clock)
     assert m.measured == ["jule_cnn"] and cfg.net.backbone == "jule_cnn"
 
 
@@ -289,8 +293,8 @@ def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch
                                 "optim": {"batch_size": 64}, "options": {"rounds": 1}}), _digits())
     images = _digits().images
     rng = (torch.get_rng_state(), np.random.get_state()[1].copy())
-    cal = budget.TrainerCalibration(cfg, images, view_spec(cfg.views), probe_epochs=2, min_seconds=0.0, max_steps=2)
-    ips = cal("jule_cnn")
+    cal = calibration.TrainerCalibration(cfg, images, view_spec(cfg.views), probe_epochs=2, min_seconds=0.0, max_steps=2)
+    ips = cal.measure("jule_cnn")
     assert np.isfinite(ips) and ips > 0
     costs = cal.discovery("jule_cnn")  # AND's round-1 neighbourhoods, timed twice, and round 1's steps
     assert set(costs) == {"discovery_seconds", "steady_images_per_second"}
@@ -302,7 +306,7 @@ def test_trainer_calibration_measures_without_side_effects(tmp_path, monkeypatch
     assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
     assert list(tmp_path.iterdir()) == []  # nothing written
     with pytest.raises(Exception):
-        cal("no-such-backbone")
+        cal.measure("no-such-backbone")
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_SMOKE))
@@ -312,6 +316,7 @@ def test_the_schedule_asked_of_the_class_is_the_instances(method):
 
     for epochs in (1, 3, 4):
         cfg = build_config(METHOD_SMOKE[method], {"method": method, "train": {"epochs": epochs},
+                                                  "cluster": {"n_clusters": 10},
                                                   "options": {"reassign": 2} if method == "deepcluster" else {}})
         m = build_method(cfg, 50, tap_dims={"conv2": 128, "backbone": 32, "embedding": 128},
                          tap_shapes={"conv2": (8, 4, 4), "backbone": (32,), "embedding": (128,)}, shallow_layer="conv2")
@@ -320,7 +325,7 @@ def test_the_schedule_asked_of_the_class_is_the_instances(method):
         assert method_schedule(cfg)(epochs) == (total, len(at), at[0] if at else total)
 
 
-# -- the model of a run's time against a fake clock (issue 29: the budget keeps its word) ----------------------
+# -- the model of a run's time against a fake clock: the budget keeps its word ----------------------------
 
 
 class FakeRun:
@@ -350,9 +355,12 @@ class FakeRun:
         self.now += 1.0
         return self.finish_s
 
-    def phase(self, backbone):  # the clustering phase (cluster.head: scan), ``phase_s`` seconds
+    def phase(self, backbone):  # the methods after the configured one (cluster.head: scan), ``phase_s`` seconds
         self.now += 1.0
         return self.phase_s
+
+    def probes(self, phase: bool = False):
+        return Probes(self.measure, self.discovery, self.phase if phase else None, self.finish)
 
     def run_seconds(self, cfg, n):
         """What the run then takes, epoch by epoch as the method's own hooks schedule it."""
@@ -378,8 +386,8 @@ def test_the_plan_fills_the_budget_within_15_percent(method, budget_s, n, speeds
     m = FakeRun(*speeds)
     layer = {"method": method, "net": {"backbone": "jule_cnn"}}
     cfg = build_config(layer)
-    report = plan_budget(budget_s, n, ("jule_cnn",), m.measure, method_schedule(cfg), measure_discovery=m.discovery,
-                         measure_finish=m.finish, started=0.0, clock=m.clock, max_per_unit=10_000)
+    report = plan_budget(budget_s, n, ("jule_cnn",), m.probes(), method_schedule(cfg), started=0.0, clock=m.clock,
+                         max_per_unit=10_000)
     run = build_config(layer, {"train": {"epochs": report["epochs"]}})
     total = m.now + m.run_seconds(run, n)  # loading, resolving and calibration, then the run
     assert 0.85 * budget_s <= total <= budget_s, (report, total)
@@ -395,8 +403,8 @@ def test_a_plan_short_of_the_minimum_epochs_still_measures_the_steady_steps(meth
     estimate. (Methods of rounds cannot fill 140 s within 15%: an epoch per round is 5 epochs here.)"""
     m = FakeRun(713.0, 1413.0, 0.46, 0.33, 8.8, 0.1)
     layer = {"method": method, "net": {"backbone": "jule_cnn"}}
-    report = plan_budget(140, 10_000, ("jule_cnn",), m.measure, method_schedule(build_config(layer)),
-                         measure_discovery=m.discovery, measure_finish=m.finish, started=0.0, clock=m.clock)
+    report = plan_budget(140, 10_000, ("jule_cnn",), m.probes(), method_schedule(build_config(layer)), started=0.0,
+                         clock=m.clock)
     assert report["total_epochs"] < MIN_EPOCHS and "warning" in report
     total = m.now + m.run_seconds(build_config(layer, {"train": {"epochs": report["epochs"]}}), 10_000)
     assert 0.85 * 140 <= total <= 140, (report, total)
@@ -408,8 +416,8 @@ def test_the_old_model_left_the_budget_unspent():
     issue (digits, 2 minutes: planned 96 s, trained 28 s) fell far short on such a machine."""
     m = FakeRun(900.0, 1600.0, 3.0, 0.05, 4.0, 6.0)
     cfg = build_config({"method": "pad"})
-    old = plan_budget(120, 1797, ("jule_cnn",), m.measure, method_schedule(cfg), measure_discovery=lambda b: 3.0,
-                      clock=m.clock, max_per_unit=10_000)
+    old = plan_budget(120, 1797, ("jule_cnn",), Probes(m.measure, lambda b: {"discovery_seconds": 3.0}),
+                      method_schedule(cfg), clock=m.clock, max_per_unit=10_000)
     run = build_config({"method": "pad", "train": {"epochs": old["epochs"]}})
     assert m.run_seconds(run, 1797) < 0.6 * old["estimated_seconds"]
 
@@ -418,17 +426,18 @@ def test_time_before_the_plan_and_after_training_count_against_the_budget():
     schedule = method_schedule(build_config({"method": "instance"}))
     clock = lambda: 40.0  # noqa: E731
     # 1,000 images at 1,000 images/s: 1 s an epoch; 100 s budget, reserve 0.9
-    assert plan_budget(100, 1000, ("mlp",), lambda b: 1000.0, schedule, clock=clock)["epochs"] == 90
-    r = plan_budget(100, 1000, ("mlp",), lambda b: 1000.0, schedule, started=10.0, clock=clock)
+    throughput = Probes(lambda b, need: 1000.0)
+    assert plan_budget(100, 1000, ("mlp",), throughput, schedule, clock=clock)["epochs"] == 90
+    r = plan_budget(100, 1000, ("mlp",), throughput, schedule, started=10.0, clock=clock)
     assert r["epochs"] == 63 and r["before_seconds"] == 30.0  # 0.9 * (100 - 30)
-    r = plan_budget(100, 1000, ("mlp",), lambda b: 1000.0, schedule, started=10.0, clock=clock,
-                    measure_finish=lambda b: 20.0)
+    r = plan_budget(100, 1000, ("mlp",), Probes(lambda b, need: 1000.0, finish=lambda b: 20.0), schedule,
+                    started=10.0, clock=clock)
     assert r["epochs"] == 45 and r["finish_seconds"] == 20.0  # 0.9 * (100 - 30 - 20)
     assert r["estimated_total_seconds"] == pytest.approx(30 + 45 + 20)
 
 
 def test_extrapolated_finish_grows_between_linear_and_quadratic():
-    from deepclust.budget import extrapolate_seconds
+    from deepclust.calibration import extrapolate_seconds
 
     assert extrapolate_seconds([(500, 2.0)], 300) == 2.0  # measured at the full size
     assert extrapolate_seconds([(1000, 1.0), (2000, 2.0)], 8000) == pytest.approx(8.0)  # linear
@@ -447,10 +456,10 @@ def test_the_finish_is_timed_for_a_method_whose_head_is_its_own_clusters(method,
                                                 "train": {"accelerator": "cpu", "threads": 1}})
     cfg = resolve(layer, _digits())
     assert cfg.cluster.head == "method"
-    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+    cal = calibration.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
                                     min_seconds=0.0, max_steps=1)
     backbone = cfg.net.backbone
-    assert cal(backbone) > 0 and cal.finish(backbone) > 0
+    assert cal.measure(backbone) > 0 and cal.finish(backbone) > 0
     cal.close()
 
 
@@ -459,18 +468,17 @@ def test_the_finish_is_timed_for_a_method_whose_head_is_its_own_clusters(method,
     (600, 10_000, (400.0, 700.0, 2.0, 0.6, 15.0, 20.0), 160.0),  # 10k images, 10 minutes
 ])
 def test_the_clustering_phase_counts_in_the_plan(budget_s, n, speeds, phase_s):
-    """cluster.head scan trains SCAN's phase after the method (issue 29: it counts in the budget):
-    its fixed cost comes off the time before the method's epochs are chosen, the run still ends
-    within 15% of the budget, and the report says how much of the training it is."""
+    """cluster.head scan trains SCAN after the method, and it counts in the budget: its fixed cost
+    comes off the time before the method's epochs are chosen, the run still ends within 15% of the
+    budget, and the report says how much of the training it is."""
     layer = {"method": "pad", "net": {"backbone": "jule_cnn"}}
     schedule = method_schedule(build_config(layer))
     plans = {}
     for with_phase in (False, True):
         m = FakeRun(*speeds)
         m.phase_s = phase_s if with_phase else 0.0
-        plans[with_phase] = plan_budget(budget_s, n, ("jule_cnn",), m.measure, schedule, measure_discovery=m.discovery,
-                                        measure_finish=m.finish, measure_phase=m.phase, started=0.0, clock=m.clock,
-                                        max_per_unit=10_000)
+        plans[with_phase] = plan_budget(budget_s, n, ("jule_cnn",), m.probes(phase=True), schedule, started=0.0,
+                                        clock=m.clock, max_per_unit=10_000)
         total = m.now + m.run_seconds(build_config(layer, {"train": {"epochs": plans[with_phase]["epochs"]}}), n)
         assert 0.85 * budget_s <= total <= budget_s, (plans[with_phase], total)
     assert plans[True]["epochs"] < plans[False]["epochs"]
@@ -489,9 +497,9 @@ def test_a_budgeted_run_with_the_scan_head_is_measured(tmp_path, monkeypatch):
                                 "scan": {"epochs": 2, "heads": 2}, "optim": {"batch_size": 64},
                                 "train": {"epochs": 2, "accelerator": "cpu", "threads": 1}}), _digits())
     rng = torch.get_rng_state()
-    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+    cal = calibration.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
                                     min_seconds=0.0, max_steps=1)
-    assert cal("jule_cnn") > 0
+    assert cal.measure("jule_cnn") > 0
     assert cal.phase("jule_cnn") > 0 and cal.finish("jule_cnn") > 0
     cal.close()
     assert torch.equal(torch.get_rng_state(), rng) and list(tmp_path.iterdir()) == []
@@ -511,12 +519,12 @@ def test_the_finish_leaves_first_call_costs_out(tmp_path, monkeypatch):
         calls.append(len(images))
         return {}, None
 
-    monkeypatch.setattr(budget, "compute_metrics", fake_metrics)
+    monkeypatch.setattr(calibration, "compute_metrics", fake_metrics)
     cfg = resolve(build_config({"method": "instance", "train": {"epochs": 1, "accelerator": "cpu", "threads": 1}}),
                   _digits())
-    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
+    cal = calibration.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), labels=_digits().labels,
                                     min_seconds=0.0, max_steps=1, clock=lambda: now[0])
-    cal("jule_cnn")
+    cal.measure("jule_cnn")
     assert cal.finish("jule_cnn") == pytest.approx(0.3)  # 300 images at 1 ms, the 10 s left out
     assert calls == [300, 300]  # the untimed first finish, then the timed one
     cal.close()
@@ -534,19 +542,19 @@ def test_the_discovery_leaves_first_call_costs_out(method, tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     now, calls = [0.0], []
-    real = Trainer._discover
+    real = Trainer.discover
 
-    def discover(self, *args, **kwargs):  # 10 s the first time, then 0.5 s
+    def discover(self, t, epoch, record=None):  # 10 s the first time, then 0.5 s
         now[0] += 10.0 if not calls else 0.5
-        calls.append(args[0])
-        return real(self, *args, **kwargs)
+        calls.append(epoch)
+        return real(self, t, epoch, record)
 
-    monkeypatch.setattr(Trainer, "_discover", discover)
+    monkeypatch.setattr(Trainer, "discover", discover)
     cfg = resolve(build_config({"method": method, "train": {"epochs": 3, "accelerator": "cpu", "threads": 1},
                                 "optim": {"batch_size": 64}}), _digits())
-    cal = budget.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), probe_epochs=3, min_seconds=0.0,
+    cal = calibration.TrainerCalibration(cfg, _digits().images, view_spec(cfg.views), probe_epochs=3, min_seconds=0.0,
                                     max_steps=1, clock=lambda: now[0])
-    cal("jule_cnn")
+    cal.measure("jule_cnn")
     costs = cal.discovery("jule_cnn")
     assert costs["discovery_seconds"] == pytest.approx(0.5) and len(calls) == 2
     assert set(costs) == ({"discovery_seconds"} if method == "deepcluster"

@@ -127,8 +127,7 @@ def _checkpoint_tensors(out) -> dict:
 
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     return {**{f"net.{k}": v for k, v in state["model"].items()},
-            **{f"method.{k}": v for k, v in state["method"]["modules"].items()},
-            **{f"phase.{k}": v for k, v in ((state.get("phase") or {}).get("modules") or {}).items()}}
+            **{f"{name}.{k}": v for name, method in state["methods"].items() for k, v in method["modules"].items()}}
 
 
 def _ddp(layers: dict) -> None:
@@ -151,7 +150,7 @@ def _ranks_identical(m: str, out) -> None:
             checked.add(key.split("_")[0])
     expected = {"bank"} if METHODS[m.split("+")[0]].uses_bank else set()
     expected |= {"structure"} if m != "instance" else set()  # a phase's: its mined neighbours
-    expected |= {"modules"} if any(k.startswith(("method.", "phase.")) for k in _checkpoint_tensors(out)) else set()
+    expected |= {"modules"} if any(not k.startswith("net.") for k in _checkpoint_tensors(out)) else set()
     assert checked == expected, (m, checked)
 
 

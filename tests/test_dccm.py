@@ -208,7 +208,7 @@ def test_the_heads_argmax_is_the_methods_clusters_and_the_log_describes_it(tmp_p
     out = tmp_path / "run"
     metrics = fit_run(build_config(smoke_layer("dccm", f"npz:{small_npz}", out, cluster={"n_clusters": 10})))
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    probs = state["method"]["structure"]["probabilities"]  # the last epoch-start pass of the head
+    probs = state["methods"]["dccm"]["structure"]["probabilities"]  # the last epoch-start pass of the head
     assert probs.shape == (300, 10) and torch.allclose(probs.sum(1), torch.ones(300), atol=1e-5)
     assert metrics["cluster_head"] == "method"
     labels = np.load(out / "labels.npy")

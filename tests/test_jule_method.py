@@ -101,7 +101,7 @@ def test_a_restored_method_stops_at_the_same_epoch(sf_run):
     state = read_checkpoint(sf_run / "checkpoints" / "last.pt")
     fresh = build_method(build_config(state["config"]), 300, tap_dims={})
     assert fresh.total_epochs() == Jule.epochs_of(fresh.cfg)  # the plan, before the structure
-    fresh.load_state_dict(state["method"])
+    fresh.load_state_dict(state["methods"]["jule"])
     assert fresh.total_epochs() == len(_log(sf_run)) == state["epoch"] + 1
 
 

@@ -21,7 +21,8 @@ from deepclust.losses.invariant_spreading import invariant_spreading_loss
 from deepclust.memory import MemoryBank
 from deepclust.methods import METHODS, DiscoveryContext, build_method
 from deepclust.nets import GlobalBatchNorm
-from deepclust.train import Trainer, learning_rate
+from deepclust.schedules import learning_rate
+from deepclust.train import Trainer
 
 N = 120
 TAPS = {"conv2": 128, "backbone": 24, "embedding": 128}
@@ -128,7 +129,7 @@ def test_deepcluster_reinitialises_its_classifier_only_after_a_fresh_clustering(
 
 
 class _TwoProcessFabric:
-    """What ``Trainer._setup`` asks of Fabric, for a world of two on the CPU (no process group)."""
+    """What ``Trainer.begin`` asks of Fabric, for a world of two on the CPU (no process group)."""
 
     device = torch.device("cpu")
     global_rank, world_size = 0, 2
@@ -142,7 +143,8 @@ def test_batchnorm_rule_covers_the_method_modules(small_npz):
     images = np.load(small_npz)["images"]
     trainer = Trainer(cfg, images, "/nonexistent", fabric=_TwoProcessFabric())
     trainer.method.modules["classifier"] = nn.Sequential(nn.Linear(TAPS["backbone"], 4), nn.BatchNorm1d(4))
-    trainer._setup(resume=False)
+    trainer.start(resume=False)
+    trainer.begin(0)
     norms = [m for m in trainer.method.modules.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, GlobalBatchNorm) for m in norms)
     assert all(isinstance(m, GlobalBatchNorm) for m in trainer.net.modules()

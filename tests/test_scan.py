@@ -194,7 +194,7 @@ def test_scan_reads_the_backbone_or_the_embedding_only(tmp_path, small_npz):
 
 def test_the_kept_head_leaves_no_cluster_empty_when_a_head_can():
     """Head 0 has the lower Eq 2 but its argmax never gives cluster 2; head 1 uses all three."""
-    from deepclust.methods.scan import ScanPhase, clusters_used
+    from deepclust.methods.scan import Scan, clusters_used
 
     p = torch.tensor([[[0.98, 0.01, 0.01], [0.6, 0.2, 0.2]],
                       [[0.98, 0.01, 0.01], [0.6, 0.2, 0.2]],
@@ -205,7 +205,7 @@ def test_the_kept_head_leaves_no_cluster_empty_when_a_head_can():
     assert scan_objective(p, nb, 1.0).argmin() == 0
     cfg = build_config({"cluster": {"n_clusters": 3, "head": "scan", "features": "backbone"},
                         "scan": {"heads": 2, "entropy_weight": 1.0}})
-    phase = ScanPhase(cfg, 4, {"backbone": 4})
+    phase = Scan(cfg, 4, {"backbone": 4})
     phase.set_structure({"neighbours": nb})
     assert phase.lowest_loss_head(p) == 1
     assert phase.lowest_loss_head(p[:, :1]) == 0  # no head uses all: the lowest Eq 2
@@ -215,11 +215,11 @@ def test_the_phase_discovers_without_mutating_and_sets_its_structure_idempotentl
     """The lifecycle of methods/base.py: discover returns the neighbours (then the chosen head with
     them) and changes nothing; set_structure any number of times gives the same state."""
     from deepclust.methods import DiscoveryContext
-    from deepclust.methods.scan import EMBEDDING, PROBABILITIES, ScanPhase
+    from deepclust.methods.scan import EMBEDDING, PROBABILITIES, Scan
 
     cfg = build_config({"cluster": {"n_clusters": 3, "head": "scan", "features": "backbone"},
                         "scan": {"heads": 2, "neighbours": 4, "epochs": 2, "self_label_epochs": 1}})
-    phase = ScanPhase(cfg, 30, {"backbone": 8})
+    phase = Scan(cfg, 30, {"backbone": 8})
     assert [e for e in range(phase.total_epochs()) if phase.needs_discovery(e)] == [0, 2]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 8, generator=g)
@@ -257,11 +257,11 @@ def test_the_library_fits_and_predicts_through_the_scan_head():
 def test_the_assignment_map_is_the_kept_head_in_eval_mode(normalise):
     """A x + c equals the kept head's logits (the standardising BatchNorm's running statistics
     folded in), so predict on new images gives the head's own argmax."""
-    from deepclust.methods.scan import ScanPhase
+    from deepclust.methods.scan import Scan
 
     cfg = build_config({"cluster": {"n_clusters": 4, "head": "scan", "features": "backbone"},
                         "scan": {"heads": 3, "normalise": normalise}})
-    phase = ScanPhase(cfg, 10, {"backbone": 6})
+    phase = Scan(cfg, 10, {"backbone": 6})
     g = torch.Generator().manual_seed(0)
     if normalise:
         bn = phase.modules["heads"][0]

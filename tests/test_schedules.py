@@ -9,7 +9,7 @@ from deepclust import budget
 from deepclust.config import read_yaml
 from deepclust.configure import build_config
 from deepclust.methods import build_method
-from deepclust.train import learning_rate
+from deepclust.schedules import learning_rate
 
 from conftest import fake_calibration, smoke_layer
 
@@ -63,7 +63,7 @@ def test_bad_schedule_values_are_refused():
 
 @pytest.mark.parametrize("preset", CPU_PRESETS)
 def test_every_cpu_preset_decays_within_its_run(preset):
-    cfg = build_config(read_yaml(preset))
+    cfg = build_config(read_yaml(preset), {"cluster": {"n_clusters": 10}})  # K: resolved before any method is built
     assert cfg.optim.milestones is None and cfg.optim.milestones_frac
     m = build_method(cfg, 300, tap_dims={"conv2": 128, "backbone": 32, "embedding": 128},
                      tap_shapes={"conv2": (8, 4, 4), "backbone": (32,), "embedding": (128,)}, shallow_layer="conv2")

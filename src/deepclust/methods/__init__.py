@@ -1,6 +1,11 @@
 """Methods: each a short file composing the shared parts (memory bank, structure, losses), with its
-own options. The registry below is the one line a new method adds; it is asked by name
-(:func:`method_class`), and nothing is registered anywhere else by importing this package."""
+own options. The registries below are the one line a new method adds; they are asked by name
+(:func:`method_class`, :func:`run_methods`), and nothing is registered anywhere else by importing
+this package.
+
+A run is a list of methods trained one after another on the same network (:func:`run_methods`):
+the configured ``method``, then the one ``cluster.head`` names in :data:`STAGES` (a cluster head
+that is trained: SCAN)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from .instance import InstanceDiscrimination
 from .jule import Jule
 from .pad import Pad
 from .pcp import ProgressiveClusterPurification
-from .scan import ScanPhase
+from .scan import Scan
 
 METHODS: dict[str, type[Method]] = {
     "instance": InstanceDiscrimination,
@@ -39,11 +44,18 @@ def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = N
     return method_class(cfg.method)(cfg, n_images, tap_dims, **net_info)
 
 
-def build_phase(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None) -> Method | None:
-    """The training phase after the method's epochs that ``cluster.head`` asks for (``scan``:
-    the learned clustering stage, ``methods/scan.py``), or None."""
-    return ScanPhase(cfg, n_images, tap_dims) if cfg.cluster.head == "scan" else None
+# Methods trained after the configured one, added by the cluster head of the same name: the head is
+# what they learn (their ``assignment_map``).
+STAGES: dict[str, type[Method]] = {
+    "scan": Scan,
+}
 
 
-__all__ = ["METHODS", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method", "build_phase",
-           "method_class"]
+def run_methods(cfg: Config) -> list[type[Method]]:
+    """The classes a run of ``cfg`` trains, in order: ``cfg.method``, then the one ``cluster.head``
+    adds (:data:`STAGES`), if any."""
+    return [method_class(cfg.method), *([STAGES[cfg.cluster.head]] if cfg.cluster.head in STAGES else [])]
+
+
+__all__ = ["METHODS", "STAGES", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method",
+           "method_class", "run_methods"]

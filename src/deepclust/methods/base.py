@@ -1,8 +1,11 @@
 """The method contract: the hooks every method fills in, and the contexts the training loop hands it.
 
 One contract serves all seven methods (instance discrimination, AND, PAD, PCP, DeepCluster, DCCM,
-JULE; ``../shared/design/method-contract.md`` sets their needs side by side). The loop
-(``deepclust.train.Trainer.fit``) calls, per epoch::
+JULE; ``../shared/design/method-contract.md`` sets their needs side by side) and the methods a run
+trains after them (SCAN, ``cluster.head: scan``): a run is a list of methods on one network
+(``methods.run_methods``), each set up in turn (``network_parameters`` it trains, ``make_optimizer``)
+and trained for its ``total_epochs``, epochs numbered from its own start. The loop
+(``deepclust.train.Trainer.fit``) calls, per epoch of a method::
 
     if method.needs_discovery(epoch):                       # structure, on rank 0, then broadcast
         features = full passes for method.discovery_features(epoch)      # all ranks share the pass
@@ -11,7 +14,7 @@ JULE; ``../shared/design/method-contract.md`` sets their needs side by side). Th
     for gidx in method.batches(epoch, ...):                  # global batches, seeded; default uniform
         outputs = model(views)     # per view: the network's taps (method.taps), then method.forward
         loss = method.batch_loss(Step(...)).sum() * world / len(gidx)
-        backward, optimiser step (network + method.modules)
+        backward, optimiser step (network + method.modules) at method.learning_rate(...)
         method.after_step(step)                              # default: memory-bank update (AND Eq 8)
     after training: method.final_clusters(DiscoveryContext(...))  # the method's own clusters, or None
 
@@ -46,8 +49,14 @@ What a method may own and ask for:
    cuts the same global batches.
  - its length (``total_epochs``): read by the loop before every epoch, so it may depend on the
    current structure (JULE trains until its merges reach the target cluster count); the learning
-   rate follows ``optim.schedule`` (``step`` milestones, fixed or fractions of ``schedule_length``,
-   ``cosine`` over it, or Caffe's ``inv`` per step).
+   rate (``learning_rate``, set each epoch or, ``rate_per_step``, each step) follows
+   ``optim.schedule`` by default (``step`` milestones, fixed or fractions of ``schedule_length``,
+   ``cosine`` over it, or Caffe's ``inv`` per step); SCAN's is constant.
+ - its optimiser (``make_optimizer``: ``cfg.optim``'s by default) over the network's parameters it
+   trains (``network_parameters``; ``trains_network`` False keeps the network frozen, in eval mode)
+   and its modules'.
+ - what it needs of the configuration, checked where it is read: K is ``n_clusters()``, which
+   refuses a configuration that resolution has not completed.
  - its own final clusters (``final_clusters``; ``--cluster-head method``).
 
 The DDP rule for losses: ``batch_loss`` returns one term per local row; the loop sums them and scales
@@ -62,7 +71,8 @@ structure it found; nothing it returns feeds back.
 Options: each method declares an ``Options`` dataclass in its own file, built from ``options:`` of the
 configuration with ``deepclust.config.option`` fields (ranges checked by the one validator) and
 ``check(self)`` for rules across fields; ``check_data(options, n_images)`` for rules that need the
-data size. The registry (``methods/__init__.py``) maps the name to the class.
+data size (a method trained after another reads its own section, SCAN's ``scan``, through
+``options``). The registries (``methods/__init__.py``) map the name to the class.
 """
 
 from __future__ import annotations
@@ -77,6 +87,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..errors import ConfigError
 from ..memory import MemoryBank
+from ..schedules import build_optimizer, learning_rate
 from ..structure.batching import uniform_batches
 from ..views import draw_generator
 
@@ -222,10 +233,43 @@ class Method:
     def phase(self, epoch: int) -> str:
         return ""
 
+    # -- how it trains: what the loop asks when it sets the method up, and each epoch -----------
     def trains_network(self) -> bool:
-        """Whether the network learns in this stage (a clustering phase may train its heads alone:
-        the network then stays in eval mode and out of the optimiser)."""
+        """Whether the network learns while this method trains (a method after the first may train
+        its own modules alone: the network then stays in eval mode and out of the optimiser)."""
         return True
+
+    def network_parameters(self, net: nn.Module) -> list[nn.Parameter]:
+        """The network's parameters this method trains; the others are frozen while it trains (out of
+        backward and of its optimiser). All of them when it trains the network, the projection head
+        (``net.head``) only when ``embedding`` is among its taps: a part that does not reach the loss
+        gets no gradient, which DDP refuses."""
+        if not self.trains_network():
+            return []
+        head = set() if "embedding" in self.taps else {id(p) for p in net.head.parameters()}
+        return [p for p in net.parameters() if id(p) not in head]
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Its optimiser over ``params`` (the network's it trains, then its modules'): ``cfg.optim``."""
+        return build_optimizer(self.cfg.optim, params)
+
+    def learning_rate(self, epoch: int, steps: int) -> float:
+        """The rate at ``epoch`` after ``steps`` optimiser steps of the run: ``optim.schedule`` over
+        the span ``schedule_epoch`` / ``schedule_length`` give."""
+        return learning_rate(self.cfg.optim, self.schedule_epoch(epoch), steps, self.schedule_length(epoch))
+
+    def rate_per_step(self) -> bool:
+        """Whether the rate is set before every optimiser step (Caffe's ``inv``), not once an epoch."""
+        return self.cfg.optim.schedule == "inv"
+
+    def n_clusters(self) -> int:
+        """K, ``cluster.n_clusters``: resolution sets it before training (``resolution.resolve``), and
+        a method that needs it asks here, so an unresolved configuration is refused, not guessed."""
+        k = self.cfg.cluster.n_clusters
+        if k is None:
+            raise ConfigError(f"{self.name or type(self).__name__} needs cluster.n_clusters, which "
+                              "resolution.resolve sets before training: give K or resolve the configuration")
+        return int(k)
 
     def views_at(self, epoch: int) -> int:
         """Augmented views per sample at ``epoch`` (PCP's two-view warm-up ends part-way)."""

@@ -102,7 +102,7 @@ class Dccm(Method):
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
         o = self.options
-        self.k = cfg.cluster.n_clusters or 10
+        self.k = self.n_clusters()
         self.n_views = 2 if o.local_robustness else 1
         if o.mutual_information and self.shallow_layer is None:
             raise ConfigError("dccm: the network names no shallow layer for the mutual-information loss")

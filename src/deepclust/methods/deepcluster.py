@@ -73,7 +73,7 @@ class DeepCluster(Method):
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
-        self.k = self.options.clusters or cfg.cluster.n_clusters or 10
+        self.k = self.options.clusters or self.n_clusters()
         self.modules["classifier"] = nn.Linear(self.tap_dims["backbone"], self.k)
 
     @classmethod
@@ -140,4 +140,4 @@ class DeepCluster(Method):
         return (FEATURES,)
 
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
-        return self._cluster(ctx.features(FEATURES.tap), self.cfg.cluster.n_clusters, seed=self.cfg.train.seed)[0]
+        return self._cluster(ctx.features(FEATURES.tap), self.n_clusters(), seed=self.cfg.train.seed)[0]

@@ -98,7 +98,7 @@ class Jule(Method):
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
-        self.target = cfg.cluster.n_clusters or 10
+        self.target = self.n_clusters()
 
     @classmethod
     def check_data(cls, options: JuleOptions, n_images: int) -> None:

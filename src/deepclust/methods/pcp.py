@@ -132,9 +132,10 @@ class ProgressiveClusterPurification(Method):
 
     # -- structure ------------------------------------------------------------------------------
     def floor(self) -> int:
-        o, k = self.options, self.cfg.cluster.n_clusters or 10
+        o = self.options
         if o.floor is not None:
             return min(o.floor, self.n_images)
+        k = self.n_clusters()
         return max(k, self.n_images // o.images_per_cluster) if o.images_per_cluster else k
 
     def clusters_at(self, epoch: int) -> int:
@@ -228,6 +229,6 @@ class ProgressiveClusterPurification(Method):
 
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
         feats = ctx.bank.features.float().cpu().numpy()
-        labels, _, _ = kmeans(feats, self.cfg.cluster.n_clusters, seed=self.cfg.train.seed,
+        labels, _, _ = kmeans(feats, self.n_clusters(), seed=self.cfg.train.seed,
                               n_iter=self.options.kmeans_iters)
         return labels

@@ -1,12 +1,15 @@
 """The learned clustering stage after any method (``cluster.head: scan``): SCAN (Van Gansbeke,
 Vandenhende, Georgoulis, Proesmans & Van Gool, ECCV 2020; reference code
-wvangansbeke/Unsupervised-Classification), as a training phase on the method contract.
+wvangansbeke/Unsupervised-Classification), a method of its own on the method contract, trained
+after the configured one (``methods.STAGES``: ``cluster.head: scan`` adds it to the run).
 
-The loop (``train.Trainer.fit``) runs the method's epochs, then this phase's epochs with the same
+The loop (``train.Trainer.fit``) runs the method's epochs, then this method's epochs with the same
 hooks (discovery on rank 0, global batches seeded by (seed, epoch), per-row losses against the
-gathered batch, checkpoint after every epoch), its own optimiser (Adam at a constant rate as SCAN's;
-1e-3, not their 1e-4: see config.py) and its own modules, the heads:
- - discovery at the phase's start: the k = 20 nearest neighbours of every image in the run's
+gathered batch, checkpoint after every epoch); its options are the ``scan`` section; its hooks give
+its optimiser (``make_optimizer``: Adam as SCAN's, or plain SGD, ``scan.optimizer``), its rate
+(``learning_rate``: constant, ``scan.lr``, 1e-3, not their 1e-4: see config.py), whether the network
+learns (``scan.backbone``) and its modules, the heads:
+ - discovery at its start: the k = 20 nearest neighbours of every image in the run's
    embedding (a full pass of the un-augmented images; ``structure.knn.mine_neighbours``, Sec 3.1);
  - SCAN epochs (Eq 2, ``losses/scan.py``): H linear heads Linear(D, K) on ``cluster.features`` (the
    backbone output; SCAN's head) trained with the network; a global batch is A anchors, every image
@@ -71,8 +74,8 @@ def clusters_used(probabilities: Tensor) -> Tensor:
     return (counts > 0).sum(1)
 
 
-class ScanPhase(Method):
-    """SCAN as a phase after a method: the Method hooks, its epochs counted from the phase's start."""
+class Scan(Method):
+    """SCAN as a method trained after another: its epochs counted from its own start."""
 
     name = "scan"
     uses_bank = False
@@ -80,7 +83,7 @@ class ScanPhase(Method):
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
         s = cfg.scan
-        self.k = cfg.cluster.n_clusters
+        self.k = self.n_clusters()
         self.layer = cfg.cluster.features
         if self.layer not in ("backbone", "embedding"):
             raise ConfigError(f"cluster.head scan reads the backbone or the embedding, not '{self.layer}'")
@@ -113,6 +116,19 @@ class ScanPhase(Method):
 
     def trains_network(self) -> bool:
         return self.options.backbone == "train"
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam (SCAN's) or plain SGD (``scan.optimizer``), without momentum: the step is the gradient
+        times the rate."""
+        o = self.options
+        make = torch.optim.SGD if o.optimizer == "sgd" else torch.optim.Adam
+        return make(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def learning_rate(self, epoch: int, steps: int) -> float:
+        return self.options.lr  # constant, as SCAN's
+
+    def rate_per_step(self) -> bool:
+        return False
 
     def views_at(self, epoch: int) -> int:
         return 2 if self.self_labelling(epoch) else 1
