@@ -197,10 +197,11 @@ def test_folder_corrupt_files_are_skipped_with_one_warning(tmp_path, capsys):
         warnings.simplefilter("error")  # one stderr line, never a Python warning (issue 23)
         d = load_images(f"folder:{root}")
     messages = capsys.readouterr().err.splitlines()
-    assert len(messages) == 1 and messages[0].startswith("deepclust: warning: skipped 3 unreadable image file(s)")
-    assert all(n in messages[0] for n in ("b/truncated.png", "b/garbage.jpg", "b/empty.webp"))
+    assert len(messages) == 1 and messages[0].startswith("deepclust: warning: skipped 3 image file(s)")
+    assert all(f"{n} (unreadable)" in messages[0] for n in ("b/truncated.png", "b/garbage.jpg", "b/empty.webp"))
     assert d.names == ["a/ok.png", "b/ok.jpg"] and d.labels.tolist() == [0, 1]
-    assert sorted(d.skipped) == ["b/empty.webp", "b/garbage.jpg", "b/truncated.png"]
+    assert sorted(d.skipped) == ["b/empty.webp (unreadable)", "b/garbage.jpg (unreadable)",
+                                 "b/truncated.png (unreadable)"]
     assert d.subset([0]).skipped == d.skipped
 
 

@@ -66,7 +66,7 @@ def test_folder_broken_link_is_reported_not_fatal(tmp_path, capsys):
     _png(root / "c0" / "a.png", 1)
     (root / "c0" / "gone.png").symlink_to(tmp_path / "missing.png")
     d = load_images(f"folder:{root}")
-    assert re.search(r"skipped 1 unreadable image file\(s\) .*c0/gone.png", capsys.readouterr().err)
+    assert re.search(r"skipped 1 image file\(s\) .*c0/gone.png \(unreadable\)", capsys.readouterr().err)
     assert d.names == ["c0/a.png"]
 
 
@@ -234,3 +234,56 @@ def test_damaged_head_files_are_one_line(tmp_path):
         with pytest.raises(DataError, match="^cannot read cluster head|is invalid") as e:
             ClusterHead.load(tmp_path / name)
         assert "\n" not in str(e.value), name
+
+
+# -- head.npz files of every kind, and of the layout written before each kind saved its own arrays ----
+
+def test_linear_head_files_of_both_layouts_predict_the_affine_map(tmp_path):
+    """A ``linear`` head keeps its matrix as ``weight``; files that hold it as ``centroids`` (with the
+    empty reference arrays every head once saved) load to the same head and the same clusters."""
+    from deepclust.heads import AssignmentMap, LinearHead, OwnClusters, cluster_head
+
+    rng = np.random.default_rng(0)
+    a, c, x = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=4).astype(np.float32), rng.normal(size=(30, 6))
+    expected = (x.astype(np.float32) @ a.T + c).argmax(1)
+    head = cluster_head(x, "method", 4, own=OwnClusters(map=AssignmentMap("backbone", a, c)),
+                        layer="backbone")
+    assert isinstance(head, LinearHead) and np.array_equal(head.labels_, expected)
+    head.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz") as z:
+        assert sorted(z.files) == ["bias", "kind", "labels", "n_clusters", "weight"]
+    np.savez(tmp_path / "old.npz", kind=np.array("linear"), n_clusters=np.array(4), centroids=a, labels=expected,
+             reference=np.zeros((0, 0), np.float16), reference_labels=np.zeros(0, np.int64), bias=c)
+    for name in ("new.npz", "old.npz"):
+        loaded = ClusterHead.load(tmp_path / name)
+        assert isinstance(loaded, LinearHead) and loaded.width == 6 and np.array_equal(loaded.weight, a)
+        assert np.array_equal(loaded.predict(x), expected) and np.array_equal(loaded.labels_, expected)
+        assert loaded.assignment_map("backbone").layer == "backbone"
+    np.savez(tmp_path / "no_bias.npz", kind=np.array("linear"), n_clusters=np.array(4), weight=a, labels=expected)
+    with pytest.raises(DataError, match="lacks bias"):
+        ClusterHead.load(tmp_path / "no_bias.npz")
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "spectral", "agglomerative", "graph", "method"])
+def test_every_kind_round_trips_and_reads_the_older_layout(tmp_path, kind):
+    """Each kind saves its own arrays and loads as its own class; a file of the older layout (every
+    array of every kind, empty where unused) loads to a head predicting the same clusters."""
+    from deepclust.heads import KINDS, GivenLabelsHead, OwnClusters, cluster_head
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(m, 0.1, size=(20, 5)) for m in (-2, 0, 2)]).astype(np.float32)
+    own = OwnClusters(labels=np.repeat(np.arange(3), 20))
+    head = cluster_head(x, kind, 3, own=own)
+    assert type(head) is KINDS[kind] and (kind != "method" or isinstance(head, GivenLabelsHead))
+    head.save(tmp_path / "new.npz")
+    old = dict(kind=np.array(kind), n_clusters=np.array(head.n_clusters), centroids=head.centroids,
+               labels=head.labels_, reference=np.zeros((0, 0), np.float16), reference_labels=np.zeros(0, np.int64),
+               bias=np.zeros(0, np.float32))
+    if kind != "kmeans":
+        old.update(reference=head.reference, reference_labels=head.reference_labels)
+    np.savez(tmp_path / "old.npz", **old)
+    new = rng.normal(0, 2, size=(15, 5)).astype(np.float32)
+    for name in ("new.npz", "old.npz"):
+        loaded = ClusterHead.load(tmp_path / name)
+        assert type(loaded) is type(head) and loaded.kind == kind and loaded.width == 5
+        assert np.array_equal(loaded.labels_, head.labels_) and np.array_equal(loaded.predict(new), head.predict(new))

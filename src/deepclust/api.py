@@ -33,7 +33,7 @@ from sklearn.exceptions import NotFittedError
 from .config import read_yaml, set_dotted
 from .configure import build_config, run_config
 from .data import ImageSet
-from .data.sources import finalise, normalise_layout, read_image, resize_all, to_uint8
+from .data.sources import check_labels, finalise, normalise_layout, read_image, resize_all, to_uint8
 from .errors import ConfigError, DataError
 from .evaluate import clustering_scores
 from .heads import ClusterHead
@@ -112,19 +112,37 @@ def options_layers(method: str | None, n_clusters: Any, options: dict[str, Any])
     return base, layer
 
 
+def _config_of(params: dict[str, Any], X: Any = None):
+    """The validated Config of a Clusterer's parameters (``method``, ``n_clusters`` and options), with
+    ``X``'s data spec: what ``__init__``, ``set_params``, ``configuration`` and ``fit`` check."""
+    options = {k: v for k, v in params.items() if k not in ("method", "n_clusters")}
+    clash = sorted(name for name in options if hasattr(Clusterer, name))
+    if clash:
+        raise ConfigError(f"'{clash[0]}' is a Clusterer method, not an option")
+    base, layer = options_layers(params.get("method"), params.get("n_clusters"), options)
+    if isinstance(X, str):
+        set_dotted(layer, "data.spec", X)
+    elif X is not None:
+        set_dotted(layer, "data.spec", ARRAY_SPEC)
+    return build_config(base, layer)
+
+
 class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     """Unsupervised deep image clustering, scikit-learn style.
 
     ``method``: a registered method (None: the configuration's default, or the ``config=`` preset's);
     ``n_clusters``: K, or "auto" (estimated from the images without labels, ``structure/n_clusters.py``);
     None: the ``config=`` preset's K, else auto;
-    ``**options``: any configuration option (:func:`options_layers`), checked by the one validator.
+    ``**options``: any configuration option (:func:`options_layers`), checked by the one validator
+    when given: ``Clusterer(...)`` and :meth:`set_params` refuse an unknown name or a wrong value
+    (ConfigError) as ``fit`` would, so no invalid estimator exists to be cloned or fitted.
 
     Fitted attributes: ``labels_`` (cluster per image), ``embedding_`` (L2-normalised embeddings),
     ``n_clusters_``, ``metrics_`` (metrics.json's content), ``config_`` (the resolved Config).
     """
 
     def __init__(self, method: str | None = None, n_clusters: int | str | None = None, **options: Any):
+        _config_of({"method": method, "n_clusters": n_clusters, **options})
         self.method = method
         self.n_clusters = n_clusters
         for name, value in options.items():  # each option a parameter, as scikit-learn expects
@@ -137,24 +155,16 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 
     def set_params(self, **params: Any) -> "Clusterer":
+        """Set parameters once all of them, with the others, pass the validator ``fit`` uses; on a
+        ConfigError nothing is changed."""
+        _config_of({**self.get_params(), **params})
         for name, value in params.items():
             setattr(self, name, value)
         return self
 
-    def _options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.get_params().items() if k not in ("method", "n_clusters")}
-
     def configuration(self, X: Any = None):
         """The Config ``fit(X)`` would start from (validated; nothing resolved from data yet)."""
-        clash = sorted(name for name in self._options() if hasattr(type(self), name))
-        if clash:
-            raise ConfigError(f"'{clash[0]}' is a Clusterer method, not an option")
-        base, layer = options_layers(self.method, self.n_clusters, self._options())
-        if isinstance(X, str):
-            set_dotted(layer, "data.spec", X)
-        elif X is not None:
-            set_dotted(layer, "data.spec", ARRAY_SPEC)
-        return build_config(base, layer)
+        return _config_of(self.get_params(), X)
 
     # -- fitting ---------------------------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         if y is not None:
             if images is None:
                 raise DataError("y is given with a data spec; the spec's own labels are used")
-            images.labels = np.asarray(y)
+            images.labels = check_labels(y, "y")
             images = finalise(images)  # one line if y does not match X
         with tempfile.TemporaryDirectory(prefix="deepclust-") as tmp:
             out = Path(tmp) / "run"
@@ -218,8 +228,13 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         return self.head_.predict(features)
 
     def scores(self, X: Any, y: Any) -> dict[str, float]:
-        """ACC (Hungarian-matched), NMI and ARI of ``predict(X)`` against the labels ``y``."""
-        return clustering_scores(np.asarray(y), self.predict(X))
+        """ACC (Hungarian-matched), NMI and ARI of ``predict(X)`` against the labels ``y`` (one per
+        image of ``X``; DataError otherwise)."""
+        labels = check_labels(y, "y")
+        predicted = self.predict(X)
+        if len(labels) != len(predicted):
+            raise DataError(f"y has {len(labels)} labels for {len(predicted)} images of X")
+        return clustering_scores(labels, predicted)
 
     def score(self, X: Any, y: Any = None) -> float:
         """The Hungarian-matched accuracy of ``predict(X)`` against ``y`` (scikit-learn's one number;

@@ -10,6 +10,8 @@ Validation, in one place (:func:`validate`): every field is declared with :func:
 states its range or choices; the validator checks every field of every section, and of the method's
 own ``Options`` dataclass (declared in the method's file, named in the registry of
 ``deepclust.methods``), the same way. Numbers must be finite. Rules across fields are a section's ``check()`` method.
+Types are checked layer by layer as well (:func:`merge_layers`): a section or value of the wrong type in
+a ``--config`` file is refused even where a flag sets the same keys.
 
 Config knows nothing of the methods: :func:`config_from_dict` is handed the way from a method's name
 to its ``Options`` class (``deepclust.configure.build_config`` hands it the registry of
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +43,9 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method", "scan")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
+# The largest train.seed: torch, numpy and faiss take it (faiss a signed 32-bit int); seeds derived from it
+# for faiss (seed * 1000 + epoch, DeepCluster's and PCP's k-means) are reduced modulo 2**31 there.
+MAX_SEED = 2**31 - 1
 
 def option(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
@@ -60,9 +66,14 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _number_text(x: float) -> str:
+    """An integer in full (a seed of 2147483648 is not 2.14748e+09), a float in %g."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _range_text(m: dict) -> str:
-    lo = "" if m["low"] is None else f"{'>' if m['low_open'] else '>='} {m['low']:g}"
-    hi = "" if m["high"] is None else f"{'<' if m['high_open'] else '<='} {m['high']:g}"
+    lo = "" if m["low"] is None else f"{'>' if m['low_open'] else '>='} {_number_text(m['low'])}"
+    hi = "" if m["high"] is None else f"{'<' if m['high_open'] else '<='} {_number_text(m['high'])}"
     return " and ".join(p for p in (lo, hi) if p)
 
 
@@ -77,11 +88,11 @@ def _check_value(value: Any, m: dict, where: str) -> None:
         _check(value in m["choices"], f"{where}: '{value}' is not one of {', '.join(map(str, m['choices']))}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    _check(math.isfinite(value), f"{where}: must be a finite number, got {value}")
+    _check(isinstance(value, int) or math.isfinite(value), f"{where}: must be a finite number, got {value}")
     lo, hi = m.get("low"), m.get("high")
     ok = (lo is None or (value > lo if m["low_open"] else value >= lo)) and \
          (hi is None or (value < hi if m["high_open"] else value <= hi))
-    _check(ok, f"{where}: must be {_range_text(m)}, got {value:g}")
+    _check(ok, f"{where}: must be {_range_text(m)}, got {_number_text(value)}")
 
 
 def check_fields(obj: Any, where: str) -> None:
@@ -182,7 +193,7 @@ class TrainConfig:
     epochs: int | None = option(None, low=0)  # epochs of training; for AND / PCP, epochs per round (AND:
                                                # round 0 included); None: chosen to fit train.budget
     budget: str | None = None  # time budget when epochs is None: "10m", "90s", "1h30m" (None: budget.DEFAULT_BUDGET)
-    seed: int = option(0, low=0)
+    seed: int = option(0, low=0, high=MAX_SEED)
     devices: int = option(1, low=1)
     num_nodes: int = option(1, low=1)
     accelerator: str = option("auto", choices=ACCELERATORS)
@@ -325,8 +336,9 @@ def _to_bool(value: Any, where: str) -> bool:
 def _to_number(value: Any, where: str, tp: type) -> Any:
     """int or float from a number or a string; a bool is not a number, a float is an int only when whole."""
     what = "an integer" if tp is int else "a number"
-    if not isinstance(value, bool):
-        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+    if not isinstance(value, bool):  # numbers.Integral / Real: numpy's scalars too (np.int64 from a grid)
+        if isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real)
+                                                   and (tp is float or float(value).is_integer())):
             return tp(value)
         if isinstance(value, str):
             try:
@@ -387,11 +399,28 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def merge_layers(*layers: dict | None) -> dict:
-    """Configuration layers (nested dicts) merged key by key, later layers winning."""
+    """Configuration layers (nested dicts) merged key by key, later layers winning. Each layer is
+    type-checked on its own first (:func:`check_layer`), so that a section or value of the wrong type
+    is refused even where a later layer sets the same keys."""
     merged: dict = {}
     for layer in layers:
+        check_layer(layer)
         merged = _merge(merged, layer or {})
     return merged
+
+
+def check_layer(layer: dict | None) -> None:
+    """ConfigError in one line for a layer that is not a mapping, a section that is not one
+    (``train: 5``), an unknown key or a value that is not of its option's type. Ranges, and the
+    method's own options (whose types depend on the method), are checked once the layers are merged."""
+    if layer is None:
+        return
+    if not isinstance(layer, dict):
+        raise ConfigError(f"config: expected a mapping, got {layer!r}")
+    options = layer.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"options: expected a mapping, got {options!r}")
+    _build(Config, {k: v for k, v in layer.items() if k != "options"}, "")
 
 
 def preset_path(name: str) -> Path:

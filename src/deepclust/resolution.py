@@ -3,6 +3,7 @@ evidence of each automatic choice (``Config.resolution``), into one frozen Confi
 
  - views: an ``auto`` preset chosen from the pixels (``view_rules.py``), fields given explicitly win;
  - network: the backbone for the image size and channels, the input shape recorded;
+ - images: a set whose images are all identical is refused (nothing to cluster);
  - clusters: K when not given (``auto``) estimated from the pixels of the training images, never
    from their labels (``structure/n_clusters.py``: the best silhouette of spectral clustering of the
    pixels' PCA over K = 2..30). Pixels, because every method needs K before training (PCP's
@@ -23,10 +24,10 @@ from . import budget, view_rules
 from .config import ClusterConfig, Config, DataConfig, NetConfig, ViewsConfig, validate
 from .data import ImageSet, load_images
 from .errors import ConfigError, DataError
-from .methods import method_class
+from .methods import method_class, stage_class
 from .nets import EmbeddingNet, default_backbone
 from .rundir import is_launched_child
-from .structure.n_clusters import estimate_n_clusters, pixel_features
+from .structure.n_clusters import estimate_n_clusters, identical_images, pixel_features
 from .views import VIEW_PRESETS, ViewSpec
 
 VIEW_FIELDS = ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p")
@@ -46,6 +47,8 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     n = len(images)
     if n < 2:
         raise DataError(f"data '{images.spec}' has {n} image(s); at least 2 are needed")
+    if identical_images(images.images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
+        raise DataError(f"all {n} images are identical: nothing to cluster")
     method = method_class(cfg.method)
     method.check_data(cfg.options, n)
     notes: dict = {}
@@ -71,7 +74,8 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
                      notes: dict) -> ClusterConfig:
     """K estimated from the pixels of the training images when not given (never from the labels:
     the evidence goes to ``notes["n_clusters"]``); the head, features and eigenvector count from
-    the method's ``defaults`` (chosen on the development data)."""
+    the method's ``defaults`` (chosen on the development data), the features from the stage the
+    head adds to the run where it names the layer its head reads (``Method.cluster_features``)."""
     k = cl.n_clusters
     if k is None:
         pixels = pixel_features(training_subset(data, images).images)
@@ -80,9 +84,11 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
     if k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     head, features, eigenvectors = defaults
-    if cl.head == "scan":  # SCAN's head reads the backbone output (methods/scan.py)
-        features = "backbone"
-    return dataclasses.replace(cl, n_clusters=k, head=head if cl.head == "auto" else cl.head,
+    head = head if cl.head == "auto" else cl.head
+    stage = stage_class(head)
+    if stage is not None and stage.cluster_features is not None:  # the layer a stage's head reads
+        features = stage.cluster_features
+    return dataclasses.replace(cl, n_clusters=k, head=head,
                                features=features if cl.features == "auto" else cl.features,
                                eigenvectors=eigenvectors if cl.eigenvectors is None else cl.eigenvectors)
 

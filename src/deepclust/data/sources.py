@@ -3,10 +3,12 @@ arrays and folders of image files.
 
 Conventions shared by every source (the torchvision-backed ones in :mod:`.torchvision_sets` too):
 images are ``uint8``, shaped ``(N, H, W)`` for grayscale or ``(N, H, W, 3)`` for RGB, C-contiguous;
-``labels`` int64 ``(N,)``; ``split`` int8 ``(N,)`` with 0 = train and 1 = test. Every user mistake
-raises :class:`~deepclust.errors.DataError` with a one-line message; what is loaded anyway but said
-(unreadable files skipped, a field dropped) is one ``deepclust: warning:`` line on stderr. A resize
-is checked against the available memory before any image is resized (``limits.check_resized``).
+``labels`` int64 ``(N,)`` in 0..C-1 (:func:`finalise`); ``split`` int8 ``(N,)`` with 0 = train and
+1 = test. Every user mistake raises :class:`~deepclust.errors.DataError` with a one-line message; what
+is loaded anyway but said (files skipped, a field dropped) is one ``deepclust: warning:`` line on
+stderr. A resize is checked against the available memory before any image is resized
+(``limits.check_resized``). Image files are read as a viewer shows them (EXIF orientation applied);
+Pillow's own warnings never reach stderr.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ from __future__ import annotations
 import heapq
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 from ..limits import check_resized
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-MAX_LISTED = 20  # unreadable files named in the folder warning before "and N more"
+MAX_LISTED = 20  # skipped files named in the folder warning before "and N more"
+
+
+class UnreadableImage(DataError):
+    """An image file that is not read; the message is the reason (``too large, W x H pixels``)."""
 
 
 @dataclass
@@ -37,7 +44,7 @@ class ImageSet:
     names: list[str] | None = None  # file names / ids where they exist (folder: path relative to root)
     classes: list[str] | None = None  # class names where known, indexed by label
     spec: str = ""  # the spec string it was loaded from
-    skipped: list[str] = field(default_factory=list)  # unreadable files skipped while loading (folder)
+    skipped: list[str] = field(default_factory=list)  # files skipped while loading (folder): "path (reason)"
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -134,16 +141,47 @@ def resize_all(images: np.ndarray | list[np.ndarray], side: int) -> np.ndarray:
     return np.stack(out)
 
 
+def check_labels(labels, where: str) -> np.ndarray:
+    """``labels`` as int64 (N,), refused in one line (naming ``where``) unless they are whole,
+    non-negative numbers below 2**63."""
+    y = np.asarray(labels)
+    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    y = y.reshape(-1)
+    if np.issubdtype(y.dtype, np.floating):
+        bad = y[~(np.isfinite(y) & (y == np.round(y)))]
+        if bad.size:
+            raise DataError(f"{where}: labels must be integers, found {bad[0]}")
+    if y.size and y.min() < 0:
+        raise DataError(f"{where}: labels must be non-negative, found {int(y.min())}")
+    if y.size and y.max() >= 2**63:
+        raise DataError(f"{where}: labels must be below 2**63, found {int(y.max())}")
+    return y.astype(np.int64)
+
+
+def _dense_labels(labels: np.ndarray, classes: list[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    """Labels in 0..C-1, so that no consumer allocates by the largest value: labels without class
+    names that are not already 0..C-1 are renumbered in sorted order, their values becoming the names."""
+    if classes is not None or not labels.size:
+        return labels, classes
+    values, index = np.unique(labels, return_inverse=True)
+    if values[-1] == len(values) - 1:
+        return labels, classes
+    return index.astype(np.int64).reshape(-1), [str(v) for v in values.tolist()]
+
+
 def finalise(images: ImageSet) -> ImageSet:
-    """Checks every source's result must pass: non-empty, uint8, C-contiguous, aligned fields."""
+    """Checks every source's result must pass: non-empty, uint8, C-contiguous, aligned fields,
+    labels whole and non-negative (in 0..C-1 once renumbered, :func:`_dense_labels`)."""
     n = len(images)
     if n == 0:
         raise DataError(f"no images found in '{images.spec}'")
     images.images = np.ascontiguousarray(images.images, dtype=np.uint8)
     if images.labels is not None:
-        images.labels = np.asarray(images.labels).astype(np.int64).reshape(-1)
+        images.labels = check_labels(images.labels, f"data '{images.spec}'")
         if len(images.labels) != n:
             raise DataError(f"data '{images.spec}': {len(images.labels)} labels for {n} images")
+        images.labels, images.classes = _dense_labels(images.labels, images.classes)
     if images.split is not None:
         images.split = np.asarray(images.split).astype(np.int8).reshape(-1)
         if len(images.split) != n:
@@ -203,10 +241,12 @@ def _read_npz(path: Path, resize: int | None) -> dict:
     for key in ("labels", "split", "names"):
         if out[key] is not None and out[key].reshape(-1).shape[0] != n:
             raise DataError(f"npz file {path}: '{key}' has {out[key].reshape(-1).shape[0]} entries for {n} images")
-    if out["labels"] is not None and not np.issubdtype(out["labels"].dtype, np.integer):
-        labels = out["labels"].reshape(-1)
-        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
-            raise DataError(f"npz file {path}: 'labels' must be integers, got dtype {labels.dtype}")
+    if out["labels"] is not None:
+        out["labels"] = check_labels(out["labels"], f"npz file {path}")
+        n_classes = None if out["classes"] is None else out["classes"].size
+        if n_classes is not None and n and out["labels"].max() >= n_classes:
+            raise DataError(f"npz file {path}: 'labels' must index its {n_classes} 'classes', "
+                            f"found {out['labels'].max()}")
     if out["split"] is not None and not np.isin(out["split"], (0, 1)).all():
         raise DataError(f"npz file {path}: 'split' values must be 0 (train) or 1 (test)")
     out["images"] = resize_all(images, resize) if resize else images
@@ -277,24 +317,44 @@ def _to_uint8_gray(arr: np.ndarray) -> np.ndarray:
 
 def read_image(path: str | Path) -> np.ndarray:
     """One image file as uint8 (H, W) for grayscale modes ('1', 'L', 'LA', 'I;16', 'I', 'F', 'P' with
-    a grey palette) or (H, W, 3) for colour ones (RGB, RGBA, CMYK, YCbCr, 'P' with colours...).
-    Alpha is dropped. Multi-frame files give their first frame. Raises on unreadable files."""
-    with Image.open(path) as im:
-        im.load()
-        mode = im.mode
-        if mode.startswith("I") or mode == "F":
-            return _to_uint8_gray(np.asarray(im))
-        if mode in ("1", "L", "LA", "La"):
-            return np.asarray(im.convert("L"))
-        rgb = np.asarray(im.convert("RGB"))
-        if mode in ("P", "PA") and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-            return np.ascontiguousarray(rgb[..., 0])  # a palette image using only greys
-        return rgb
+    a grey palette) or (H, W, 3) for colour ones (RGB, RGBA, CMYK, YCbCr, 'P' with colours...), turned
+    as its EXIF orientation says (as a viewer shows it). Alpha is dropped. Multi-frame files give
+    their first frame. An image of more pixels than Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) raises :class:`UnreadableImage` ``too large, W x H pixels`` before
+    it is decoded; other unreadable files raise what Pillow raises. Pillow's warnings are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # decompression bomb (handled below), corrupt EXIF, ...
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError:
+            raise UnreadableImage(f"too large, over {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+        with im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise UnreadableImage(f"too large, {im.width} x {im.height} pixels")
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            return _as_array(im)
 
 
-def _image_files(base: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``base`` (recursive; hidden files and folders,
-    such as .ipynb_checkpoints, are skipped), sorted by path components for a stable order.
+def _as_array(im: Image.Image) -> np.ndarray:
+    """A loaded Pillow image as uint8 (H, W) or (H, W, 3) (see :func:`read_image`)."""
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        return _to_uint8_gray(np.asarray(im))
+    if mode in ("1", "L", "LA", "La"):
+        return np.asarray(im.convert("L"))
+    rgb = np.asarray(im.convert("RGB"))
+    if mode in ("P", "PA") and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return np.ascontiguousarray(rgb[..., 0])  # a palette image using only greys
+    return rgb
+
+
+def _image_files(base: Path) -> list[tuple[str, bool]]:
+    """(relative POSIX path, hidden) of every image file under ``base`` (recursive), sorted by path
+    components for a stable order. ``hidden``: the file or a folder on its path is hidden (its name
+    starts with a dot: .ipynb_checkpoints, macOS's ._ files); a file reached both ways keeps a
+    visible path.
 
     Symbolic links are followed (a folder of linked class folders is a common layout), but every real
     file is listed once and every real directory is entered once, so link loops (``c0/up -> ..``) and
@@ -307,11 +367,11 @@ def _image_files(base: Path) -> list[str]:
     extension is listed (and then reported unreadable). Unreadable directories are skipped.
     """
     root = os.path.realpath(base)
-    best: dict[str, tuple[int, int, tuple[str, ...]]] = {}  # real file -> (links, depth, parts) kept
+    best: dict[str, tuple[bool, int, int, tuple[str, ...]]] = {}  # real file -> (hidden, links, depth, parts)
     entered: set[str] = set()
-    heap: list[tuple[int, int, tuple[str, ...], str]] = [(0, 0, (), root)]
-    while heap:  # best-first: (links crossed, depth, parts) never decreases along a path
-        links, depth, parts, real = heapq.heappop(heap)
+    heap: list[tuple[bool, int, int, tuple[str, ...], str]] = [(False, 0, 0, (), root)]
+    while heap:  # best-first: (hidden, links crossed, depth, parts) never decreases along a path
+        hidden, links, depth, parts, real = heapq.heappop(heap)
         if real in entered:
             continue
         entered.add(real)
@@ -320,48 +380,62 @@ def _image_files(base: Path) -> list[str]:
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
             is_link = entry.is_symlink()
             target = os.path.realpath(entry.path) if is_link else entry.path
-            key = (links + is_link, depth + 1, parts + (entry.name,))
+            key = (hidden or entry.name.startswith("."), links + is_link, depth + 1, parts + (entry.name,))
             if entry.is_dir():
                 if target not in entered and os.path.commonpath([target, root]) != target:
                     heapq.heappush(heap, (*key, target))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 if target not in best or key < best[target]:
                     best[target] = key
-    return sorted(("/".join(parts) for _, _, parts in best.values()), key=lambda p: tuple(p.split("/")))
+    found = [("/".join(key[3]), key[0]) for key in best.values()]
+    return sorted(found, key=lambda item: tuple(item[0].split("/")))
+
+
+def _read_files(base: Path, files: list[tuple[str, bool]]) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """(images, their names, skipped files as "path (reason)") of ``files`` (:func:`_image_files`):
+    hidden ones are skipped ("hidden file", "hidden folder"), unreadable ones too ("unreadable",
+    "too large, W x H pixels")."""
+    images: list[np.ndarray] = []
+    names: list[str] = []
+    skipped: list[str] = []
+    for rel, hidden in files:
+        if hidden:
+            reason = "hidden file" if rel.rsplit("/", 1)[-1].startswith(".") else "hidden folder"
+            skipped.append(f"{rel} ({reason})")
+            continue
+        try:
+            images.append(read_image(base / rel))
+            names.append(rel)
+        except UnreadableImage as e:
+            skipped.append(f"{rel} ({e})")
+        except Exception:  # truncated, corrupt, unsupported: skipped and reported, never a crash
+            skipped.append(f"{rel} (unreadable)")
+    return images, names, skipped
 
 
 def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
     """Every image file under ``root`` (extensions png jpg jpeg bmp gif tif tiff webp, any case),
     sorted by relative path. When every image sits in a sub-folder, the first-level sub-folder name is
     its class (labels index the sorted class names); images at the top level mean no labels.
-    Unreadable or truncated files are skipped, counted and named (the first MAX_LISTED) in one
-    warning line and kept in ``skipped``. If any image is colour, all become RGB (grayscale ones
-    repeated over 3 channels). Mixed sizes need ``resize`` (its memory checked before any file is
-    read, for at least one channel)."""
+    Hidden files (and files in hidden folders), unreadable, truncated and too large ones are skipped:
+    counted and named with their reason (the first MAX_LISTED) in one warning line and kept in
+    ``skipped``. If any image is colour, all become RGB (grayscale ones repeated over 3 channels).
+    Mixed sizes need ``resize`` (its memory checked before any file is read, for at least one channel)."""
     base = Path(root).expanduser()
     if not base.exists():
         raise DataError(f"no such file or directory: {base}")
     if not base.is_dir():
         raise DataError(f"not a directory: {base}")
-    images: list[np.ndarray] = []
-    names: list[str] = []
-    bad: list[str] = []
     files = _image_files(base)
-    if resize and files:
-        check_resized(len(files), 1, resize)
-    for rel in files:
-        try:
-            images.append(read_image(base / rel))
-            names.append(rel)
-        except Exception:  # truncated, corrupt, unsupported: skipped and reported below, never a crash
-            bad.append(rel)
+    visible = sum(not hidden for _, hidden in files)
+    if resize and visible:
+        check_resized(visible, 1, resize)
+    images, names, bad = _read_files(base, files)
     if bad:
         shown = ", ".join(bad[:MAX_LISTED]) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
-        warn(f"skipped {len(bad)} unreadable image file(s) under {base}: {shown}")
+        warn(f"skipped {len(bad)} image file(s) under {base}: {shown}")
     if not images:
         raise DataError(f"no images found under {base}")
     if any(im.ndim == 3 for im in images):

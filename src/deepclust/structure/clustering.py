@@ -30,7 +30,7 @@ def kmeans(features: np.ndarray, n_clusters: int, *, seed: int = 0, n_iter: int 
     _check_k(n, n_clusters)
     if not np.isfinite(x).all():
         raise ConfigError("features contain NaN or infinite values")
-    km = faiss.Kmeans(d, n_clusters, niter=n_iter, nredo=n_init, seed=seed, spherical=spherical,
+    km = faiss.Kmeans(d, n_clusters, niter=n_iter, nredo=n_init, seed=seed % 2**31, spherical=spherical,
                       max_points_per_centroid=max(256, -(-n // n_clusters)), verbose=False,
                       min_points_per_centroid=1)  # only silences faiss's "provide more points" warning
     km.train(x)

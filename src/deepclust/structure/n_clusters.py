@@ -16,6 +16,10 @@ eigengap of the same graph found 11 on digits but 3 on USPS; the silhouette of k
 digits but 14 on USPS; this criterion 10 and 11, and the true count on blobs of 3, 7 and 20 (on
 report data, afterwards: 11 on MNIST-test; 2 on CIFAR-10-test, whose pixels do not cluster by class:
 there K must be given).
+
+A set without variation (every image the same) has nothing to cluster: :func:`identical_images`
+finds it before any training (``resolution.resolve`` refuses it), and features that do not vary
+give K = 1 here.
 """
 
 from __future__ import annotations
@@ -33,14 +37,24 @@ CRITERION = "silhouette of spectral clustering over K (Rousseeuw 1987; Ng, Jorda
 COMPONENTS = "connected components of the kNN graph (von Luxburg 2007, Prop 4: eigenvalue 0 of multiplicity K)"
 
 
+def identical_images(images: np.ndarray, chunk: int = 4096) -> bool:
+    """Whether every image equals the first, pixel for pixel (read in chunks, stopping at the first
+    chunk that differs)."""
+    x = images.reshape(len(images), -1)
+    return all(np.array_equal(x[i:i + chunk], np.broadcast_to(x[0], x[i:i + chunk].shape))
+               for i in range(0, len(x), chunk))
+
+
 def pixel_features(images: np.ndarray, dim: int = 50, seed: int = 0) -> np.ndarray:
     """Pretrained-free features of uint8 images: pixels in [0, 1], centred, PCA to ``dim``
-    components (randomised SVD above 1,000 pixels)."""
+    components (randomised SVD above 1,000 pixels); zeros where the pixels do not vary."""
     from sklearn.decomposition import PCA
 
+    dim = min(dim, len(images) - 1, images[0].size)
+    if identical_images(images):  # no variance: PCA would divide by it
+        return np.zeros((len(images), max(dim, 1)), np.float32)
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0
     x -= x.mean(axis=0)
-    dim = min(dim, x.shape[0] - 1, x.shape[1])
     return PCA(dim, random_state=seed, svd_solver="auto").fit_transform(x).astype(np.float32)
 
 
@@ -58,6 +72,8 @@ def estimate_n_clusters(features: np.ndarray, *, k_min: int = 2, k_max: int = 30
     k_min = max(2, min(k_min, k_max))
     if k_max < 2:
         return 1, {"criterion": "too few images to compare cluster counts", "n_images": n}
+    if not np.ptp(x, axis=0).any():
+        return 1, {"criterion": "the features do not vary: one cluster", "n_images": n}
     graph = knn_graph(x, min(n_neighbors, n - 1))
     n_parts, parts = connected_components(graph, directed=False)
     sizes = np.bincount(parts)
