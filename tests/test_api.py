@@ -115,7 +115,13 @@ def test_save_load_round_trip(fitted, digits, tmp_path):
     with pytest.raises(DataError, match="not empty"):
         fitted.save(out)
     fitted.save(out, overwrite=True)  # replaced whole, only once complete
-    assert not Path(str(out) + ".partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no rebuild or backup left beside it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("x")
+    with pytest.raises(DataError, match="thesis.txt"):  # overwrite replaces a run, never a user's folder
+        fitted.save(mine, overwrite=True)
+    assert (mine / "thesis.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]
     # the command line reads the saved run
     from conftest import run_cli
 

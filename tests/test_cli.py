@@ -83,7 +83,7 @@ def test_existing_run_is_not_clobbered(tmp_path, small_npz):
     out.mkdir()
     (out / "config.yaml").write_text("method: instance\n")
     proc = run_cli("fit", "--data", f"npz:{small_npz}", "--epochs", "1", "--out", str(out), *FAST)
-    assert_one_line_error(proc, "already holds a run")
+    assert_one_line_error(proc, "is not a deepclust run", "'config.yaml'")
     assert (out / "config.yaml").read_text() == "method: instance\n"
 
 

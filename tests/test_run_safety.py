@@ -98,19 +98,20 @@ def test_killed_overwrite_keeps_the_old_run_whole(tmp_path, small_npz):
     p = subprocess.Popen([sys.executable, "-m", "deepclust", "fit", "--data", f"npz:{small_npz}", "--epochs", "500",
                           "--out", str(out), "--overwrite", "--seed", "9", *FAST], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out.with_name("run.partial") / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+    deadline = time.time() + 120  # the rebuild's name is unique: .run.partial-XXXXXXXX
+    while time.time() < deadline and not any(log.read_text().count("\n") >= 1
+                                             for log in tmp_path.glob(".run.partial-*/log.jsonl")):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert log.exists(), "the overwrite never started training"
+    assert list(tmp_path.glob(".run.partial-*/log.jsonl")), "the overwrite never started training"
     assert _digest(out) == before
     assert run_cli("evaluate", "--run", str(out)).returncode == 0
-    # a later overwrite that finishes replaces the run, and leaves nothing beside it
+    # a later overwrite that finishes replaces the run, and leaves nothing beside it (the killed
+    # rebuild, which carries the run marker, included)
     _fit(out, small_npz, "--overwrite")
     assert "seed: 1" in (out / "config.yaml").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_predict_checks_size_and_channels_for_every_backbone(tmp_path, small_npz):
@@ -310,9 +311,11 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, small_npz, monkeypa
     _enospc_on("last.pt", monkeypatch)
     proc = run_cli("fit", "--method", "pad", "--data", f"npz:{small_npz}", "--epochs", "2", "--out", str(out),
                    "--overwrite", "--views", "digits", *FAST)
-    _error_line(proc, f"cannot write {tmp_path / 'run.partial' / 'checkpoints' / 'last.pt'}",
-                "No space left on device", "errno 28, ENOSPC")
+    line = _error_line(proc, f"cannot write {tmp_path / '.run.partial-'}", "No space left on device",
+                       "errno 28, ENOSPC")
+    assert f"{os.sep}checkpoints{os.sep}last.pt" in line
     assert _digest(out) == before and not _no_tmp(tmp_path)
+    assert not list(tmp_path.glob(".run.partial-*"))  # the failed rebuild is removed
     # a first run that fails the same way is no run: --resume says so, a plain fit starts it again
     fresh = tmp_path / "fresh"
     _error_line(run_cli("fit", "--data", f"npz:{small_npz}", "--epochs", "2", "--out", str(fresh), *FAST),
@@ -363,7 +366,7 @@ def test_a_full_tmpfs_is_one_line_and_loses_nothing(tmp_path, small_npz):
         before = _digest(out)
         proc = run_cli("fit", "--method", "pad", "--data", "digits", "--epochs", "2", "--out", str(out),
                        "--overwrite", "--views", "digits", *FAST)
-        _error_line(proc, f"cannot write {disk / 'run.partial'}", "errno 28, ENOSPC")
+        _error_line(proc, f"cannot write {disk / '.run.partial-'}", "errno 28, ENOSPC")
         assert _digest(out) == before and not _no_tmp(disk)
     finally:
         subprocess.run(["umount", str(disk)], check=True)
@@ -387,7 +390,7 @@ def test_a_start_that_left_no_checkpoint_is_not_a_run(tmp_path, small_npz):
     mine.mkdir()
     (mine / "config.yaml").write_text("method: pad\n")
     _error_line(run_cli("fit", "--data", f"npz:{small_npz}", "--epochs", "1", "--out", str(mine), *FAST),
-                "already holds a run")
+                "is not a deepclust run", "'config.yaml'")
     assert (mine / "config.yaml").read_text() == "method: pad\n"
 
 
@@ -409,9 +412,10 @@ def test_skipped_images_are_counted_in_one_line_and_in_the_metrics(tmp_path):
     # one line for the skipped files (other warnings, e.g. an unbalanced partition after one epoch on a
     # handful of images, may follow it), and no traceback
     assert [line for line in lines if "skipped" in line or "unreadable" in line] == [
-        f"deepclust: warning: skipped 1 unreadable image file(s) under {data}: b/bad.png"], lines
+        f"deepclust: warning: skipped 1 image file(s) under {data}: b/bad.png (unreadable)"], lines
     assert all(line.startswith("deepclust: ") for line in lines), lines
-    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == {"count": 1, "first": ["b/bad.png"]}
+    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == {"count": 1,
+                                                                                "first": ["b/bad.png (unreadable)"]}
 
 
 def test_resume_with_another_method_names_the_clash(tmp_path, small_npz):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from .heads import ClusterHead
 from .inference import network_from_state
 from .io import ensure_dir, save_bytes
 from .resolution import load_data
-from .rundir import swap_in
+from .rundir import check_replaceable, swap_in, unique_dir
 from .runs import fit_run
 from .train import extract_features
 
@@ -251,12 +252,16 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         out = Path(path)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise DataError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-        work = out.with_name(out.name + ".partial")
-        ensure_dir(work)
-        for name, data in self.run_files_.items():
-            ensure_dir((work / name).parent)
-            save_bytes(work / name, data)
-        swap_in(work, out)  # an existing run is replaced only once the new one is complete
+        check_replaceable(out)  # overwrite replaces a run only, never a folder of the user's
+        work = unique_dir(out, "partial")  # a fresh name: never a folder of the user's
+        try:
+            for name, data in self.run_files_.items():
+                ensure_dir((work / name).parent)
+                save_bytes(work / name, data)
+            swap_in(work, out)  # an existing run is replaced only once the new one is complete
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         return out
 
     @classmethod

@@ -37,6 +37,7 @@ from .durations import process_started
 from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
 from .methods import METHODS
+from .rundir import check_output
 from .runs import fit_run
 
 OUT_ENV = "DEEPCLUST_RUN_OUT"  # lets DDP child processes (re-launched by Fabric) share the run dir
@@ -59,10 +60,55 @@ EVAL_FLAGS = {"n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (no usage dump) and exits 2."""
+    """argparse that reports a mistake in one line (no usage dump) and exits 2, and records its
+    option strings (``flags``) and those that take a value (``value_flags``, for :func:`dash_values`)."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags: set[str] = set()
+        self.value_flags: set[str] = set()
+        self.commands = None  # the subparsers action, once added
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.flags.update(action.option_strings)
+        if action.option_strings and action.nargs is None:
+            self.value_flags.update(action.option_strings)
+        return action
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def all_flags(self) -> tuple[set[str], set[str]]:
+        """(flags, value_flags) of this parser and of every command's."""
+        parsers = [self, *(self.commands.choices.values() if self.commands is not None else ())]
+        return set().union(*(p.flags for p in parsers)), set().union(*(p.value_flags for p in parsers))
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"deepclust: error: {message}\n")
+
+
+def dash_values(argv: list[str], flags: set[str], value_flags: set[str]) -> list[str]:
+    """``--flag -x`` as ``--flag=-x`` for the options that take a value (an unambiguous abbreviation
+    too), so that a value starting with '-' (``--budget -5m``, ``--seed -1``) reaches the one validator
+    instead of argparse's "expected one argument". A next word that is an option itself
+    (``--out --overwrite``, ``--out -h``) is left to argparse."""
+    out, i = [], 0
+    while i < len(argv):
+        word, value = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if word == "--":
+            return out + argv[i:]
+        named = [f for f in flags if f.startswith(word)] if word.startswith("--") and "=" not in word else []
+        option = word if word in flags else named[0] if len(named) == 1 else None
+        if (option in value_flags and value is not None and value.startswith("-") and not value.startswith("--")
+                and value not in flags):
+            out.append(f"{word}={value}")
+            i += 2
+        else:
+            out.append(word)
+            i += 1
+    return out
 
 
 def _choices(names, default: str | None = None) -> str:
@@ -70,7 +116,7 @@ def _choices(names, default: str | None = None) -> str:
     return " | ".join(names) + (f" (default: {default})" if default is not None else "")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     p = _Parser(prog="deepclust", description="Unsupervised deep image clustering.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -216,6 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise DataError(f"--out must end in .csv or .npy, got {out}")
     if not out.parent.exists():
         raise DataError(f"no such directory: {out.parent}")
+    check_output(out, args.run, data=args.data)
     clusters, images = inference.predict_run(args.run, args.data, split=args.split, resize=args.resize)
     if out.suffix == ".npy":
         save_array(out, clusters.astype(np.int64))
@@ -240,6 +287,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.weights:  # refused before the table is written
+        check_output(args.weights, args.run, flag="--weights")
     done: dict = {"table": str(export.export_table(args.run, args.format, args.out))}
     if args.weights:
         path, meta = export.export_weights(args.run, args.weights)
@@ -275,7 +324,8 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(dash_values(argv, *parser.all_flags()))
     if args.command is None:
         parser.print_help()
         return 2

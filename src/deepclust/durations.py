@@ -24,6 +24,8 @@ def parse_budget(text: Any, where: str = "train.budget") -> float:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(hint)
     s = text.strip()
+    if s.startswith("-"):
+        raise ConfigError(f"{where}: a budget must be positive, got {text!r}")
     pos, total, seen = 0, 0.0, []
     while pos < len(s):
         if s[pos].isspace():

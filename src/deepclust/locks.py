@@ -1,23 +1,28 @@
 """Locks that keep runs and timings honest (``fcntl.flock``: released by the kernel when a process
 dies, so a kill -9 never leaves a stale lock).
 
-* **One writer per run directory** (:func:`claim_run_dir`): an exclusive lock on a file beside the
-  run directory (``.<name>.lock`` in its parent), taken before anything of the run is written. The
-  lock is named from the directory's real path (symbolic links and ``..`` resolved, the missing
-  tail of a directory not made yet kept as typed), so every spelling of one ``--out`` shares it.
-  A second ``fit`` on the same ``--out`` gets one line and exits; the lock stays valid while the run
-  directory itself is swapped for a rebuilt one (``--overwrite``).
+Every lock file lives in the lock directory, ``$DEEPCLUST_LOCK_DIR`` (default: the system's
+temporary directory), never in a folder of the user's.
+
+* **One writer per run directory** (:func:`claim_run_dir`): an exclusive lock on
+  ``deepclust-locks/<sha256 of the directory's real path>.lock``, taken before anything of the run is
+  written. The real path (symbolic links and ``..`` resolved, the missing tail of a directory not
+  made yet kept as typed) makes every spelling of one ``--out`` share the lock; a path, not an inode,
+  keeps it valid while the run directory itself is swapped for a rebuilt one (``--overwrite``). A
+  second ``fit`` on the same ``--out`` gets one line and exits. ``deepclust-locks`` is made
+  world-writable and sticky (as ``/tmp``), so the users of one machine share it; a lock file another
+  user made is opened read-only (``flock`` needs no write access).
 * **Machine activity** (:func:`machine_activity`, :func:`exclusive_machine`): every ``fit`` holds a
   shared lock on a machine-wide file for its duration; a benchmark takes it exclusively and refuses
   to start while any fit or other benchmark runs, since two torch processes on a small CPU slow each
-  other several-fold. The file is ``$DEEPCLUST_LOCK_DIR/activity.lock`` (default: the system's
-  temporary directory).
+  other several-fold. The file is ``deepclust-activity.lock`` in the lock directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import sys
 import tempfile
@@ -37,9 +42,31 @@ def _open_lock(path: Path) -> int:
         raise DataError(f"cannot write to {path.parent}: {e.strerror or e}") from None
 
 
+def lock_dir() -> Path:
+    return Path(os.environ.get("DEEPCLUST_LOCK_DIR") or tempfile.gettempdir())
+
+
 def run_lock_path(out: Path) -> Path:
-    out = Path(os.path.realpath(Path(out).expanduser()))
-    return out.parent / f".{out.name}.lock"
+    real = os.path.realpath(Path(out).expanduser())
+    return lock_dir() / "deepclust-locks" / f"{hashlib.sha256(os.fsencode(real)).hexdigest()}.lock"
+
+
+def _open_run_lock(path: Path) -> tuple[int, bool]:
+    """(descriptor, writable) of a run's lock file: created if need be (not through a symbolic link),
+    else opened read-only when another user made it."""
+    try:
+        try:
+            path.parent.mkdir(parents=True)
+            os.chmod(path.parent, 0o1777)  # shared by every user, each removing only its own files
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), True
+        except PermissionError:
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW), False
+    except OSError as e:
+        raise DataError(f"cannot write to the lock directory {path.parent}: {e.strerror or e}; "
+                        "set DEEPCLUST_LOCK_DIR to a directory you can write") from None
 
 
 class RunDirClaim:
@@ -47,15 +74,16 @@ class RunDirClaim:
 
     def __init__(self, out: Path):
         self.path = run_lock_path(out)
-        self.fd = _open_lock(self.path)
+        self.fd, writable = _open_run_lock(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise DataError(f"another deepclust process is writing to {out}; wait for it to finish "
                             "or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        if writable:  # who holds it and for what, for a person reading the lock directory
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, os.fsencode(f"{os.getpid()} {os.path.realpath(Path(out).expanduser())}\n"))
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -66,12 +94,12 @@ class RunDirClaim:
 
 def claim_run_dir(out: Path) -> RunDirClaim:
     """Claim ``out`` for this process (DataError in one line if another process holds it, or if
-    its parent cannot be written)."""
+    the lock directory cannot be written)."""
     return RunDirClaim(out)
 
 
 def activity_lock_path() -> Path:
-    return Path(os.environ.get("DEEPCLUST_LOCK_DIR") or tempfile.gettempdir()) / "deepclust-activity.lock"
+    return lock_dir() / "deepclust-activity.lock"
 
 
 @contextlib.contextmanager

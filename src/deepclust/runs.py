@@ -13,6 +13,7 @@ atomic files, nothing lost). Here:
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -26,13 +27,16 @@ from .config import Config
 from .configure import resume_config
 from .data import ImageSet
 from .data.sources import MAX_LISTED
-from .io import save_array, save_bytes, save_json, save_text
+from .io import ensure_dir, save_array, save_bytes, save_json, save_text
 from .limits import check_training
 from .locks import claim_run_dir, machine_activity
-from .rundir import finished_run, is_launched_child, prepare_out_dir, real_out, swap_in
+from .rundir import (check_out, finished_run, is_launched_child, mark_run, prepare_out_dir, real_out, swap_in,
+                     unique_dir)
 from .resolution import load_data, resolve, training_subset, view_spec
 from .scoring import compute_metrics
 from .train import Trainer, TrainResult, extract_features, make_fabric
+
+WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
 
 
 def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabric=None,
@@ -45,6 +49,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     budget counts from (the command line's: its process's start; None: now, as for the API)."""
     started = time.perf_counter() if started is None else started  # (budget.py)
     out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
+    check_out(out, None if resume else cfg.data.spec)  # before any lock or file
     primary = not is_launched_child()
     claim = claim_run_dir(out) if primary else None
     try:
@@ -67,23 +72,43 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     images = load_data(cfg.data) if images is None else images
     check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
     cfg = resolve(cfg, images, started)
+    work = _work_dir(out, overwrite, primary)
+    try:
+        if primary:
+            mark_run(work)  # first thing: what makes the directory recognisable as the tool's
+            save_text(work / "config.yaml", cfg.to_yaml())
+        metrics = _train(cfg, images, work, resume, fabric)
+    except BaseException:
+        if overwrite and primary:  # the rebuild this process made; the old run is untouched
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if overwrite and primary:
+        swap_in(work, out)
+    return metrics
+
+
+def _work_dir(out: Path, overwrite: bool, primary: bool) -> Path:
+    """The directory the run is written to: ``out``, or for ``--overwrite`` a rebuild beside it under
+    a name made unique here (``.OUT.partial-XXXXXXXX``: never a name of the user's). Launched ranks,
+    which write nothing, are told it by the environment."""
+    if not primary:
+        return Path(os.environ.get(WORK_ENV) or out)
+    work = unique_dir(out, "partial") if overwrite else out
+    ensure_dir(work)
+    os.environ[WORK_ENV] = str(work)
+    return work
+
+
+def _train(cfg: Config, images: ImageSet, work: Path, resume: bool, fabric) -> dict[str, Any]:
+    """Train into ``work`` and write its outputs (rank 0; other ranks return an empty dict)."""
     train_images, spec = training_subset(cfg.data, images), view_spec(cfg.views)
-    work = out.with_name(out.name + ".partial") if overwrite else out
-    if primary:
-        if overwrite and work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        save_text(work / "config.yaml", cfg.to_yaml())
     fabric = fabric or make_fabric(cfg.train)
     fabric.launch()
     trainer = Trainer(cfg, train_images.images, work, fabric=fabric, labels=train_images.labels, view_spec=spec)
     result = trainer.fit(resume=resume)
     if fabric.global_rank != 0:
         return {}
-    metrics = _write_outputs(cfg, images, result, work, fabric.device)
-    if overwrite:
-        swap_in(work, out)
-    return metrics
+    return _write_outputs(cfg, images, result, work, fabric.device)
 
 
 def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Path, device) -> dict[str, Any]:
@@ -93,9 +118,8 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
                                                     layer=layer)
     features = layers[cfg.cluster.features]
     trained = np.flatnonzero(images.split == 0) if cfg.data.train_on == "train" else None
-    metrics, head = compute_metrics(cfg, images, features, embedding, method_labels=result.method_clusters,
-                                    method_map=result.method_map, phase_map=result.phase_map,
-                                    trained_rows=trained, layers=layers)
+    metrics, head = compute_metrics(cfg, images, features, embedding, own=result.own, trained_rows=trained,
+                                    layers=layers)
     save_model(work, result.net)
     head.save(work / "head.npz")
     save_array(work / "embeddings.npy", embedding.astype(np.float32))
