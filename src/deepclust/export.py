@@ -25,6 +25,8 @@ Weights (``--weights FILE``): the backbone as a safetensors state dict.
    convs) has no torchvision model of the same layout: the file holds the project's own backbone
    state dict (``deepclust.nets``' ``build_backbone(name, channels, size)`` loads it) and its
    metadata says so.
+
+The run is read through :class:`runfiles.RunFiles`: a missing or damaged file is one line naming it.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import io
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 from safetensors.torch import save
 
-from .configure import run_config
 from .errors import DataError
-from .inference import fitted_images, run_dir, run_outputs
+from .inference import fitted_images
 from .io import check_target, save_bytes, save_text
+from .rundir import check_output
+from .runfiles import RunFiles, damaged
 from .structure.knn import topk_cosine
 
 VOTE_K = 10
@@ -59,12 +61,12 @@ def knn_confidence(embedding: np.ndarray, clusters: np.ndarray, k: int = VOTE_K)
     return (clusters[idx] == clusters[:, None]).mean(1).astype(np.float32)
 
 
-def _names(run: Path, n: int) -> list[str] | None:
+def _names(files: RunFiles, n: int) -> list[str] | None:
     """File names when the run's data is a folder (None otherwise: rows are named by index)."""
-    cfg = run_config(run)
+    cfg = files.config()
     if not cfg.data.spec.startswith("folder:"):
         return None
-    images = fitted_images(run, cfg, n, "export")
+    images = fitted_images(files.path, cfg, n, "export")
     # names that are not valid UTF-8 (surrogate-escaped by Python) get \xNN escapes, as predict's CSV
     return [s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for s in images.names]
 
@@ -80,8 +82,10 @@ def export_table(run: str | Path, fmt: str = "csv", out: str | Path | None = Non
     run = Path(run)
     out = Path(out) if out is not None else default_table(run, fmt)
     check_target(out, f"clusters.{fmt}")
-    clusters, embedding = run_outputs(run)
-    names = _names(run, len(clusters))
+    check_output(out, run)  # never one of the run's own files or its data
+    files = RunFiles(run)
+    clusters, embedding = files.outputs()
+    names = _names(files, len(clusters))
     ids = names if names is not None else [str(i) for i in range(len(clusters))]
     confidence = knn_confidence(embedding, clusters)
     if fmt == "csv":
@@ -186,16 +190,15 @@ def backbone_weights(name: str, input_shape, sobel: bool, state: dict) -> tuple[
 def export_weights(run: str | Path, out: str | Path) -> tuple[Path, dict[str, str]]:
     """Write the run's backbone to ``out`` (safetensors); returns the path and the metadata written
     (``format``: ``torchvision`` or ``deepclust``, ``backbone``, ``note``)."""
-    import torch
-
     out = Path(out)
     check_target(out, "backbone.safetensors")
-    run = run_dir(run)
-    cfg = run_config(run)
-    path = run / "model.safetensors"
-    if not path.exists():
-        raise DataError(f"run {run} has no model.safetensors (did training finish?)")
-    state = {k: torch.from_numpy(v) for k, v in load_file(str(path)).items()}
+    check_output(out, run, flag="--weights")  # never one of the run's own files or its data
+    files = RunFiles(run)
+    cfg = files.config()
+    if cfg.net.input_shape is None:
+        raise damaged(files.path / "config.yaml", "net.input_shape is missing: it does not say what images "
+                                                  "the network was trained on")
+    state = files.state()
     tensors, meta = backbone_weights(cfg.net.backbone, cfg.net.input_shape, cfg.net.sobel, state)
     save_bytes(out, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
     return out, meta

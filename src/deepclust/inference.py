@@ -1,42 +1,36 @@
 """A finished run used again: its network loaded, its features re-clustered and re-scored
 (``evaluate``), new images assigned to its clusters (``predict``). Nothing of the run is changed;
-``evaluate`` writes ``metrics_evaluate.json`` beside the run's own metrics."""
+``evaluate`` writes ``metrics_evaluate.json`` beside the run's own metrics. Every file of the run is
+read through :class:`runfiles.RunFiles`, which refuses a missing or damaged one in one line, and
+the run's outputs (``labels.npy``, ``embeddings.npy``) are checked before anything else is done."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
 from .config import Config
-from .configure import run_config
 from .data import ImageSet
 from .errors import ConfigError, DataError
-from .heads import ClusterHead
+from .heads import HEADS, ClusterHead, OwnClusters
 from .io import save_json
-from .methods import method_class
+from .methods import METHOD_HEAD, stage_class
 from .nets import EmbeddingNet
 from .resolution import load_data, view_spec
+from .runfiles import RunFiles, build_network, damaged
 from .evaluate import knn_report, probe_report
 from .scoring import ALL_HEADS, compute_metrics, score_heads
 from .train import extract_features
 from .views import BatchViews
 
 
-def load_network(run: Path, cfg: Config, images: ImageSet) -> tuple[EmbeddingNet, BatchViews]:
-    """The trained network of ``run`` (its ``model.safetensors``) and its un-augmenting views
-    (:func:`network_from_state`)."""
-    path = run / "model.safetensors"
-    if not path.exists():
-        raise DataError(f"run {run} has no model.safetensors (did training finish?)")
-    try:
-        state = load_file(str(path))
-    except (RuntimeError, OSError) as e:
-        raise DataError(f"cannot load the network of run {run}: {str(e).splitlines()[0][:200]}") from None
-    return network_from_state(cfg, images, state, run)
+def load_network(run: Path | RunFiles, cfg: Config, images: ImageSet) -> tuple[EmbeddingNet, BatchViews]:
+    """The trained network of ``run`` (its ``model.safetensors``, checked by
+    :meth:`RunFiles.state`) and its un-augmenting views (:func:`network_from_state`)."""
+    files = run if isinstance(run, RunFiles) else RunFiles(run)
+    return network_from_state(cfg, images, files.state(), files.path)
 
 
 def network_from_state(cfg: Config, images: ImageSet, state: dict, run) -> tuple[EmbeddingNet, BatchViews]:
@@ -51,8 +45,7 @@ def network_from_state(cfg: Config, images: ImageSet, state: dict, run) -> tuple
         c, h, w = cfg.net.input_shape
         raise DataError(f"data '{images.spec}' is {shape[1]}x{shape[2]} with {shape[0]} channel(s) but run {run} "
                         f"was trained on {h}x{w} with {c}; pass --resize {h} (square images) or use matching images")
-    net = EmbeddingNet(cfg.net.backbone, images.channels, images.image_size, dim=cfg.net.dim, sobel=cfg.net.sobel,
-                       head=method_class(cfg.method).embedding_head)
+    net = build_network(cfg, shape)
     try:
         net.load_state_dict(state)
     except (RuntimeError, OSError) as e:
@@ -61,29 +54,25 @@ def network_from_state(cfg: Config, images: ImageSet, state: dict, run) -> tuple
     return net, BatchViews(view_spec(cfg.views), images.channels)
 
 
-def run_dir(run: str | Path) -> Path:
-    """``run`` as a path, DataError in one line if it is not a directory."""
-    run = Path(run)
-    if not run.is_dir():
-        raise DataError(f"no such run directory: {run}")
-    return run
+def check_head_width(files: RunFiles, head: ClusterHead, features: np.ndarray, layer: str) -> None:
+    """``head.npz`` must read features as wide as the network's ``layer`` gives (one line naming
+    the file otherwise: a head of another run, or damaged)."""
+    if head.width != features.shape[1]:
+        raise damaged(files.path / "head.npz", f"the head reads {head.width}-d features but the run's "
+                                               f"network gives {features.shape[1]}-d ones at '{layer}'")
 
 
-def run_outputs(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A finished run's clusters (``labels.npy``, int64 (N,)) and embeddings (``embeddings.npy``,
-    float32 (N, D)); a missing, unreadable or inconsistent file is a one-line DataError."""
-    run = run_dir(run)
-    for name in ("labels.npy", "embeddings.npy"):
-        if not (run / name).exists():
-            raise DataError(f"run {run} has no {name} (did training finish?)")
-    try:
-        clusters = np.load(run / "labels.npy", allow_pickle=False).astype(np.int64)
-        embedding = np.load(run / "embeddings.npy", allow_pickle=False).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the clusters of run {run}: {str(e).splitlines()[0][:200]}") from None
-    if clusters.ndim != 1 or embedding.ndim != 2 or len(clusters) != len(embedding) or clusters.min() < 0:
-        raise DataError(f"run {run}: labels.npy {clusters.shape} and embeddings.npy {embedding.shape} do not match")
-    return clusters, embedding
+def trained_head(files: RunFiles, cfg: Config) -> ClusterHead | None:
+    """The run's saved head where ``cfg.cluster.head`` is one trained with the network (a method the
+    head adds to the run, ``methods.STAGES``): read, never fitted again. None for a head fitted on
+    the features; ConfigError in one line where the run trained no such head (its own configuration
+    names another, or its saved head is no affine map of the features)."""
+    if stage_class(cfg.cluster.head) is None:
+        return None
+    saved = files.head()
+    if saved.assignment_map(cfg.cluster.features) is None or files.config().cluster.head != cfg.cluster.head:
+        raise ConfigError(f"run {files.path} trained no {cfg.cluster.head} head; use --cluster-head {'|'.join(HEADS)}")
+    return saved
 
 
 def fitted_images(run: Path, cfg: Config, n: int, purpose: str) -> ImageSet:
@@ -100,33 +89,31 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
                  write: bool = True) -> dict[str, Any]:
     """Recompute a finished run's features, clusters and metrics (optionally on other data or with
     another head: ``overrides={"cluster": {"head": "kmeans"}}``)."""
-    run = run_dir(run)
-    cfg = run_config(run, overrides)
-    if cfg.cluster.head == "method":
+    files = RunFiles(run)
+    cfg = files.config(overrides)
+    if cfg.cluster.head == METHOD_HEAD:
         raise ConfigError("evaluate cannot re-run a method's own clustering; use the run's labels.npy, "
-                          "or --cluster-head kmeans|spectral|agglomerative|graph")
+                          f"or --cluster-head {'|'.join(HEADS)}")
+    files.outputs(keep=False)
+    prior, state = files.metrics(), files.state()
+    saved = trained_head(files, cfg)
     images = load_data(cfg.data, data)
-    net, views = load_network(run, cfg, images)
+    net, views = network_from_state(cfg, images, state, files.path)
     features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)
     if cfg.cluster.n_clusters > len(images):
         raise ConfigError(f"n_clusters (K={cfg.cluster.n_clusters}) is larger than the number of images "
                           f"(N={len(images)})")
-    phase_map = None
-    if cfg.cluster.head == "scan":  # the head the run trained: its saved affine map
-        saved = ClusterHead.load(run / "head.npz")
-        if saved.kind != "linear" or run_config(run).cluster.head != "scan":
-            raise ConfigError(f"run {run} trained no scan head; use --cluster-head kmeans|spectral|agglomerative|graph")
-        phase_map = (cfg.cluster.features, saved.centroids, saved.bias)
-    metrics, head = compute_metrics(cfg, images, features, embedding, phase_map=phase_map)
+    own = {}
+    if saved is not None:  # the head the run trained: its saved affine map
+        check_head_width(files, saved, features, cfg.cluster.features)
+        own[cfg.cluster.head] = OwnClusters(map=saved.assignment_map(cfg.cluster.features))
+    metrics, head = compute_metrics(cfg, images, features, embedding, own=own)
     metrics = {"method": cfg.method, "data": data or cfg.data.spec, **metrics}
-    prior = run / "metrics.json"
-    if prior.exists():
-        old = json.loads(prior.read_text())
-        for key in ("epochs", "train_seconds", "images_per_second"):
-            if key in old:
-                metrics.setdefault(key, old[key])
+    for key in ("epochs", "train_seconds", "images_per_second"):
+        if key in prior:
+            metrics.setdefault(key, prior[key])
     if write:  # beside, never over, the run's own metrics.json
-        save_json(run / "metrics_evaluate.json", metrics)
+        save_json(files.path / "metrics_evaluate.json", metrics)
     return metrics
 
 
@@ -142,14 +129,14 @@ def probe_run(run: str | Path, protocol: str, *, features: str = "embedding", wr
     are read here for the score alone. Writes ``metrics_evaluate_PROTOCOL[_LAYER].json``."""
     if protocol not in PROTOCOLS[1:]:
         raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
-    run = run_dir(run)
-    cfg = run_config(run)
-    _, x = run_outputs(run)
+    files = RunFiles(run)
+    run, cfg = files.path, files.config()
+    _, x = files.outputs()
     images = fitted_images(run, cfg, len(x), f"--protocol {protocol}")
     if images.labels is None:
         raise DataError(f"data '{cfg.data.spec}' has no labels; --protocol {protocol} scores against labels")
     if features != "embedding":
-        net, views = load_network(run, cfg, images)
+        net, views = load_network(files, cfg, images)
         x, _ = extract_features(net, views, images.images, layer=features)
     if protocol == "knn":
         temperature = cfg.eval.knn_temperature or cfg.memory.temperature
@@ -169,10 +156,10 @@ def probe_run(run: str | Path, protocol: str, *, features: str = "embedding", wr
 def compare_heads(run: str | Path, combos=ALL_HEADS) -> list[dict]:
     """Scores of several (head, features) choices on one finished run, features extracted once.
     Needs labels for the scores (the heads never see them)."""
-    run = Path(run)
-    cfg = run_config(run)
+    files = RunFiles(run)
+    cfg = files.config()
     images = load_data(cfg.data)
-    net, views = load_network(run, cfg, images)
+    net, views = load_network(files, cfg, images)
     layers = {}
     for layer in {f for _, f in combos}:
         layers[layer], _ = extract_features(net, views, images.images, layer=layer)
@@ -184,14 +171,13 @@ def predict_run(run: str | Path, data: str, *, split: str = "all",
     """Assign new images to a finished run's clusters with its saved head (``resize``: to the run's
     square image size). Size and channels must match the run's. Returns (cluster per image, the
     images)."""
-    run = run_dir(run)
+    files = RunFiles(run)
     data_layer = {"split": split} if resize is None else {"split": split, "resize": resize}
-    cfg = run_config(run, {"data": data_layer})
+    cfg = files.config({"data": data_layer})
+    files.outputs(keep=False)
+    state, head = files.state(), files.head()
     images = load_data(cfg.data, data)
-    net, views = load_network(run, cfg, images)
-    head_path = run / "head.npz"
-    if not head_path.exists():
-        raise DataError(f"run {run} has no head.npz (did training finish?)")
-    head = ClusterHead.load(head_path)
+    net, views = network_from_state(cfg, images, state, files.path)
     features, _ = extract_features(net, views, images.images, layer=cfg.cluster.features)
+    check_head_width(files, head, features, cfg.cluster.features)
     return head.predict(features), images

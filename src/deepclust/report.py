@@ -5,7 +5,9 @@ no font, no external resource), so the file can be mailed or opened offline. It 
  - a summary (method, data, K, the scores from ``metrics.json`` when labels exist);
  - cluster sizes (a bar chart);
  - a 2-D map of the embeddings, coloured by cluster: UMAP when ``umap-learn`` is installed, else
-   t-SNE for N <= 10,000, else PCA (matplotlib, inlined PNG);
+   t-SNE for N <= 10,000, else PCA (matplotlib, inlined PNG), of the embeddings scaled to unit
+   length; a map whose coordinates are not all finite is replaced by PCA's, and embeddings that are
+   all one point get a sentence saying so instead of a map;
  - training curves: the loss and every numeric diagnostic of ``log.jsonl`` per epoch;
  - per cluster, a gallery of the most typical images and a row of the least typical ones.
    Typicality = cosine similarity of an image's embedding to its cluster's mean direction (the
@@ -13,8 +15,9 @@ no font, no external resource), so the file can be mailed or opened offline. It 
  - when the data has labels: the confusion matrix (clusters x classes) and each cluster's purity
    (share of its largest class).
 
-The run directory is only read: the report is written to ``--out`` (default ``RUN/report.html``)
-through the atomic writer of ``io.py``.
+The run directory is only read, through :class:`runfiles.RunFiles` (a missing or damaged file is
+one line naming it): the report is written to ``--out`` (default ``RUN/report.html``) through the
+atomic writer of ``io.py``.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .configure import run_config
 from .data import ImageSet
-from .inference import fitted_images, run_dir, run_outputs
+from .inference import fitted_images
 from .io import check_target, save_text
+from .rundir import check_output
+from .runfiles import RunFiles
 
 TYPICAL, ATYPICAL = 16, 8  # thumbnails per cluster: most typical first, then a row of the least typical
 THUMB = 64  # thumbnail side in pixels (small images are enlarged with nearest-neighbour sampling)
@@ -66,12 +70,11 @@ def read_run(run: str | Path) -> RunView:
 def read_run_files(run: str | Path) -> RunView:
     """The run's own files (no images yet): quick, so every check on them comes before any progress
     bar."""
-    run = run_dir(run)
-    cfg = run_config(run)
-    clusters, embedding = run_outputs(run)
-    log = _read_jsonl(run / "log.jsonl")
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    return RunView(run, cfg, embedding, clusters, None, log, metrics)
+    files = RunFiles(run)
+    cfg = files.config()
+    clusters, embedding = files.outputs()
+    metrics = files.metrics()
+    return RunView(files.path, cfg, embedding, clusters, None, _read_jsonl(files.path / "log.jsonl"), metrics)
 
 
 def load_images_of(view: RunView) -> RunView:
@@ -80,14 +83,20 @@ def load_images_of(view: RunView) -> RunView:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
+    """The log's records: lines that are not a JSON object (a line cut by a kill, damage) are left
+    out, the records around them still count."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: the records before it still count
+            record = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -99,6 +108,7 @@ def write_report(run: str | Path, out: str | Path | None = None, *, progress: bo
     """Build the report of ``run`` and write it to ``out`` (default ``RUN/report.html``)."""
     out = Path(out) if out is not None else default_out(run)
     check_target(out, "report.html")
+    check_output(out, run)  # never one of the run's own files or its data
     view = read_run_files(run)  # every check on the run before the first progress line
     steps = ("images", "typical images", "map", "curves", "thumbnails", "write")
     with tqdm(total=len(steps), desc="report", file=sys.stderr, disable=not progress, leave=False) as bar:
@@ -120,7 +130,9 @@ def build_page(view: RunView, bar, steps, progress: bool) -> str:
     bar.update()
     bar.set_postfix_str(steps[2])
     xy, how = map_2d(view.embedding, seed=view.config.train.seed)
-    map_png = plot_map(xy, view.clusters, k, how)
+    map_section = (_figure("map", f"Map of the embeddings ({how})", plot_map(xy, view.clusters, k, how))
+                   if xy is not None else f'<section id="map"><h2>Map of the embeddings</h2><p>No map: '
+                                          f'{html.escape(how)}.</p></section>')
     bar.update()
     bar.set_postfix_str(steps[3])
     curves_png = plot_curves(view.log)
@@ -131,7 +143,7 @@ def build_page(view: RunView, bar, steps, progress: bool) -> str:
     bar.update()
     # the first screen: what ran, the sizes and the map side by side; then the clusters themselves
     top = ('<div class="top"><div>' + summary_html(view, k) + _figure("sizes", "Cluster sizes", sizes_png)
-           + "</div>" + _figure("map", f"Map of the embeddings ({how})", map_png) + "</div>")
+           + "</div>" + map_section + "</div>")
     sections = [top, galleries, _figure("curves", "Training curves", curves_png) if curves_png else
                 '<section id="curves"><h2>Training curves</h2><p>log.jsonl has no records.</p></section>']
     if view.images.labels is not None:
@@ -159,26 +171,42 @@ def typical_images(embedding: np.ndarray, clusters: np.ndarray, k: int) -> tuple
     return typical, atypical
 
 
-def map_2d(embedding: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of the embeddings and the name of the projection: UMAP if installed, else
-    t-SNE (N <= TSNE_MAX), else PCA."""
+MAP_SPREAD = 1e-6  # embeddings (scaled to unit length) all closer than this are one point: no map
+
+
+def map_2d(embedding: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray | None, str]:
+    """2-D coordinates of the embeddings, finite and one row per embedding, and the name of the
+    projection: UMAP if installed, else t-SNE (N <= TSNE_MAX), else PCA, of the rows scaled to unit
+    length (a zero row stays at the origin). A projection that gives non-finite coordinates is
+    replaced by PCA's. (None, the reason) when the embeddings are not finite or are all one point:
+    t-SNE's start divides by their spread."""
     n = len(embedding)
     if n < 4:
         return np.c_[np.arange(n), np.zeros(n)].astype(np.float32), "index"
+    x = np.array(embedding, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] == 0 or not np.isfinite(x).all():
+        return None, "the embeddings are not a finite matrix"
+    x /= np.maximum(np.abs(x).max(axis=1, keepdims=True), np.finfo(np.float32).tiny)  # the norm cannot overflow
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if np.ptp(x, axis=0).max() < MAP_SPREAD:
+        return None, f"all {n} embeddings are the same point"
+    from sklearn.decomposition import PCA
+
+    pcs = PCA(min(2, x.shape[1]), random_state=seed).fit_transform(x)
+    pcs = np.c_[pcs, np.zeros((n, 2 - pcs.shape[1]))]  # a 1-d embedding: its line
     try:
         import umap  # optional: umap-learn
 
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(embedding), "UMAP"
+        xy, how = umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
     except ImportError:
-        pass
-    if n <= TSNE_MAX:
-        from sklearn.manifold import TSNE
+        xy, how = pcs, "PCA"
+        if n <= TSNE_MAX:
+            from sklearn.manifold import TSNE
 
-        perplexity = float(min(30, (n - 1) / 3))
-        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(embedding), "t-SNE"
-    from sklearn.decomposition import PCA
-
-    return PCA(2, random_state=seed).fit_transform(embedding), "PCA"
+            start = (pcs / pcs[:, 0].std() * 1e-4).astype(np.float32)  # sklearn's "pca" start; its spread is > 0 here
+            perplexity = float(min(30, (n - 1) / 3))
+            xy, how = TSNE(2, perplexity=perplexity, init=start, random_state=seed).fit_transform(x), "t-SNE"
+    return (xy, how) if np.isfinite(xy).all() else (pcs, "PCA")
 
 
 def _png(fig) -> str:
@@ -226,8 +254,25 @@ def plot_sizes(sizes: np.ndarray) -> str:
     return _png(fig)
 
 
+def _number(value) -> float | None:
+    """``value`` as a finite float; None for text, booleans, NaN, infinity or an int beyond float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _epoch(record: dict, i: int) -> float:
+    epoch = _number(record.get("epoch"))
+    return float(i) if epoch is None else epoch
+
+
 def curve_series(log: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every numeric value of the log per epoch (the loss first), timing keys left out."""
+    """Every numeric value of the log per epoch (the loss first), timing keys left out; a record's
+    position stands in for an epoch that is not a number."""
     keys: dict[str, None] = {"loss": None}
     for record in log:
         for key, value in record.items():
@@ -236,8 +281,7 @@ def curve_series(log: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 keys.setdefault(key, None)
     series = {}
     for key in keys:
-        points = [(r.get("epoch", i), r[key]) for i, r in enumerate(log)
-                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        points = [(_epoch(r, i), y) for i, r in enumerate(log) if (y := _number(r.get(key))) is not None]
         if points:
             series[key] = tuple(np.asarray(p, dtype=float) for p in zip(*points))
     return series
