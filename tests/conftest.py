@@ -128,7 +128,7 @@ def fake_calibration(rates, calls: list | None = None) -> type:
         def finish(self, backbone):
             return 0.0
 
-        def phase(self, backbone):
+        def stages(self, backbone):
             return 0.0
 
         def close(self):

@@ -244,7 +244,8 @@ def test_linear_head_files_of_both_layouts_predict_the_affine_map(tmp_path):
     from deepclust.heads import AssignmentMap, LinearHead, OwnClusters, cluster_head
 
     rng = np.random.default_rng(0)
-    a, c, x = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=4).astype(np.float32), rng.normal(size=(30, 6))
+    a, c = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    x = rng.normal(size=(30, 6))
     expected = (x.astype(np.float32) @ a.T + c).argmax(1)
     head = cluster_head(x, "method", 4, own=OwnClusters(map=AssignmentMap("backbone", a, c)),
                         layer="backbone")

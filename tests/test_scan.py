@@ -172,7 +172,7 @@ def test_a_scan_run_predicts_and_evaluates_through_its_kept_head(tmp_path, small
     assert metrics["cluster_head"] == "scan" and metrics["cluster_features"] == "backbone"
     assert any(h["head"] == "scan" for h in metrics["heads"])  # scored beside the post-hoc heads
     head = ClusterHead.load(out / "head.npz")
-    assert head.kind == "linear" and head.centroids.shape[0] == 10
+    assert head.kind == "linear" and head.weight.shape[0] == 10
     labels = np.load(out / "labels.npy")
     predicted, _ = predict_run(out, f"npz:{small_npz}")
     assert (predicted == labels).all()

@@ -15,7 +15,7 @@ from deepclust.evaluate import (
     linear_probe,
     nmi,
 )
-from deepclust.heads import ClusterHead, fit_head
+from deepclust.heads import ClusterHead, OwnClusters, fit_head
 from deepclust.structure import kmeans, knn_graph, spectral, topk_cosine
 
 
@@ -152,7 +152,7 @@ def test_heads_give_the_same_clusters_whatever_the_labels(kind):
     outs = []
     for labels in (y, np.random.default_rng(3).permutation(y)):
         images = ImageSet(images=np.zeros((len(x), 4, 4), np.uint8), labels=labels)
-        m, head = compute_metrics(cfg, images, x, x, method_labels=own)
+        m, head = compute_metrics(cfg, images, x, x, own={"method": OwnClusters(labels=own)})
         outs.append((head.labels_, m["cluster_sizes"], head.predict(x)))
     assert np.array_equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
     assert np.array_equal(outs[0][2], outs[1][2])

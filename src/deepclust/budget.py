@@ -70,8 +70,9 @@ class Costs:
     checkpoint spread over it); ``steady_images_per_second``: steps once a structure exists (None:
     as epoch 0's); ``discovery_seconds``: each discovery, at a warm timing; ``finish_seconds``: what
     follows the training (the full feature passes, the cluster head and the metrics);
-    ``phase_seconds``: the methods trained after the configured one, whose lengths are fixed: training
-    time that does not depend on E."""
+    ``phase_seconds``: the stages, the methods trained after the configured one, whose lengths are
+    fixed: training time that does not depend on E (the name the plan's report and the run's metrics
+    give it)."""
     images_per_second: float
     discovery_seconds: float = 0.0
     steady_images_per_second: float | None = None
@@ -122,11 +123,11 @@ class Probes:
     built for these images, which is then skipped). Asked only of a candidate that passes on
     throughput (or the last): ``discovery(backbone)`` -> :class:`Costs` fields of its discoveries
     (``discovery_seconds``, ``steady_images_per_second``) when its schedule discovers;
-    ``phase(backbone)`` -> seconds of the methods trained after the configured one;
+    ``stages(backbone)`` -> seconds of the methods trained after the configured one;
     ``finish(backbone)`` -> seconds of what follows training. None: free."""
     measure: Callable[[str, float], float]
     discovery: Callable[[str], dict[str, float]] | None = None
-    phase: Callable[[str], float] | None = None
+    stages: Callable[[str], float] | None = None
     finish: Callable[[str], float] | None = None
 
 
@@ -139,9 +140,9 @@ def plan_budget(budget_seconds: float, n_images: int, candidates: tuple[str, ...
     finish), else the one with the most epochs (at least one per unit, with a warning when that
     overruns). ``started``: the ``clock()`` reading when the run began (None: now); the measuring
     counts too. Returns the report: ``backbone``, ``epochs`` (per unit), ``total_epochs``,
-    ``estimated_seconds`` (training), ``finish_seconds``, ``phase_seconds``, ``before_seconds``,
-    ``calibration_seconds``, ``estimated_total_seconds``, ``candidates`` (one row per candidate
-    measured) and the constants used; ``warning`` when nothing fits."""
+    ``estimated_seconds`` (training), ``finish_seconds``, ``phase_seconds`` (the stages),
+    ``before_seconds``, ``calibration_seconds``, ``estimated_total_seconds``, ``candidates`` (one row
+    per candidate measured) and the constants used; ``warning`` when nothing fits."""
     if not candidates:
         raise ValueError("plan_budget needs at least one candidate backbone")
     start = clock()
@@ -201,8 +202,8 @@ def _measure_candidate(name: str, probes: Probes, need: float, seconds_left: Cal
     if schedule(e).total >= min_epochs or last:
         if probes.discovery is not None and schedule(max(e, 1)).discoveries > 0:
             costs = dataclasses.replace(costs, **_discovery_costs(probes.discovery(name)))
-        if probes.phase is not None:
-            costs = dataclasses.replace(costs, phase_seconds=float(probes.phase(name)))
+        if probes.stages is not None:
+            costs = dataclasses.replace(costs, phase_seconds=float(probes.stages(name)))
         if probes.finish is not None:
             costs = dataclasses.replace(costs, finish_seconds=float(probes.finish(name)))
         e = epochs_for_budget(seconds_left(costs.finish_seconds), n_images, costs, schedule, max_per_unit=max_per_unit)
@@ -285,7 +286,7 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
         calibration = TrainerCalibration(cfg, images, view_spec, labels=labels, evaluated=evaluated,
                                          probe_epochs=_smallest_reaching(schedule, MIN_EPOCHS, MAX_EPOCHS_PER_UNIT),
                                          clock=clock)
-        probes = Probes(calibration.measure, calibration.discovery, calibration.phase, calibration.finish)
+        probes = Probes(calibration.measure, calibration.discovery, calibration.stages, calibration.finish)
     try:
         report = plan_budget(parse_budget(text), n, candidates, probes, schedule, started=started, clock=clock)
     finally:
@@ -316,9 +317,9 @@ def unused_budget_note(train: TrainConfig) -> dict[str, str] | None:
                        "epochs only when train.epochs is none: --set train.epochs=none)"}
 
 
-def _phase_part(report: dict[str, Any]) -> str:
-    phase = report.get("phase_seconds") or 0
-    return f" ({format_seconds(phase)} of it the clustering phase)" if phase else ""
+def _stages_part(report: dict[str, Any]) -> str:
+    seconds = report.get("phase_seconds") or 0
+    return f" ({format_seconds(seconds)} of it the stages after the method)" if seconds else ""
 
 
 def describe(report: dict[str, Any]) -> str:
@@ -331,7 +332,7 @@ def describe(report: dict[str, Any]) -> str:
                        else f"{r['backbone']} failed" for r in report["candidates"])
     line = (f"budget {report['budget']}: measured {speeds}; chose {report['backbone']}, "
             f"{report['epochs']} epochs per unit ({report['total_epochs']} in all), about "
-            f"{format_seconds(report['estimated_seconds'] or 0)} of training{_phase_part(report)} after "
+            f"{format_seconds(report['estimated_seconds'] or 0)} of training{_stages_part(report)} after "
             f"{format_seconds(report.get('before_seconds', 0))} of start-up, loading and resolving and "
             f"{format_seconds(report['calibration_seconds'])} of calibration, then about "
             f"{format_seconds(report.get('finish_seconds', 0))} for the clusters and metrics")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import Config, validate
 from .data import ImageSet
+from .heads import AssignmentMap, OwnClusters
 from .scoring import compute_metrics
 from .train import Trainer, Training, extract_features, make_fabric, preserved_rng
 
@@ -115,7 +116,7 @@ class TrainerCalibration:
     """The measurements a budget's plan asks for (``budget.Probes``), on the real trainer of one
     candidate backbone at a time (the live one): :meth:`measure` (training images per second of
     epoch 0), :meth:`discovery` (the :class:`budget.Costs` fields of the structure discoveries),
-    :meth:`phase` (seconds of the methods trained after the configured one) and :meth:`finish`
+    :meth:`stages` (seconds of the methods trained after the configured one) and :meth:`finish`
     (seconds of what follows training).
 
     One process, one device (as ``make_fabric`` picks for ``train.accelerator``), the configured
@@ -209,7 +210,7 @@ class TrainerCalibration:
             out["discovery_seconds"] = probe.time_discovery(epoch)
         return out
 
-    def phase(self, backbone: str) -> float:
+    def stages(self, backbone: str) -> float:
         """Seconds of the methods trained after the configured one (a learned cluster head), for the
         live candidate (0 without any): each one's discoveries, each of its epochs as its batches at
         the median of a few timed steps (after an untimed one) with an epoch's checkpoint (an epoch
@@ -264,25 +265,24 @@ class TrainerCalibration:
                 feats = {name: extract_features(trainer.net, trainer.views, sub.images, device=trainer.fabric.device,
                                                 layer=name) for name in layers}
                 pass_seconds = (self.clock() - t) / (m * len(layers))
-                own, learned = self._stand_ins(trainer, feats[layers[0]][0])
+                own = self._stand_ins(trainer, feats[layers[0]][0])
                 t = self.clock()
-                compute_metrics(self.cfg, sub, feats[layers[0]][0], feats[layers[0]][1], method_labels=own,
-                                phase_map=learned, layers={name: f[0] for name, f in feats.items()})
+                compute_metrics(self.cfg, sub, feats[layers[0]][0], feats[layers[0]][1], own=own,
+                                layers={name: f[0] for name, f in feats.items()})
                 points.append((m, self.clock() - t))
         passes = len(layers) + len(trainer.method.final_features())
         return pass_seconds * n * passes + extrapolate_seconds(points[1:], n)
 
-    def _stand_ins(self, trainer: Trainer, features: np.ndarray):
-        """Stand-ins for what the run's head reads and the calibration has not trained: the method's
-        own clusters (``cluster.head: method``); the head a method after it learns (its
-        ``assignment_map``: a linear map of the head's features, as ``heads.linear_head`` reads it)."""
-        k = self.cfg.cluster.n_clusters
-        own = np.arange(len(features)) % k if self.cfg.cluster.head == "method" else None
-        learned = None
-        if len(trainer.methods) > 1:
+    def _stand_ins(self, trainer: Trainer, features: np.ndarray) -> dict[str, OwnClusters]:
+        """Stand-ins for the own clusters of the run's methods, which the calibration has not
+        trained, by the cluster head that reads them: the configured method's clusters where the
+        run's head reads them; each later method's assignment map (random, on ``cluster.features``)."""
+        k, (first, *later) = self.cfg.cluster.n_clusters, trainer.cluster_heads
+        own = {first: OwnClusters(labels=np.arange(len(features)) % k)} if self.cfg.cluster.head == first else {}
+        for head in later:
             weights = np.random.default_rng(0).standard_normal((k, features.shape[1])).astype(np.float32)
-            learned = (self.cfg.cluster.features, weights, np.zeros(k, np.float32))
-        return own, learned
+            own[head] = OwnClusters(map=AssignmentMap(self.cfg.cluster.features, weights, np.zeros(k, np.float32)))
+        return own
 
     def close(self) -> None:
         if self.live is not None:

@@ -46,7 +46,7 @@ def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabri
     dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
     against the run on ``resume``). ``images``: images held in memory (``api.Clusterer``), used
     instead of loading ``cfg.data.spec``. ``started``: the ``time.perf_counter()`` reading a time
-    budget counts from (the command line's: its process's start; None: now, as for the API)."""
+    budget counts from (the command line's: deepclust's first line, durations.entry_started; None: now, as for the API)."""
     started = time.perf_counter() if started is None else started  # (budget.py)
     out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
     check_out(out, None if resume else cfg.data.spec)  # before any lock or file

@@ -11,7 +11,7 @@ import numpy as np
 from .config import ClusterConfig, Config
 from .data import ImageSet
 from .evaluate import clustering_scores, collapse_report, head_scores, knn_report
-from .heads import ClusterHead, fit_heads
+from .heads import ClusterHead, OwnClusters, fit_heads
 
 # JULE's agglomeration (its "RC" clusters) on the embedding only: about 1 s at N = 10,000 on 128-d
 # features, 4 s on 784-d pixels (niced, on the shared 2-core CPU); a 1024-d backbone would cost more.
@@ -26,43 +26,40 @@ def head_options(cluster: ClusterConfig, seed: int) -> dict[str, Any]:
             "eigenvectors": cluster.eigenvectors}
 
 
-def _combos(cluster: ClusterConfig, layers: dict[str, np.ndarray], method_labels,
-            phase_map=None) -> list[tuple[str, str]]:
-    """Every post-hoc head on every given layer, the method's own clusters when it has them, and
-    the clustering phase's head when one was trained."""
+def _combos(cluster: ClusterConfig, layers: dict[str, np.ndarray],
+            own: dict[str, OwnClusters] | None = None) -> list[tuple[str, str]]:
+    """Every post-hoc head on every given layer, then the own clusters of each method of the run
+    that has them (``own``, by the cluster head that reads them), on ``cluster.features``."""
     combos = [c for c in ALL_HEADS if c[1] in layers]
-    if method_labels is not None:
-        combos.append(("method", cluster.features if cluster.features in layers else "embedding"))
-    if phase_map is not None and phase_map[0] in layers:
-        combos.append(("scan", phase_map[0]))
-    return combos
+    layer = cluster.features if cluster.features in layers else "embedding"
+    return combos + [(name, layer) for name, clusters in (own or {}).items() if clusters.given()]
 
 
 def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embedding: np.ndarray,
-                    *, method_labels: np.ndarray | None = None, trained_rows=None,
-                    layers: dict[str, np.ndarray] | None = None, method_map=None,
-                    phase_map=None) -> tuple[dict[str, Any], ClusterHead]:
+                    *, own: dict[str, OwnClusters] | None = None, trained_rows=None,
+                    layers: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], ClusterHead]:
     """Cluster ``features`` (the layer ``cluster.features`` names) with the configured head (labels
     never enter it), then score against labels if any: first every head is fitted, then scored.
+    ``own``: the own clusters of each method of the run (``heads.OwnClusters``: its final clusters
+    and its assignment map), by the cluster head that reads them (``method``: the configured
+    method's; a stage's under its name), kept for ``trained_rows`` where given.
 
     Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
     head_seconds, cluster_head_choice (the graph head: the partition it kept and why); with labels:
     acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every post-hoc head on the backbone
-    and embedding layers, and the method's own clusters when it has them: acc / nmi / ari / seconds
-    each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
+    and embedding layers, and each method's own clusters where it has them: acc / nmi / ari /
+    seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
     knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
-    ``method_map``: the method's clusters as an affine map of a layer (``Method.assignment_map``);
-    ``phase_map``: the clustering phase's kept head, the same way (``cluster.head: scan``).
     """
     cl, labels, seed = cfg.cluster, images.labels, cfg.train.seed
     chosen = (cl.head, cl.features)
     layers = {"embedding": embedding, **(layers or {}), cl.features: features}
-    combos = _combos(cl, layers, method_labels, phase_map) if labels is not None else []
+    combos = _combos(cl, layers, own) if labels is not None else []
     options = head_options(cl, seed)
     knn = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature or cfg.memory.temperature, "seed": seed,
            "probe": cfg.eval.linear_probe}  # T: eval.knn_temperature, else the bank's
-    fitted = fit_heads(layers, [chosen, *(c for c in combos if c != chosen)], method_labels=method_labels,
-                       trained_rows=trained_rows, method_map=method_map, phase_map=phase_map, **options)
+    fitted = fit_heads(layers, [chosen, *(c for c in combos if c != chosen)], own=own, trained_rows=trained_rows,
+                       **options)
     head, head_seconds = fitted[chosen]
     k, pred = cl.n_clusters, head.labels_
     collapse = collapse_report(pred, max(k, int(pred.max()) + 1))
@@ -84,10 +81,10 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
 
 
 def score_heads(cluster: ClusterConfig, seed: int, images: ImageSet, layers: dict[str, np.ndarray],
-                method_labels=None, trained_rows=None) -> list[dict[str, Any]]:
-    """Scores of every post-hoc head on every given layer (and of the method's own clusters)."""
-    combos, options = _combos(cluster, layers, method_labels), head_options(cluster, seed)
-    fitted = fit_heads(layers, combos, method_labels=method_labels, trained_rows=trained_rows, **options)
+                own: dict[str, OwnClusters] | None = None, trained_rows=None) -> list[dict[str, Any]]:
+    """Scores of every post-hoc head on every given layer (and of each method's own clusters)."""
+    combos, options = _combos(cluster, layers, own), head_options(cluster, seed)
+    fitted = fit_heads(layers, combos, own=own, trained_rows=trained_rows, **options)
     return head_scores(images.labels, [(*c, fitted[c][0].labels_, fitted[c][1]) for c in combos])
 
 

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .config import Config, EvalConfig, TrainConfig
 from .errors import ConfigError, DataError
 from .evaluate import knn_top1
+from .heads import OwnClusters
 from .io import append_text, ensure_dir, save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, run_methods
 from .nets import EmbeddingNet, sync_batchnorm
@@ -156,9 +157,9 @@ class TrainResult:
     images_seen: int
     epochs: int  # the configured method's
     history: list[dict[str, Any]] = field(default_factory=list)
-    method_clusters: np.ndarray | None = None
-    method_map: tuple[str, np.ndarray, np.ndarray] | None = None  # Method.assignment_map()
-    phase_map: tuple[str, np.ndarray, np.ndarray] | None = None  # the last later method's: its learned head
+    # each method's own clusters (final clusters, assignment map), by the cluster head that reads them
+    # (``methods.run_methods``); empty ones on ranks other than 0
+    own: dict[str, OwnClusters] = field(default_factory=dict)
 
     @property
     def bank(self):
@@ -187,7 +188,8 @@ class Trainer:
         n, c, h, w = self.data_cpu.shape
         self.n = n
         torch.manual_seed(cfg.train.seed)
-        classes = run_methods(cfg)
+        run = run_methods(cfg)
+        self.cluster_heads, classes = list(run), list(run.values())  # what reads each one's own clusters
         self.net = EmbeddingNet(cfg.net.backbone, c, (h, w), dim=cfg.net.dim, sobel=cfg.net.sobel,
                                 head=classes[0].embedding_head)
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
@@ -542,12 +544,10 @@ class Trainer:
                 epoch += 1
             first += method.total_epochs()  # fixed once the method has finished
             ends.append(first)
-        finals = [self.final(method, end) for method, end in zip(self.methods, ends)]
+        own = {head: self.final(method, end) for head, method, end in zip(self.cluster_heads, self.methods, ends)}
         self.timing["train_seconds"] = self.clock[1] + time.perf_counter() - t_start
-        (clusters, method_map), learned = finals[0], finals[-1][1] if len(finals) > 1 else None
         return TrainResult(self.net, self.views, self.method, self.timing["train_seconds"],
-                           self.timing["step_seconds"], int(self.timing["images_seen"]), ends[0], history, clusters,
-                           method_map, learned)
+                           self.timing["step_seconds"], int(self.timing["images_seen"]), ends[0], history, own)
 
     def _epoch(self, t: Training, epoch: int, local: int, history: list) -> None:
         """The run's ``epoch``, the method's ``local`` one: discovery when due, training, the log
@@ -564,15 +564,15 @@ class Trainer:
         if self.cfg.train.checkpoint:
             self._save_checkpoint(epoch, history)
 
-    def final(self, method: Method, epoch: int) -> tuple[np.ndarray | None, tuple[str, np.ndarray, np.ndarray] | None]:
-        """(the method's own clusters of the training images or None, its ``assignment_map``) on rank
-        0, read off full passes of its ``final_features`` after the run's ``epoch`` (None, None on
-        the other ranks, which share the passes)."""
+    def final(self, method: Method, epoch: int) -> OwnClusters:
+        """The method's own clusters on rank 0: its final clusters of the training images (or None),
+        read off full passes of its ``final_features`` after the run's ``epoch``, and its
+        ``assignment_map``; empty on the other ranks, which share the passes."""
         passes = self._full_passes(method, method.final_features(), epoch)
         if self.rank != 0:
-            return None, None
+            return OwnClusters()
         labels = method.final_clusters(self._context(method, epoch, passes))
-        return (None if labels is None else np.asarray(labels, dtype=np.int64)), method.assignment_map()
+        return OwnClusters(None if labels is None else np.asarray(labels, dtype=np.int64), method.assignment_map())
 
 
 def bank_knn_top1(bank: Tensor, labels: np.ndarray, ev: EvalConfig, bank_temperature: float) -> float:

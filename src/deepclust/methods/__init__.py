@@ -5,7 +5,8 @@ this package.
 
 A run is a list of methods trained one after another on the same network (:func:`run_methods`):
 the configured ``method``, then the one ``cluster.head`` names in :data:`STAGES` (a cluster head
-that is trained: SCAN)."""
+that is trained: SCAN). Each method's own clusters are read by the cluster head of its place in the
+run: ``method`` for the configured one, a stage's registered name for the stage."""
 
 from __future__ import annotations
 
@@ -49,13 +50,21 @@ def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = N
 STAGES: dict[str, type[Method]] = {
     "scan": Scan,
 }
+METHOD_HEAD = "method"  # the cluster head that reads the configured method's own clusters
 
 
-def run_methods(cfg: Config) -> list[type[Method]]:
-    """The classes a run of ``cfg`` trains, in order: ``cfg.method``, then the one ``cluster.head``
-    adds (:data:`STAGES`), if any."""
-    return [method_class(cfg.method), *([STAGES[cfg.cluster.head]] if cfg.cluster.head in STAGES else [])]
+def stage_class(head: str) -> type[Method] | None:
+    """The method the cluster head ``head`` adds to a run (:data:`STAGES`), or None."""
+    return STAGES.get(head)
 
 
-__all__ = ["METHODS", "STAGES", "DiscoveryContext", "FeatureRequest", "Method", "Step", "build_method",
-           "method_class", "run_methods"]
+def run_methods(cfg: Config) -> dict[str, type[Method]]:
+    """The classes a run of ``cfg`` trains, in order, each under the cluster head that reads its own
+    clusters: ``cfg.method`` under :data:`METHOD_HEAD`, then the one ``cluster.head`` adds
+    (:data:`STAGES`), if any, under that name."""
+    stage = stage_class(cfg.cluster.head)
+    return {METHOD_HEAD: method_class(cfg.method), **({cfg.cluster.head: stage} if stage is not None else {})}
+
+
+__all__ = ["METHODS", "METHOD_HEAD", "STAGES", "DiscoveryContext", "FeatureRequest", "Method", "Step",
+           "build_method", "method_class", "run_methods", "stage_class"]

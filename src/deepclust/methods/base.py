@@ -86,6 +86,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..errors import ConfigError
+from ..heads import AssignmentMap
 from ..memory import MemoryBank
 from ..schedules import build_optimizer, learning_rate
 from ..structure.batching import uniform_batches
@@ -172,6 +173,9 @@ class Method:
     # benchmarks/results/dev-choices-*.json). Spectral on the backbone layer with 2K eigenvectors is
     # the best or tied-best way for instance discrimination, AND, PCP and DeepCluster there.
     cluster_head: tuple[str, str, int] = ("spectral", "backbone", 2)
+    # A method added to the run by its cluster head (``methods.STAGES``): the layer that head reads
+    # when ``cluster.features`` is auto (None: the configured method's choice above).
+    cluster_features: str | None = None
 
     def __init__(self, cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None,
                  tap_shapes: dict[str, tuple[int, ...]] | None = None, shallow_layer: str | None = None):
@@ -333,10 +337,11 @@ class Method:
     def final_features(self) -> tuple[FeatureRequest, ...]:
         return ()
 
-    def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray] | None:
-        """(layer, A, c) when the method's own clusters of any image are argmax(A x + c) of the
-        network's ``layer`` (DCCM's softmax head in eval mode): ``predict`` then uses it on new
-        images. None: new images join the method's clusters by the kNN vote over the trained ones."""
+    def assignment_map(self) -> AssignmentMap | None:
+        """The method's own clusters of any image as argmax(weight x + bias) of the network's
+        ``layer`` (DCCM's softmax head in eval mode, a stage's learned head): the run's head then
+        reads them through it, and ``predict`` uses it on new images. None: new images join the
+        method's clusters by the kNN vote over the trained ones."""
         return None
 
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray | None:

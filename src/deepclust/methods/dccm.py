@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from ..config import option
 from ..errors import ConfigError
+from ..heads import AssignmentMap
 from ..losses.dccm import LocalDiscriminator, graph_loss, label_loss, mi_loss
 from ..precision import at_least_float32
 from ..structure.pseudo_graph import (
@@ -196,7 +197,7 @@ class Dccm(Method):
         return (PROBABILITIES,)
 
     @torch.no_grad()
-    def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray]:
+    def assignment_map(self) -> AssignmentMap:
         """The head in eval mode is affine (Linear, then BatchNorm with its running statistics) and
         the softmax keeps the order, so Eq 7's argmax of any image is argmax(A x + c) of its backbone
         features: what ``predict`` applies to new images."""
@@ -204,7 +205,7 @@ class Dccm(Method):
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         a = linear.weight * scale[:, None]
         c = (linear.bias - norm.running_mean) * scale + norm.bias
-        return "backbone", a.float().cpu().numpy(), c.float().cpu().numpy()
+        return AssignmentMap("backbone", a.float().cpu().numpy(), c.float().cpu().numpy())
 
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
         return ctx.features(PROBABILITIES.tap).argmax(dim=1).cpu().numpy()  # Eq 7

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..heads import AssignmentMap
 from ..losses.scan import class_weights, scan_objective, scan_rows, self_label_rows
 from ..precision import at_least_float32
 from ..structure.batching import epoch_generator, split_batches
@@ -79,6 +80,7 @@ class Scan(Method):
 
     name = "scan"
     uses_bank = False
+    cluster_features = "backbone"  # SCAN's heads read the backbone output
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
@@ -217,7 +219,7 @@ class Scan(Method):
         return p[:, self.best].argmax(dim=1).cpu().numpy()
 
     @torch.no_grad()
-    def assignment_map(self) -> tuple[str, np.ndarray, np.ndarray]:
+    def assignment_map(self) -> AssignmentMap:
         """The kept head in eval mode is affine (the BatchNorm with its running statistics, then the
         Linear) and its softmax keeps the order, so the cluster is argmax(A x + c) of the layer."""
         best = self.best if self.best is not None else int(self.structure["best"])
@@ -227,4 +229,4 @@ class Scan(Method):
         if norm:
             scale = 1 / torch.sqrt(norm[0].running_var.double() + norm[0].eps)
             a, c = a * scale, c - (a * scale) @ norm[0].running_mean.double()
-        return self.layer, a.float().cpu().numpy(), c.float().cpu().numpy()
+        return AssignmentMap(self.layer, a.float().cpu().numpy(), c.float().cpu().numpy())
