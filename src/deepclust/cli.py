@@ -33,7 +33,7 @@ from .config import (BACKBONE_NAMES, CLUSTER_HEADS, VIEW_PRESET_NAMES, Config, m
                      set_dotted)
 from .configure import build_config, load_config, resume_request
 from .data import DATASET_NAMES, SPLITS
-from .durations import process_started
+from .durations import entry_started
 from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
 from .methods import METHODS
@@ -232,7 +232,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.out is None:
             cfg = dataclasses.replace(cfg, out=os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec))
     os.environ[OUT_ENV] = cfg.out
-    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given, started=process_started())
+    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given, started=args.started)
     if metrics:
         print(json.dumps(metrics | {"out": cfg.out}, indent=2))
     return 0
@@ -323,12 +323,15 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a command's budget counts from deepclust's first line; a call with argv (in-process) from now
+    started = entry_started() if argv is None else time.perf_counter()
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(dash_values(argv, *parser.all_flags()))
     if args.command is None:
         parser.print_help()
         return 2
+    args.started = started
     warnings.filterwarnings("ignore", module="lightning")
     try:
         commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "report": cmd_report,
