@@ -46,7 +46,9 @@ def fitted(digits, tmp_path_factory):
 def test_exported_and_params():
     assert deepclust.Clusterer is Clusterer
     est = Clusterer(method="pad", n_clusters=5, epochs=2, lr=0.1)
-    assert est.get_params() == {"method": "pad", "n_clusters": 5, "epochs": 2, "lr": 0.1}
+    given = {k: v for k, v in est.get_params().items() if v is not None}  # every parameter, None: not given
+    assert given == {"method": "pad", "n_clusters": 5, "epochs": 2, "lr": 0.1}
+    assert repr(est) == "Clusterer(epochs=2, lr=0.1, method='pad', n_clusters=5)"
     est.set_params(n_clusters=7, budget="30s")
     assert est.get_params()["n_clusters"] == 7 and est.get_params()["budget"] == "30s"
     twin = clone(est)
@@ -56,7 +58,7 @@ def test_exported_and_params():
 
 def test_options_go_through_the_one_validator():
     cfg = Clusterer(method="and", n_clusters="auto", epochs=2, backbone="mlp", rounds=2,
-                    optim__weight_decay=1e-4).configuration("digits")
+                    settings={"optim.weight_decay": 1e-4}).configuration("digits")
     assert (cfg.method, cfg.train.epochs, cfg.net.backbone, cfg.options.rounds) == ("and", 2, "mlp", 2)
     assert cfg.optim.weight_decay == 1e-4 and cfg.cluster.n_clusters is None and cfg.data.spec == "digits"
     preset = Clusterer(config="dccm-cifar10", epochs=1).configuration()
@@ -64,10 +66,10 @@ def test_options_go_through_the_one_validator():
     assert Clusterer(config="dccm-cifar10", n_clusters="auto").configuration().cluster.n_clusters is None
     with pytest.raises(ConfigError, match="epochs"):
         Clusterer(epochs=-1).configuration()
-    with pytest.raises(ConfigError, match="a Clusterer method"):
-        Clusterer(predict=1).configuration()
-    with pytest.raises(ConfigError, match="unknown option"):
-        Clusterer(method="instance", no_such_option=1).configuration()
+    with pytest.raises(TypeError, match="predict"):  # explicit parameters: a name is one of them or refused
+        Clusterer(predict=1)
+    with pytest.raises(ConfigError, match="unknown option options.no_such_option"):
+        Clusterer(method="instance", settings={"options.no_such_option": 1})
 
 
 def test_fitted_attributes(fitted, digits):
@@ -184,9 +186,8 @@ def test_sklearn_checks_that_apply_to_images(check):
     import sklearn.utils.estimator_checks as checks
 
     fn = getattr(checks, check)
-    # no **options here: check_no_attributes_set_in_init reads parameters from the signature only, and
-    # options (each stored as its own attribute) are not in it; clone with options: test above
-    fn("Clusterer", Clusterer(method="instance", n_clusters=3))
+    # options given (each an explicit parameter, settings a dict), so the checks see them stored as-is
+    fn("Clusterer", Clusterer(method="instance", n_clusters=3, epochs=2, settings={"optim.weight_decay": 1e-4}))
 
 
 def test_fit_on_a_data_spec_uses_its_labels_for_scores_only(digits, tmp_path):

@@ -417,7 +417,7 @@ def test_a_folder_of_identical_images_is_refused_not_split(tmp_path, k):
 
 @pytest.mark.parametrize("bad, fragment", [
     ({"epochs": -5}, "train.epochs: must be >= 0, got -5"),
-    ({"no_such_option": 1}, "unknown option options.no_such_option"),
+    ({"settings": {"options.no_such_option": 1}}, "unknown option options.no_such_option"),
     ({"seed": 2**31}, "train.seed"),
 ], ids=["epochs", "unknown-name", "seed"])
 def test_set_params_is_as_strict_as_fit(bad, fragment):

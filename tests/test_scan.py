@@ -248,7 +248,7 @@ def test_the_library_fits_and_predicts_through_the_scan_head():
 
     x = load_images("digits").images[:300]
     est = Clusterer(method="instance", n_clusters=10, epochs=1, progress=False, threads=1, batch_size=64,
-                    cluster_head="scan", scan__epochs=1, scan__heads=2).fit(x)
+                    cluster_head="scan", settings={"scan.epochs": 1, "scan.heads": 2}).fit(x)
     assert est.head_.kind == "linear"
     assert (est.predict(x) == est.labels_).all()
 

@@ -23,6 +23,7 @@ import io
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from safetensors.torch import load as load_safetensors
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
 
-from .config import read_yaml, set_dotted
+from .config import FLAG_ONLY_OPTIONS, SHORT_OPTIONS, read_yaml, set_dotted
 from .configure import build_config, run_config
 from .data import ImageSet
 from .data.sources import check_labels, finalise, normalise_layout, read_image, resize_all, to_uint8
@@ -40,21 +41,20 @@ from .evaluate import clustering_scores
 from .heads import ClusterHead
 from .inference import network_from_state
 from .io import ensure_dir, save_bytes
+from .methods import option_flags
 from .resolution import load_data
 from .rundir import check_replaceable, swap_in, unique_dir
 from .runs import fit_run
 from .train import extract_features
 
-# short option names -> dotted configuration keys (the command line's flags of the same name)
-OPTION_KEYS = {
-    "data": "data.spec", "split": "data.split", "resize": "data.resize", "root": "data.root",
-    "download": "data.download", "epochs": "train.epochs", "budget": "train.budget", "seed": "train.seed",
-    "devices": "train.devices", "num_nodes": "train.num_nodes", "accelerator": "train.accelerator",
-    "precision": "train.precision", "threads": "train.threads", "progress": "train.progress",
-    "backbone": "net.backbone", "dim": "net.dim", "batch_size": "optim.batch_size", "lr": "optim.lr",
-    "temperature": "memory.temperature", "nce_k": "memory.nce_k", "views": "views.preset",
-    "cluster_head": "cluster.head", "cluster_features": "cluster.features",
-}
+# Clusterer's parameters that set one option each -> its dotted configuration key: the command line's
+# flags of the same name (config.SHORT_OPTIONS, less --out; the methods' own, methods.option_flags)
+OPTION_KEYS: dict[str, str] = {
+    **{name: key for name, key in SHORT_OPTIONS.items() if name not in FLAG_ONLY_OPTIONS},
+    **{name: key for name, (key, _) in option_flags().items()}}
+# Clusterer's parameters, in the order of its signature (tests/test_options.py checks the two agree):
+# the options above, ``config`` (the command line's --config) and ``settings`` (its --set)
+PARAMETERS = (*OPTION_KEYS, "config", "settings")
 ARRAY_SPEC = "array"  # data.spec of images given in memory (a saved run's data cannot be re-read)
 
 
@@ -95,32 +95,29 @@ def _from_files(paths: list[str], resize: int | None) -> ImageSet:
     return finalise(ImageSet(stacked, names=paths, spec=ARRAY_SPEC))
 
 
-def options_layers(method: str | None, n_clusters: Any, options: dict[str, Any]) -> tuple[dict, dict]:
-    """(base, layer): ``config=`` a preset name or YAML file as the base layer, and on top the layer
-    of ``Clusterer``'s parameters: short names (:data:`OPTION_KEYS`), ``section__field`` for any
-    other option, and any other name for the method's own options (``options.NAME``)."""
-    options = dict(options)
-    preset = options.pop("config", None)
+def options_layers(params: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(base, layer) of ``Clusterer``'s parameters: ``config`` (a preset name or YAML file) as the base
+    layer, and on top each option given (:data:`OPTION_KEYS`; None: not given, the base's or the
+    default), then ``settings``, any option by its dotted name (``{"optim.weight_decay": 1e-4}``)."""
+    preset, settings = params.get("config"), params.get("settings")
     base = read_yaml(str(preset)) if preset is not None else {}
     layer: dict = {}
-    if method is not None:
-        layer["method"] = method
-    if n_clusters is not None:
-        set_dotted(layer, "cluster.n_clusters", n_clusters)
-    for name, value in options.items():
-        key = OPTION_KEYS.get(name) or (name.replace("__", ".") if "__" in name else f"options.{name}")
-        set_dotted(layer, key, value)
+    for name, key in OPTION_KEYS.items():
+        if params.get(name) is not None:
+            set_dotted(layer, key, params[name])
+    if settings is not None:
+        if not isinstance(settings, Mapping) or not all(isinstance(k, str) for k in settings):
+            raise ConfigError(f"settings: expected a mapping of dotted option names to values "
+                              f"({{'optim.weight_decay': 1e-4}}), got {settings!r}")
+        for key, value in settings.items():
+            set_dotted(layer, key, value)
     return base, layer
 
 
-def _config_of(params: dict[str, Any], X: Any = None):
-    """The validated Config of a Clusterer's parameters (``method``, ``n_clusters`` and options), with
-    ``X``'s data spec: what ``__init__``, ``set_params``, ``configuration`` and ``fit`` check."""
-    options = {k: v for k, v in params.items() if k not in ("method", "n_clusters")}
-    clash = sorted(name for name in options if hasattr(Clusterer, name))
-    if clash:
-        raise ConfigError(f"'{clash[0]}' is a Clusterer method, not an option")
-    base, layer = options_layers(params.get("method"), params.get("n_clusters"), options)
+def _config_of(params: Mapping[str, Any], X: Any = None):
+    """The validated Config of a Clusterer's parameters, with ``X``'s data spec: what ``__init__``,
+    ``set_params``, ``configuration`` and ``fit`` check."""
+    base, layer = options_layers(params)
     if isinstance(X, str):
         set_dotted(layer, "data.spec", X)
     elif X is not None:
@@ -133,39 +130,55 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     ``method``: a registered method (None: the configuration's default, or the ``config=`` preset's);
     ``n_clusters``: K, or "auto" (estimated from the images without labels, ``structure/n_clusters.py``);
-    None: the ``config=`` preset's K, else auto;
-    ``**options``: any configuration option (:func:`options_layers`), checked by the one validator
-    when given: ``Clusterer(...)`` and :meth:`set_params` refuse an unknown name or a wrong value
-    (ConfigError) as ``fit`` would, so no invalid estimator exists to be cloned or fitted.
+    None: the ``config=`` preset's K, else auto.
+    The keyword parameters are the command line's flags of the same name (``epochs`` is ``--epochs``,
+    ``batch_size`` ``--batch-size``; :data:`OPTION_KEYS`), each None when not given (then the
+    ``config=`` preset's value, else the default); ``rounds``, ``neighbours`` and ``curriculum`` are
+    the method's own (AND's; PCP's ``rounds`` and PAD's ``neighbours`` too). ``config``: a preset name
+    or YAML file under them; ``settings``: any other option by its dotted name, as the command line's
+    ``--set`` (``{"optim.weight_decay": 1e-4, "options.gamma": 0.3}``), over them.
+    Every parameter is checked by the one validator when given: ``Clusterer(...)`` and
+    :meth:`set_params` refuse a wrong value (ConfigError) as ``fit`` would, so no invalid estimator
+    exists to be cloned or fitted.
 
     Fitted attributes: ``labels_`` (cluster per image), ``embedding_`` (L2-normalised embeddings),
     ``n_clusters_``, ``metrics_`` (metrics.json's content), ``config_`` (the resolved Config).
     """
 
-    def __init__(self, method: str | None = None, n_clusters: int | str | None = None, **options: Any):
-        _config_of({"method": method, "n_clusters": n_clusters, **options})
-        self.method = method
-        self.n_clusters = n_clusters
-        for name, value in options.items():  # each option a parameter, as scikit-learn expects
+    def __init__(self, method: str | None = None, n_clusters: int | str | None = None, *,
+                 data: str | None = None, split: str | None = None, resize: int | None = None,
+                 root: str | None = None, download: bool | None = None,
+                 epochs: int | None = None, budget: str | None = None, seed: int | None = None,
+                 devices: int | None = None, num_nodes: int | None = None, accelerator: str | None = None,
+                 precision: str | None = None, threads: int | None = None, progress: bool | None = None,
+                 backbone: str | None = None, dim: int | None = None, batch_size: int | None = None,
+                 lr: float | None = None, temperature: float | None = None, nce_k: int | None = None,
+                 views: str | None = None, cluster_head: str | None = None, cluster_features: str | None = None,
+                 rounds: int | None = None, neighbours: int | None = None, curriculum: str | None = None,
+                 config: str | None = None, settings: Mapping[str, Any] | None = None):
+        given = locals()
+        params = {name: given[name] for name in PARAMETERS}
+        _config_of(params)  # the one validator, before anything is stored
+        for name, value in params.items():  # each parameter stored as given, under its own name
             setattr(self, name, value)
 
-    # -- parameters: the options are parameters too ------------------------------------------------
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """``method``, ``n_clusters`` and every option given (fitted attributes end in ``_``)."""
-        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
+    # -- parameters: get_params is scikit-learn's, from the signature ---------------------------------
 
     def set_params(self, **params: Any) -> "Clusterer":
         """Set parameters once all of them, with the others, pass the validator ``fit`` uses; on a
-        ConfigError nothing is changed."""
-        _config_of({**self.get_params(), **params})
+        ConfigError (an unknown name included) nothing is changed."""
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise ConfigError(f"unknown parameter '{unknown[0]}' of Clusterer; any other option by its dotted "
+                              f"name: settings={{'section.field': value}}; parameters: {', '.join(PARAMETERS)}")
+        _config_of({**self.get_params(deep=False), **params})
         for name, value in params.items():
             setattr(self, name, value)
         return self
 
     def configuration(self, X: Any = None):
         """The Config ``fit(X)`` would start from (validated; nothing resolved from data yet)."""
-        return _config_of(self.get_params(), X)
+        return _config_of(self.get_params(deep=False), X)
 
     # -- fitting ---------------------------------------------------------------------------------
 

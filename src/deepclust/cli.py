@@ -29,34 +29,25 @@ from pathlib import Path
 import numpy as np
 
 from . import export, inference, report
-from .config import (BACKBONE_NAMES, CLUSTER_HEADS, VIEW_PRESET_NAMES, Config, merge_layers, preset_path, read_yaml,
-                     set_dotted)
+from .config import (BACKBONE_NAMES, CLUSTER_HEADS, SHORT_OPTIONS, SWITCH_OPTIONS, VIEW_PRESET_NAMES, Config,
+                     merge_layers, preset_path, read_yaml, set_dotted)
 from .configure import build_config, load_config, resume_request
 from .data import DATASET_NAMES, SPLITS
 from .durations import entry_started
 from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
-from .methods import METHODS
+from .methods import METHODS, option_flags
 from .rundir import check_output
 from .runs import fit_run
 
 OUT_ENV = "DEEPCLUST_RUN_OUT"  # lets DDP child processes (re-launched by Fabric) share the run dir
 
-# flag -> dotted config key
-FIT_FLAGS = {
-    "method": "method", "data": "data.spec", "split": "data.split", "resize": "data.resize",
-    "root": "data.root", "epochs": "train.epochs", "budget": "train.budget", "seed": "train.seed",
-    "devices": "train.devices",
-    "num_nodes": "train.num_nodes", "accelerator": "train.accelerator", "precision": "train.precision",
-    "threads": "train.threads", "backbone": "net.backbone", "dim": "net.dim",
-    "batch_size": "optim.batch_size", "lr": "optim.lr", "temperature": "memory.temperature",
-    "nce_k": "memory.nce_k", "views": "views.preset",
-    "n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head",
-    "cluster_features": "cluster.features", "rounds": "options.rounds",
-    "neighbours": "options.neighbours", "curriculum": "options.curriculum", "out": "out",
-}
-EVAL_FLAGS = {"n_clusters": "cluster.n_clusters", "cluster_head": "cluster.head", "resize": "data.resize",
-              "cluster_features": "cluster.features", "split": "data.split"}
+# flag (its dest) -> dotted config key: the shared short names (config.SHORT_OPTIONS; download and
+# progress are the switches --download and --no-progress) and the methods' own (methods.option_flags)
+FIT_FLAGS = {**{name: key for name, key in SHORT_OPTIONS.items() if name not in SWITCH_OPTIONS},
+             **{name: key for name, (key, _) in option_flags().items()}}
+EVAL_FLAGS = {name: SHORT_OPTIONS[name] for name in ("n_clusters", "cluster_head", "resize", "cluster_features",
+                                                     "split")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,9 +121,8 @@ def _parser() -> _Parser:
     f.add_argument("--epochs", help="training epochs (AND: epochs per round; default: fitted to --budget)")
     f.add_argument("--budget", help="time budget when --epochs is not given, e.g. 10m, 90s, 1h30m (default 10m): "
                                     "epochs and an auto backbone are chosen by measuring this machine")
-    f.add_argument("--rounds", help="AND: curriculum rounds R after round 0 (paper: 4)")
-    f.add_argument("--neighbours", help="AND: neighbourhood size k (paper: 1)")
-    f.add_argument("--curriculum", help="AND: linear (paper) | one-off")
+    for name, (_, text) in option_flags().items():  # a method's own (its Options fields declared as flags)
+        f.add_argument(f"--{name.replace('_', '-')}", help=text)
     f.add_argument("--n-clusters", help="number of clusters K, or auto (default): estimated from the images "
                                         "without labels, the run says which K and why")
     f.add_argument("--cluster-head", help=_choices(CLUSTER_HEADS, Config().cluster.head))
@@ -220,10 +210,10 @@ def _default_out(method: str, data: str) -> str:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     layer = _layer_from_flags(args, FIT_FLAGS)
-    if args.download:
-        layer.setdefault("data", {})["download"] = True
+    if args.download:  # the switches of SWITCH_OPTIONS
+        set_dotted(layer, SHORT_OPTIONS["download"], True)
     if args.no_progress:
-        layer.setdefault("train", {})["progress"] = False
+        set_dotted(layer, SHORT_OPTIONS["progress"], False)
     given = merge_layers(read_yaml(args.config) if args.config else None, layer)
     if args.resume:  # the run's own configuration wins; fit_run refuses flags that contradict it
         cfg = resume_request(given, out=os.environ.get(OUT_ENV))

@@ -42,20 +42,25 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method", "scan")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
-BACKBONE_NAMES = ("auto", "mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
+# The backbones nets.build_backbone makes (nets.BACKBONES is this tuple): kept here, where the validator's
+# choices are, since the configuration imports no torch (tests/test_house.py) and nets is above it.
+BACKBONES = ("mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
+BACKBONE_NAMES = ("auto", *BACKBONES)
 # The largest train.seed: torch, numpy and faiss take it (faiss a signed 32-bit int); seeds derived from it
 # for faiss (seed * 1000 + epoch, DeepCluster's and PCP's k-means) are reduced modulo 2**31 there.
 MAX_SEED = 2**31 - 1
 
 def option(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
-           auto: bool = False) -> Any:
+           auto: bool = False, flag: str | None = None) -> Any:
     """A configuration field with its rule: numbers within [low, high] (``low_open`` / ``high_open``
     make a bound strict), or one of ``choices``. Lists are checked item by item; None (for Optional
     fields) always passes. ``auto``: the text "auto" is read as None (chosen from the data). A list
-    default is copied per instance."""
+    default is copied per instance. ``flag`` (a method's ``Options`` field): the field is also the
+    command-line flag ``--NAME`` and ``Clusterer``'s parameter NAME, with this help text
+    (``methods.option_flags``)."""
     meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices,
-            "auto": auto}
+            "auto": auto, "flag": flag}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -139,6 +144,11 @@ class ViewsConfig:
     def check(self) -> None:
         _pair(self.crop_scale, "views.crop_scale", 1.0)
         _pair(self.rescale, "views.rescale")
+
+
+# The augmentation's own fields (a views section less its preset; each one the preset's unless given):
+# what resolution.py fills in and hands to views.ViewSpec, declared once, above.
+VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(ViewsConfig) if f.name != "preset")
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,28 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+
+# The options a user names in short, declared once: each name is the command line's flag
+# (``--batch-size``, ``cli.FIT_FLAGS``) and ``Clusterer``'s keyword parameter (``batch_size``,
+# ``api.PARAMETERS``), and sets the field its dotted key names (tests/test_options.py checks that each
+# names a declared field). A method's own flags are the fields of its Options declared with
+# ``option(flag=HELP)`` (``methods.option_flags``); any other option is set by its dotted name (the
+# command line's ``--set KEY=VALUE``, ``Clusterer(settings={KEY: VALUE})``).
+SHORT_OPTIONS: dict[str, str] = {
+    "method": "method", "n_clusters": "cluster.n_clusters",
+    "data": "data.spec", "split": "data.split", "resize": "data.resize", "root": "data.root",
+    "download": "data.download",
+    "epochs": "train.epochs", "budget": "train.budget", "seed": "train.seed", "devices": "train.devices",
+    "num_nodes": "train.num_nodes", "accelerator": "train.accelerator", "precision": "train.precision",
+    "threads": "train.threads", "progress": "train.progress",
+    "backbone": "net.backbone", "dim": "net.dim", "batch_size": "optim.batch_size", "lr": "optim.lr",
+    "temperature": "memory.temperature", "nce_k": "memory.nce_k", "views": "views.preset",
+    "cluster_head": "cluster.head", "cluster_features": "cluster.features",
+    "out": "out",
+}
+SWITCH_OPTIONS = ("download", "progress")  # on the command line the switches --download and --no-progress
+FLAG_ONLY_OPTIONS = ("out",)  # Clusterer fits in a temporary directory (save(path) writes a run)
 
 
 # --------------------------------------------------------------------------------------------

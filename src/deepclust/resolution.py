@@ -21,7 +21,7 @@ import dataclasses
 import sys
 
 from . import budget, view_rules
-from .config import ClusterConfig, Config, DataConfig, NetConfig, ViewsConfig, validate
+from .config import VIEW_FIELDS, ClusterConfig, Config, DataConfig, NetConfig, ViewsConfig, validate
 from .data import ImageSet, load_images
 from .errors import ConfigError, DataError
 from .methods import method_class, stage_class
@@ -29,8 +29,6 @@ from .nets import EmbeddingNet, default_backbone
 from .rundir import is_launched_child
 from .structure.n_clusters import estimate_n_clusters, identical_images, pixel_features
 from .views import VIEW_PRESETS, ViewSpec
-
-VIEW_FIELDS = ("crop_scale", "flip", "rotation", "shift", "rescale", "color_jitter", "grayscale_p")
 
 
 def load_data(data: DataConfig, spec: str | None = None) -> ImageSet:
@@ -151,8 +149,8 @@ def training_subset(data: DataConfig, images: ImageSet) -> ImageSet:
 
 
 def view_spec(views: ViewsConfig) -> ViewSpec:
-    """The augmentation of a resolved ``views`` section."""
-    return dataclasses.replace(
-        VIEW_PRESETS[views.preset], crop_scale=tuple(views.crop_scale), flip=views.flip, rotation=views.rotation,
-        shift=views.shift, rescale=tuple(views.rescale), color_jitter=views.color_jitter,
-        grayscale_p=views.grayscale_p)
+    """The augmentation of a resolved ``views`` section: its preset with every field of the section
+    (:data:`config.VIEW_FIELDS`; pairs as tuples)."""
+    given = {f: getattr(views, f) for f in VIEW_FIELDS}
+    return dataclasses.replace(VIEW_PRESETS[views.preset],
+                               **{f: tuple(v) if isinstance(v, list) else v for f, v in given.items()})

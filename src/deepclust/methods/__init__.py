@@ -10,6 +10,8 @@ run: ``method`` for the configured one, a stage's registered name for the stage.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import Config
 from ..errors import ConfigError
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
@@ -37,6 +39,21 @@ def method_class(name: str) -> type[Method]:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown method '{name}'; known: {', '.join(METHODS)}") from None
+
+
+def option_flags() -> dict[str, tuple[str, str]]:
+    """The methods' own command-line flags (and ``Clusterer`` parameters): every field of a registered
+    method's ``Options`` declared with ``option(flag=HELP)``, as NAME -> (``options.NAME``, HELP). The
+    flag sets the configured method's option of that name; a name several methods declare is one flag,
+    its help theirs joined."""
+    flags: dict[str, tuple[str, str]] = {}
+    for cls in METHODS.values():
+        for f in dataclasses.fields(cls.Options):
+            text = f.metadata.get("flag")
+            if text:
+                before = flags.get(f.name, (None, None))[1]
+                flags[f.name] = (f"options.{f.name}", text if before is None else f"{before}; {text}")
+    return flags
 
 
 def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None, **net_info) -> Method:
@@ -67,4 +84,4 @@ def run_methods(cfg: Config) -> dict[str, type[Method]]:
 
 
 __all__ = ["METHODS", "METHOD_HEAD", "STAGES", "DiscoveryContext", "FeatureRequest", "Method", "Step",
-           "build_method", "method_class", "run_methods", "stage_class"]
+           "build_method", "method_class", "option_flags", "run_methods", "stage_class"]

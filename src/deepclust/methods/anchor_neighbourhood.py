@@ -36,10 +36,11 @@ from .base import DiscoveryContext, Method, Step, Structure
 class AndOptions:
     """AND (Huang et al., ICML 2019)."""
 
-    rounds: int = option(4, low=1)  # R of Eq 6; round 0 (instance discrimination) comes on top
-    neighbours: int = option(1, low=1)  # k of Eq 1
-    curriculum: str = option("linear", choices=("linear", "one-off"))  # linear: S = r/R (Eq 6);
-                                                                       # one-off: S = 1 from round 1 (Table 6)
+    # R of Eq 6; round 0 (instance discrimination) comes on top
+    rounds: int = option(4, low=1, flag="AND: curriculum rounds R after round 0 (paper: 4)")
+    neighbours: int = option(1, low=1, flag="AND: neighbourhood size k (paper: 1)")  # k of Eq 1
+    # linear: S = r/R (Eq 6); one-off: S = 1 from round 1 (Table 6)
+    curriculum: str = option("linear", choices=("linear", "one-off"), flag="AND: linear (paper) | one-off")
     round0_epochs: int | None = option(None, low=0)  # epochs of round 0; None: as every other round
 
 
