@@ -110,7 +110,8 @@ def test_jule_cnn_layers():
 
 def test_dccm_cnn_table4():
     net, dim = build_backbone("dccm_cnn", 3, (32, 32))
-    assert dim == 64 and net.shallow_layer == "conv2"
+    assert dim == 64 and net.shallow_layer == "pool1"  # the authors' S: conv2's map after its max-pool
+    assert net.features_at(torch.randn(2, 3, 32, 32), "pool1", flatten=False).shape == (2, 64, 14, 14)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [(m.out_channels, m.kernel_size[0], m.padding[0]) for m in convs] == \
         [(64, 3, 0), (64, 3, 0), (128, 3, 0), (256, 3, 0)]

@@ -7,7 +7,7 @@ AlexNet's ``conv5``; JULE's transfer tables use the layers below ``ip1``; DCCM's
 loss pairs a shallow conv map with the first fc layer). All backbones accept 1- or 3-channel inputs
 of any reasonable size; flat sizes are found with a dummy forward at construction.
 
-Names (:data:`BACKBONES`):
+Names (:data:`BACKBONES`, declared in ``config``, whose validator reads them):
 
 ``mlp``
     Two ReLU layers over the flattened pixels (256 units each), no BatchNorm, no dropout. For tests
@@ -47,11 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import BACKBONES  # the names, declared once where the validator reads them
 from .errors import ConfigError
 
 __all__ = ["BACKBONES", "Backbone", "EmbeddingNet", "Sobel", "build_backbone", "default_backbone", "jule_plan"]
-
-BACKBONES: tuple[str, ...] = ("mlp", "jule_cnn", "dccm_cnn", "alexnet", "resnet18", "resnet50")
 
 ImageSize = tuple[int, int]
 
@@ -199,9 +198,10 @@ def _dccm_cnn(c: int, hw: ImageSize) -> Backbone:
     * > 80 px (STL-10 / ImageNet-10 / ImageNet-dogs, 96x96): as the 64 px net with a 4x4 average
       pool (global at 96 px) and (D) Linear(256, 64).
 
-    S is the conv the paper pairs with D in the mutual-information loss: the second conv for CIFAR,
-    "the third conv layer" for the larger nets (Sec. 6.4); exposed as ``shallow_layer``. Pools are
-    separate stages (``pool1``...), so ``features_at(x, shallow_layer)`` is the conv map itself.
+    S is the map the paper pairs with D in the mutual-information loss (``shallow_layer``): for CIFAR
+    the second conv's map after its max-pool (``pool1``; the authors' cfgs/cifar10.yaml ``layers: [7,
+    19]``, counted by utils/functions.py's ``forward``: module 7 is that pool, 14x14 at 32 px), "the
+    third conv layer" for the larger nets (Sec. 6.4; the authors ship no configuration for them).
     The authors' code runs BN with ``track_running_stats=False`` (batch statistics in eval too);
     here BN is standard (running statistics in eval). Pools round down (PyTorch, as the authors').
     """
@@ -218,7 +218,7 @@ def _dccm_cnn(c: int, hw: ImageSize) -> Backbone:
             ("pool3", nn.AdaptiveAvgPool2d(1)),
             ("fc", _fc_bn_relu(256, 64)),
         ]
-        shallow = "conv2"
+        shallow = "pool1"  # the authors' layers[0] = 7: conv2's map after its max-pool (14x14 at 32 px)
     else:
         d = 256 if s <= 80 else 64
         stages = [

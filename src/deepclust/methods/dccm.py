@@ -12,23 +12,31 @@ correlations of its own predictions:
    of one image or of pseudo-graph neighbours from pairs of non-neighbours (Jensen-Shannon estimate);
  - the total Eq 15: L^_PG + alpha L^_PL + beta L_MI with alpha = 5, beta = 0.1 (the paper; the
    authors' cfgs/cifar10.yaml weighs graph 1 / label 5 / MI 0.05 and trains the transformed view only:
-   ``beta: 0.05`` and ``original_terms: false`` give that).
+   ``beta: 0.05`` and ``original_terms: false`` give those weights and that view. Their label term is
+   not a cross-entropy: ``WeightedBCE`` (utils/util.py) averages a binary cross-entropy over the K
+   outputs, about CE / K, so alpha = 5 on our cross-entropy weighs the pseudo-labels about K times
+   theirs).
 The clusters are the head's argmax (Eq 7): the method's own head, the default.
 
 Choices where the paper is silent or differs from the authors' code (Cory-M/DCCM), written down:
  - **Per mini-batch** (Algorithm 1), as the paper describes: the graph and labels come from the
    original images of the same global batch, predicted in the same forward as their transformed
-   views (one forward, one DDP pass, BatchNorm over both). The authors' code predicts 1,000 images
-   without gradient, then takes 20 steps of 32 on that fixed graph. That variant needs a no-grad
-   forward of a block mid-epoch (a discovery per block) for little gain; not offered. Larger
-   mini-batches (the global batch, 256 in the presets) give the graph enough pairs.
+   views (one forward, one DDP pass, BatchNorm over both). The authors' code (main.py ``train``;
+   ``large_bs`` 1000, ``small_bs`` 32, ``repeated`` 10) predicts a 1,000-image block without
+   gradient, then makes 10 passes over the block in mini-batches of 32 (31 a pass), each mini-batch
+   trained on two augmented draws: 620 optimiser steps a block, each image trained about 20 times an
+   epoch, all on the block's fixed graph and labels. One epoch here is one pass in global batches of
+   256 (200 epochs: about 1/160 of their steps). Their schedule is not offered yet (it needs a
+   no-grad prediction of a block mid-epoch, a discovery per block).
  - The head: Linear(D, K) -> BatchNorm1d(K) -> softmax, as the authors' ``fc_layer`` (Table 4's
    "Linear(64, c) SoftMax" with their BN); the Linear starts as an identity (``eye_``, their init).
-   Under DDP its BatchNorm is the global batch's (the contract's BatchNorm rule).
- - S and D (Sec 6.4): S = the backbone's ``shallow_layer`` (the second conv of the 32 px net, the
-   third of the larger ones), D = the backbone output (the first fc layer of Table 4). The authors'
-   code pairs S with the K-way logits instead; we follow the paper. MI is estimated on the view that
-   is trained with the graph (the transformed one; the original when local robustness is off).
+   Under DDP its BatchNorm is the global batch's (the contract's BatchNorm rule). The authors'
+   convolutions are kaiming-normal and every Linear starts as the identity; here only the head's.
+ - S and D (Sec 6.4): S = the backbone's ``shallow_layer`` (the 32 px net: the second conv's map
+   after its max-pool, the authors' ``layers: [7, 19]``; the larger nets: the third conv), D = the
+   backbone output (the first fc layer of Table 4, after its ReLU; the authors' layer 19 is that
+   layer's BatchNorm output before the ReLU). MI is estimated on the view that is trained with the
+   graph (the transformed one; the original when local robustness is off).
  - Pairs (Table 6): V1 (nearest positive + random negatives) by default, two negatives per anchor
    as the authors' code; the image's own (d, s) pair is always a positive. Random draws come from
    generators of (seed, epoch, step) for the global batch, so every process draws the same.

@@ -7,7 +7,8 @@ The recurrence (Alg 1, Sec 3.6), in periods of ``train.epochs`` epochs each (the
    pixels (``ctx.images``), L2-normalised as the paper does; no merges (the authors' code trains
    its first period on the initial clusters);
  * period p >= 1: features of every image (un-augmented ``embedding`` = ip1 L2-normalised: the
-   network has no projection head, Table 9: ip1 -> l2-norm -> wt-loss), the directed kNN graph of
+   network has no projection head; Table 9's ip1 -> l2-norm -> wt-loss, where ``jule_cnn``'s ip1 is
+   Linear -> BN -> ReLU, a departure from the paper's Linear), the directed kNN graph of
    Eq 4 rebuilt from them (K_s = 20, a = 1), then ceil(eta x n_c) greedy merges by Eq 7 (K_c = 5,
    lambda = 1; ``period_merges``), never past the target n_c* (``cluster.n_clusters``);
  * every period trains the network on the weighted triplet loss of Eq 35 (``losses.jule``;
@@ -26,7 +27,10 @@ periods (4: period 0 and three merging ones, what eta = 0.9 needs from ~N/4 init
 to 10 for N from about 4,000 to 40,000). Discoveries are at every period's first epoch.
 
 The rate: ``optim.schedule: inv`` counts the run's optimiser steps without restarting per period,
-as the authors' ``train.lua`` does (its iteration counter runs over the whole recurrence).
+as the authors' ``train.lua`` does (its iteration counter runs over the whole recurrence; the paper
+sets the base rate 0.01 "for each partially unrolled period"). Torch's ``optim.sgd``, which they
+call, dampens momentum by default (dampening = momentum): their step is about a tenth of PyTorch's
+undampened SGD at momentum 0.9; not matched here.
 
 Batches (ours; the authors' code draws uniform batches, where clusters of ~4 images rarely meet in
 a batch of 100): each epoch the images of every cluster, in a seeded random order, are cut into
@@ -92,7 +96,7 @@ class Jule(Method):
     name = "jule"
     Options = JuleOptions
     uses_bank = False
-    embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss)
+    embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss; ours ip1 -> BN -> ReLU first)
     taps = ("embedding",)
     cluster_head = ("method", "embedding", 2)  # SF: the recurrence's own clusters (RC: --cluster-head agglomerative)
 

@@ -57,7 +57,9 @@ def mi_pairs(graph: Tensor, similarity: Tensor, positions: Tensor, generator: to
     Positives (W_ij = 1, j != i): ``nearest`` = the most similar, ``random`` = a random one, ``topn`` =
     the partner of a row among the B most similar pairs of the batch (other rows get none).
     Negatives (W_ij = 0): ``random`` = distinct random ones, ``farthest`` = the least similar ones.
-    A row without a candidate gets -1 (its term is dropped: the authors' code raises instead)."""
+    A row without a candidate gets -1 (its term is dropped). The authors' utils/sampling.py raises
+    only when a row has fewer than two non-neighbours ('threshold is too low'); a row without a
+    neighbour gets ``topk``'s pick among zeros, a non-neighbour, as its positive there."""
     if strategy not in PAIR_STRATEGIES:
         raise ConfigError(f"pair strategy '{strategy}' is not one of {', '.join(PAIR_STRATEGIES)}")
     b = graph.shape[0]
