@@ -14,7 +14,8 @@ from deepclust.schedules import learning_rate
 from conftest import fake_calibration, smoke_layer
 
 CPU_PRESETS = ("and-cpu", "instance-cpu", "pad-cpu", "pcp-cpu", "deepcluster-cpu", "dccm-cpu")
-PAPER_FIXED = ("pad-mnist-alexnet", "and-cifar10-alexnet", "pcp-cifar10-resnet18", "dccm-cifar10")
+PAPER_FIXED = ("pad-mnist-alexnet", "and-cifar10-alexnet", "pcp-cifar10-resnet18")
+PAPER_CONSTANT = ("dccm-cifar10", "dccm-cifar100-20", "dccm-stl10")  # the authors' RMSprop: no decay
 
 
 def _rates(o, length, epochs=None):
@@ -76,6 +77,13 @@ def test_paper_presets_keep_their_fixed_milestones(preset):
     cfg = build_config(read_yaml(preset))
     assert cfg.optim.milestones in ([80, 120, 160], [120, 160])
     assert cfg.optim.milestone_epochs(7) == cfg.optim.milestones  # whatever the length
+
+
+@pytest.mark.parametrize("preset", PAPER_CONSTANT)
+def test_dccm_paper_presets_keep_the_rate_constant(preset):
+    cfg = build_config(read_yaml(preset))
+    assert cfg.optim.milestone_epochs(cfg.train.epochs) == []
+    assert {learning_rate(cfg.optim, e, 0, cfg.train.epochs) for e in range(cfg.train.epochs)} == {cfg.optim.lr}
 
 
 def test_and_fractions_are_of_each_round():
