@@ -28,8 +28,8 @@ from .config import Config
 from .configure import build_config
 from .errors import DataError, DeepclustError
 from .heads import ClusterHead
-from .methods import method_class
 from .nets import EmbeddingNet
+from .train import build_network
 from .rundir import read_run_config
 
 BLOCK_ROWS = 65_536  # rows of embeddings.npy checked at a time
@@ -52,12 +52,6 @@ def damaged(path: Path, what: str) -> DataError:
 def _reason(e: BaseException) -> str:
     """The first line of an exception raised by a reader (its type when it says nothing)."""
     return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:200]
-
-
-def build_network(cfg: Config, shape) -> EmbeddingNet:
-    """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained."""
-    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
-                        head=method_class(cfg.method).embedding_head)
 
 
 class RunFiles:

@@ -46,7 +46,7 @@ from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .heads import OwnClusters
 from .io import append_text, ensure_dir, save_text, save_torch
-from .methods import DiscoveryContext, FeatureRequest, Method, Step, run_methods
+from .methods import DiscoveryContext, FeatureRequest, Method, Step, method_class, run_methods
 from .nets import EmbeddingNet, sync_batchnorm
 from .views import BatchViews, ViewSpec, draw_generator
 
@@ -85,6 +85,12 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def build_network(cfg: Config, shape) -> EmbeddingNet:
+    """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained."""
+    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
+                        head=method_class(cfg.method).embedding_head)
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -205,8 +211,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         run = run_methods(cfg)
         self.cluster_heads, classes = list(run), list(run.values())  # what reads each one's own clusters
-        self.net = EmbeddingNet(cfg.net.backbone, c, (h, w), dim=cfg.net.dim, sobel=cfg.net.sobel,
-                                head=classes[0].embedding_head)
+        self.net = build_network(cfg, (c, h, w))
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
         shapes = self._tap_shapes()
         info = {"tap_shapes": shapes, "shallow_layer": self.net.shallow_layer}
