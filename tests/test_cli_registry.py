@@ -4,7 +4,8 @@ stale: every registered method, head, backbone and preset is named, with the rea
 import re
 
 from conftest import run_cli
-from deepclust.config import BACKBONE_NAMES, CLUSTER_HEADS, Config, preset_path
+from deepclust.cli import CLUSTER_HEADS
+from deepclust.config import BACKBONE_NAMES, Config, preset_path
 from deepclust.configure import load_config
 from deepclust.methods import METHODS
 

@@ -29,16 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from . import export, inference, report
-from .config import (BACKBONE_NAMES, CLUSTER_HEADS, SHORT_OPTIONS, SWITCH_OPTIONS, VIEW_PRESET_NAMES, Config,
+from .config import (BACKBONE_NAMES, POST_HOC_HEADS, SHORT_OPTIONS, SWITCH_OPTIONS, VIEW_PRESET_NAMES, Config,
                      merge_layers, preset_path, read_yaml, set_dotted)
 from .configure import build_config, load_config, resume_request
 from .data import DATASET_NAMES, SPLITS
 from .durations import entry_started
 from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
-from .methods import METHODS, option_flags
+from .methods import METHODS, STAGES, option_flags
 from .rundir import check_output
 from .runs import fit_run
+
+CLUSTER_HEADS = (*POST_HOC_HEADS, *STAGES)  # --cluster-head: a head fitted on the features, or a stage
 
 OUT_ENV = "DEEPCLUST_RUN_OUT"  # lets DDP child processes (re-launched by Fabric) share the run dir
 

@@ -40,7 +40,9 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("step", "cosine", "inv")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method", "scan")
+# The cluster heads fitted on the features (heads.py) and "method", the configured method's own clusters;
+# a registered stage (``methods.STAGES``, e.g. scan) is a head too: the run trains it (Config.check).
+POST_HOC_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 # The backbones nets.build_backbone makes (nets.BACKBONES is this tuple): kept here, where the validator's
 # choices are, since the configuration imports no torch (tests/test_house.py) and nets is above it.
@@ -107,6 +109,9 @@ def check_fields(obj: Any, where: str) -> None:
         key = f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(value):
             check_fields(value, key)
+        elif isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for name, section in value.items():  # Config.stages: each under its YAML name
+                check_fields(section, name)
         elif f.metadata and not f.metadata.get("not_an_option"):
             _check_value(value, dict(f.metadata), key)
     check = getattr(obj, "check", None)
@@ -222,33 +227,11 @@ class TrainConfig:
 class ClusterConfig:
     n_clusters: int | None = option(None, low=1, auto=True)  # None / auto: estimated from the images
                                                           # (structure/n_clusters.py), never the labels
-    head: str = option("auto", choices=CLUSTER_HEADS)  # auto: the method's choice (Method.cluster_head)
+    head: str = "auto"  # auto: the method's choice (Method.cluster_head); one of POST_HOC_HEADS or a stage's name
     features: str = "auto"  # auto: backbone | embedding | a layer name of the network
     n_neighbors: int = option(10, low=1)  # kNN graph of the spectral head
     eigenvectors: int | None = option(None, low=1)  # spectral head: eigenvectors per cluster (None: the
                                                     # method's choice, 2 unless it says otherwise)
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    """The learned clustering stage (``cluster.head: scan``; ``methods/scan.py``): SCAN (Van Gansbeke
-    et al., ECCV 2020) trained after the method's epochs, then optional self-labelling."""
-
-    epochs: int = option(10, low=1)  # epochs of Eq 2 (each: every image once as an anchor, with a neighbour)
-    self_label_epochs: int = option(0, low=0)  # then self-labelling (Sec 3.3); 0: none
-    heads: int = option(10, low=1, high=100)  # heads trained at once; the lowest Eq 2 kept (no labels)
-    neighbours: int = option(20, low=1)  # k mined from the run's embedding (SCAN: 20)
-    entropy_weight: float = option(5.0, low=0, high=100)  # lambda of Eq 2 (SCAN's configs: 5); it
-                                     # pulls towards equal clusters: lower it for imbalanced data
-    confidence: float = option(0.99, low=0, high=1, high_open=True)  # self-labelling threshold
-    class_balance: bool = True  # self-labelling's class weights n / count_c (guards against collapse)
-    lr: float = option(1e-3, low=0, high=10, low_open=True)  # Adam, constant. SCAN's 1e-4 is for ~20k
-                          # steps; on digits (PAD 40 epochs, 20 phase epochs, frozen) 1e-4 gave ACC 0.661, 1e-3 0.946
-    weight_decay: float = option(1e-4, low=0, high=1)
-    optimizer: str = option("adam", choices=("adam", "sgd"))  # adam: SCAN's; sgd: plain, the step is the gradient
-                                                              # times lr (the contract's one-step DDP test)
-    backbone: str = option("train", choices=("train", "frozen"))  # frozen: only the heads learn (eval-mode net)
-    normalise: bool = False  # the heads read the features standardised (a BatchNorm without affine parameters)
 
 
 @dataclass(frozen=True)
@@ -269,22 +252,28 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    scan: ScanConfig = field(default_factory=ScanConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     options: Any = None  # the method's own options dataclass (its ``Options``)
+    # Each registered stage's own options (its ``Options``), under its name: a section of that name in
+    # YAML (``scan:``), read by the stage when ``cluster.head`` names it (``methods.STAGES``).
+    stages: dict = field(default_factory=dict, metadata={"not_an_option": True})
     # What the data decided (``resolution.resolve``: views chosen from the pixels, the budget plan),
     # with its evidence, for the run's metrics. Not an option: never read from, or written to, YAML.
     resolution: dict = field(default_factory=dict, compare=False, metadata={"not_an_option": True})
 
     def check(self) -> None:
+        heads = (*POST_HOC_HEADS, *self.stages)
+        _check(self.cluster.head in heads, f"cluster.head: '{self.cluster.head}' is not one of {', '.join(heads)}")
         world = self.train.devices * self.train.num_nodes
         _check(self.optim.batch_size % world == 0,
                "optim.batch_size: the global batch must divide evenly over devices x nodes")
 
     def to_dict(self) -> dict:
         """The options as plain values (what ``config.yaml`` holds); the resolution is left out."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "resolution")}
+        skip = ("options", "stages", "resolution")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        d.update({name: dataclasses.asdict(o) for name, o in self.stages.items()})
         d["options"] = dataclasses.asdict(self.options) if self.options is not None else {}
         return d
 
@@ -406,7 +395,7 @@ def _build(cls: type, values: dict | None, where: str) -> Any:
         )
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in values or f.name in ("options", "resolution"):
+        if f.name not in values or f.name in ("options", "stages", "resolution"):
             continue
         tp = hints[f.name]
         key = f"{where}.{f.name}" if where else f.name
@@ -443,8 +432,9 @@ def merge_layers(*layers: dict | None) -> dict:
 
 def check_layer(layer: dict | None) -> None:
     """ConfigError in one line for a layer that is not a mapping, a section that is not one
-    (``train: 5``), an unknown key or a value that is not of its option's type. Ranges, and the
-    method's own options (whose types depend on the method), are checked once the layers are merged."""
+    (``train: 5``), an unknown key or a value that is not of its option's type. Ranges, the method's
+    own options and the stages' sections (whose names and types the registry knows: a top-level
+    mapping that is no section here) are checked once the layers are merged."""
     if layer is None:
         return
     if not isinstance(layer, dict):
@@ -452,7 +442,8 @@ def check_layer(layer: dict | None) -> None:
     options = layer.get("options")
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"options: expected a mapping, got {options!r}")
-    _build(Config, {k: v for k, v in layer.items() if k != "options"}, "")
+    own = {f.name for f in dataclasses.fields(Config)}
+    _build(Config, {k: v for k, v in layer.items() if k != "options" and (k in own or not isinstance(v, dict))}, "")
 
 
 def preset_path(name: str) -> Path:
@@ -510,13 +501,18 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def config_from_dict(raw: dict, options_class: Callable[[str], type]) -> Config:
+def config_from_dict(raw: dict, options_class: Callable[[str], type],
+                     stage_options: dict[str, type] | None = None) -> Config:
     """The typed, validated Config of one merged layer (:func:`merge_layers`); ``options_class(name)``
-    gives the method's ``Options`` dataclass (ConfigError for an unknown method)."""
+    gives the method's ``Options`` dataclass (ConfigError for an unknown method), ``stage_options``
+    each registered stage's ``Options`` by name (its YAML section)."""
     raw = dict(raw)
     options = raw.pop("options", None)
+    sections = {name: raw.pop(name, None) for name in stage_options or {}}
     cfg = _build(Config, raw, "")
-    return validate(dataclasses.replace(cfg, options=_build(options_class(cfg.method), options, "options")))
+    stages = {name: _build(cls, sections[name], name) for name, cls in (stage_options or {}).items()}
+    return validate(dataclasses.replace(cfg, options=_build(options_class(cfg.method), options, "options"),
+                                        stages=stages))
 
 
 def validate(cfg: Config) -> Config:

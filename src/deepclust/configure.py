@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Config, config_from_dict, merge_layers, read_yaml
 from .errors import ConfigError
-from .methods import method_class
+from .methods import STAGES, method_class
 from .rundir import read_run_config
 
 RESUME_MAY_CHANGE = ("train.progress", "train.threads", "out")  # flags that --resume accepts
@@ -28,7 +28,8 @@ def options_class(method: str) -> type:
 def build_config(*layers: dict | None) -> Config:
     """Merge configuration layers (later wins), build the typed Config with the method's own options
     and validate every field."""
-    return config_from_dict(merge_layers(*layers), options_class)
+    return config_from_dict(merge_layers(*layers), options_class,
+                            {name: cls.Options for name, cls in STAGES.items()})
 
 
 def load_config(path: str | Path) -> Config:

@@ -190,9 +190,15 @@ class Method:
         self.modules = nn.ModuleDict()
         self.bank: MemoryBank | None = self.make_bank()
 
+    @classmethod
+    def options_of(cls, cfg: Config) -> Any:
+        """This method's own options in ``cfg``: the configured method's ``options`` (a stage
+        reads its section, ``cfg.stages[name]``)."""
+        return cfg.options
+
     @property
     def options(self):
-        return self.cfg.options
+        return self.options_of(self.cfg)
 
     @classmethod
     def check_data(cls, options: Any, n_images: int) -> None:
