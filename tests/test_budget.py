@@ -25,6 +25,7 @@ from deepclust.budget import (
 from deepclust.config import read_yaml
 from deepclust.configure import build_config
 from deepclust.errors import ConfigError
+from deepclust.methods import method_class
 
 from conftest import METHOD_SMOKE, ROOT, fake_calibration
 
@@ -45,6 +46,16 @@ def test_parse_budget_refuses_junk_in_one_line(text):
     with pytest.raises(ConfigError) as e:
         parse_budget(text)
     assert "\n" not in str(e.value) and "train.budget" in str(e.value)
+
+
+def _cls_cfg(layer: dict):
+    """(the method's class, the configuration) of a layer: what budget.method_schedule takes."""
+    cfg = build_config(layer)
+    return method_class(cfg.method), cfg
+
+
+def _fit_to_budget(cfg, *args, **kwargs):
+    return fit_to_budget(cfg, method_class(cfg.method), *args, **kwargs)
 
 
 def test_budget_option_is_validated_with_the_config():
@@ -70,20 +81,20 @@ def test_cli_budget_flag_junk_is_one_line(tmp_path):
 
 def test_method_schedules_count_rounds_and_discoveries():
     # (total epochs, discoveries, epochs trained before the first discovery)
-    assert method_schedule(build_config({"method": "instance"}))(7) == (7, 0, 7)
+    assert method_schedule(*_cls_cfg({"method": "instance"}))(7) == (7, 0, 7)
     # AND: round 0 plus R rounds of E epochs, a discovery at the start of each round after round 0
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))(3) == (15, 4, 3)
-    assert method_schedule(build_config({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}))(4) \
+    assert method_schedule(*_cls_cfg({"method": "and", "options": {"rounds": 4}}))(3) == (15, 4, 3)
+    assert method_schedule(*_cls_cfg({"method": "and", "options": {"rounds": 2, "round0_epochs": 5}}))(4) \
         == (13, 2, 5)
     # PCP: rounds x E, structure every epoch
-    assert method_schedule(build_config({"method": "pcp", "options": {"rounds": 3}}))(4) == (12, 12, 0)
+    assert method_schedule(*_cls_cfg({"method": "pcp", "options": {"rounds": 3}}))(4) == (12, 12, 0)
     # DeepCluster: a re-clustering every `reassign` epochs; PAD: every epoch from the second
-    assert method_schedule(build_config({"method": "deepcluster", "options": {"reassign": 2}}))(5) == (5, 3, 0)
-    assert method_schedule(build_config({"method": "pad"}))(5) == (5, 4, 1)
+    assert method_schedule(*_cls_cfg({"method": "deepcluster", "options": {"reassign": 2}}))(5) == (5, 3, 0)
+    assert method_schedule(*_cls_cfg({"method": "pad"}))(5) == (5, 4, 1)
 
 
 def test_epochs_for_budget_divides_the_total_over_rounds():
-    rounds5 = method_schedule(build_config({"method": "and", "options": {"rounds": 4}}))
+    rounds5 = method_schedule(*_cls_cfg({"method": "and", "options": {"rounds": 4}}))
     # 1000 images at 1000 images/s: 1 s an epoch; 100 s fit 100 epochs = 20 per round (5 rounds)
     assert epochs_for_budget(100, 1000, Costs(1000.0), rounds5) == 20
     assert epochs_for_budget(104.9, 1000, Costs(1000.0), rounds5) == 20
@@ -91,7 +102,7 @@ def test_epochs_for_budget_divides_the_total_over_rounds():
     assert epochs_for_budget(100, 1000, Costs(1000.0, discovery_seconds=5.0), rounds5) == 16
     assert epochs_for_budget(1e9, 1000, Costs(1000.0), rounds5) == MAX_EPOCHS_PER_UNIT
     assert epochs_for_budget(0.5, 1000, Costs(1000.0), rounds5) == 0
-    plain = method_schedule(build_config({"method": "instance"}))
+    plain = method_schedule(*_cls_cfg({"method": "instance"}))
     assert epochs_for_budget(100, 1000, Costs(1000.0), plain) == 100
 
 
@@ -126,7 +137,7 @@ class FakeMachine:
 
 
 def _plan(machine, seconds, n, method="instance", **kw):
-    schedule = method_schedule(build_config({"method": method}))
+    schedule = method_schedule(*_cls_cfg({"method": method}))
     return plan_budget(seconds, n, CANDIDATES, machine.probes(), schedule, clock=machine.clock, **kw)
 
 
@@ -193,7 +204,7 @@ def test_a_candidate_that_cannot_be_built_is_skipped():
 
 
 def test_a_plan_needs_only_the_throughput():
-    schedule = method_schedule(build_config({"method": "instance"}))
+    schedule = method_schedule(*_cls_cfg({"method": "instance"}))
     r = plan_budget(60, 100, ("jule_cnn",), Probes(lambda backbone, need: 1000.0), schedule, clock=lambda: 0.0)
     assert r["backbone"] == "jule_cnn" and r["epochs"] == 200
 
@@ -212,13 +223,13 @@ def _digits(n=300):
 
 def test_fit_to_budget_fills_epochs_backbone_and_budget():
     m = FakeMachine({"resnet18": 1.0, "alexnet": 1.0, "jule_cnn": 3000.0})
-    cfg, report = fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
+    cfg, report = _fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
                                 probes=m.probes(), clock=m.clock)
     # 600 s (the default) * 0.9 * 3000 / 300 = 5400 epochs -> capped at 200 per round
     assert (cfg.net.backbone, cfg.train.epochs, cfg.train.budget) == ("jule_cnn", 200, DEFAULT_BUDGET)
     assert report["budget"] == DEFAULT_BUDGET and report["n_images"] == 300
     m = FakeMachine({"alexnet": 100.0})
-    cfg, report = fit_to_budget(build_config({"net": {"backbone": "alexnet"}, "train": {"budget": "1m"}}),
+    cfg, report = _fit_to_budget(build_config({"net": {"backbone": "alexnet"}, "train": {"budget": "1m"}}),
                                 _digits().images, None, backbone_auto=False, probes=Probes(m.measure), clock=m.clock)
     assert m.measured == ["alexnet"] and cfg.net.backbone == "alexnet" and cfg.train.epochs == 18  # 54 s * 100 / 300
     assert cfg.train.budget == "1m"
@@ -230,16 +241,16 @@ def test_candidates_start_at_the_default_network_for_the_images():
     assert budget.budget_candidates(colour32) == CANDIDATES  # CIFAR-sized colour: ResNet-18 first
     assert budget.budget_candidates(np.zeros((4, 200, 200), np.uint8))[0] == "resnet18"
     m = FakeMachine({"resnet18": 5000.0, "alexnet": 5000.0, "jule_cnn": 3000.0})
-    cfg, _ = fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
+    cfg, _ = _fit_to_budget(build_config({"method": "and"}), _digits().images, None, backbone_auto=True,
                            probes=m.probes(), clock=m.clock)
     assert m.measured == ["jule_cnn"] and cfg.net.backbone == "jule_cnn"
 
 
 def test_several_processes_never_calibrate():
-    cfg, report = fit_to_budget(build_config({"train": {"devices": 2}}), _digits().images, None, backbone_auto=True)
+    cfg, report = _fit_to_budget(build_config({"train": {"devices": 2}}), _digits().images, None, backbone_auto=True)
     assert cfg.train.epochs == budget.FALLBACK_EPOCHS
     with pytest.raises(ConfigError, match="train.budget"):
-        fit_to_budget(build_config({"train": {"devices": 2, "budget": "5m"}}), _digits().images, None,
+        _fit_to_budget(build_config({"train": {"devices": 2, "budget": "5m"}}), _digits().images, None,
                       backbone_auto=True)
 
 
@@ -325,7 +336,7 @@ def test_the_schedule_asked_of_the_class_is_the_instances(method):
                          tap_shapes={"conv2": (8, 4, 4), "backbone": (32,), "embedding": (128,)}, shallow_layer="conv2")
         total = m.total_epochs()
         at = [e for e in range(total) if m.needs_discovery(e)]
-        assert method_schedule(cfg)(epochs) == (total, len(at), at[0] if at else total)
+        assert method_schedule(method_class(cfg.method), cfg)(epochs) == (total, len(at), at[0] if at else total)
 
 
 # -- the model of a run's time against a fake clock: the budget keeps its word ----------------------------
@@ -389,7 +400,7 @@ def test_the_plan_fills_the_budget_within_15_percent(method, budget_s, n, speeds
     m = FakeRun(*speeds)
     layer = {"method": method, "net": {"backbone": "jule_cnn"}}
     cfg = build_config(layer)
-    report = plan_budget(budget_s, n, ("jule_cnn",), m.probes(), method_schedule(cfg), started=0.0, clock=m.clock,
+    report = plan_budget(budget_s, n, ("jule_cnn",), m.probes(), method_schedule(method_class(cfg.method), cfg), started=0.0, clock=m.clock,
                          max_per_unit=10_000)
     run = build_config(layer, {"train": {"epochs": report["epochs"]}})
     total = m.now + m.run_seconds(run, n)  # loading, resolving and calibration, then the run
@@ -406,7 +417,7 @@ def test_a_plan_short_of_the_minimum_epochs_still_measures_the_steady_steps(meth
     estimate. (Methods of rounds cannot fill 140 s within 15%: an epoch per round is 5 epochs here.)"""
     m = FakeRun(713.0, 1413.0, 0.46, 0.33, 8.8, 0.1)
     layer = {"method": method, "net": {"backbone": "jule_cnn"}}
-    report = plan_budget(140, 10_000, ("jule_cnn",), m.probes(), method_schedule(build_config(layer)), started=0.0,
+    report = plan_budget(140, 10_000, ("jule_cnn",), m.probes(), method_schedule(*_cls_cfg(layer)), started=0.0,
                          clock=m.clock)
     assert report["total_epochs"] < MIN_EPOCHS and "warning" in report
     total = m.now + m.run_seconds(build_config(layer, {"train": {"epochs": report["epochs"]}}), 10_000)
@@ -420,13 +431,13 @@ def test_the_old_model_left_the_budget_unspent():
     m = FakeRun(900.0, 1600.0, 3.0, 0.05, 4.0, 6.0)
     cfg = build_config({"method": "pad"})
     old = plan_budget(120, 1797, ("jule_cnn",), Probes(m.measure, lambda b: {"discovery_seconds": 3.0}),
-                      method_schedule(cfg), clock=m.clock, max_per_unit=10_000)
+                      method_schedule(method_class(cfg.method), cfg), clock=m.clock, max_per_unit=10_000)
     run = build_config({"method": "pad", "train": {"epochs": old["epochs"]}})
     assert m.run_seconds(run, 1797) < 0.6 * old["estimated_seconds"]
 
 
 def test_time_before_the_plan_and_after_training_count_against_the_budget():
-    schedule = method_schedule(build_config({"method": "instance"}))
+    schedule = method_schedule(*_cls_cfg({"method": "instance"}))
     clock = lambda: 40.0  # noqa: E731
     # 1,000 images at 1,000 images/s: 1 s an epoch; 100 s budget, reserve 0.9
     throughput = Probes(lambda b, need: 1000.0)
@@ -475,7 +486,7 @@ def test_the_clustering_phase_counts_in_the_plan(budget_s, n, speeds, phase_s):
     comes off the time before the method's epochs are chosen, the run still ends within 15% of the
     budget, and the report says how much of the training it is."""
     layer = {"method": "pad", "net": {"backbone": "jule_cnn"}}
-    schedule = method_schedule(build_config(layer))
+    schedule = method_schedule(*_cls_cfg(layer))
     plans = {}
     for with_phase in (False, True):
         m = FakeRun(*speeds)

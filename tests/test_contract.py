@@ -201,7 +201,7 @@ def test_kill_between_log_and_checkpoint_then_resume(tmp_path, small_npz, refere
     assert not (out / "metrics.json").exists()
     assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == \
         list(range(kill + 1))
-    fit_run(build_config({"out": str(out), "train": {"progress": False}}), resume=True)
+    resume_run(build_config({"out": str(out), "train": {"progress": False}}))
     got, ref = _outputs(out), references[method]
     assert [r["epoch"] for r in got["log"]] == list(range(len(ref["log"])))
     for mine, theirs in zip(got["log"], ref["log"]):

@@ -34,7 +34,6 @@ from .config import Config, TrainConfig, validate
 from .data import ImageSet
 from .durations import format_seconds, parse_budget  # noqa: F401  (re-exported)
 from .errors import ConfigError
-from .methods import method_class
 from .nets import default_backbone
 
 __all__ = ["CANDIDATES", "budget_candidates", "DEFAULT_BUDGET", "MIN_EPOCHS", "MAX_EPOCHS_PER_UNIT", "RESERVE",
@@ -244,12 +243,11 @@ def _with_epochs(cfg: Config, epochs: int) -> Config:
     return validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=int(epochs))))
 
 
-def method_schedule(cfg: Config) -> Schedule:
-    """``E -> Span(total epochs, discoveries, epochs before the first)`` for ``cfg.method`` with
-    ``train.epochs = E``, asked of the method class (``Method.epochs_of`` / ``discovers_at``: the
-    schedule depends only on the configuration), so every method's rounds count without a
-    per-method table."""
-    cls = method_class(cfg.method)
+def method_schedule(cls: type, cfg: Config) -> Schedule:
+    """``E -> Span(total epochs, discoveries, epochs before the first)`` for ``cfg.method`` (its class
+    ``cls``, ``methods.method_class``) with ``train.epochs = E``, asked of the class
+    (``Method.epochs_of`` / ``discovers_at``: the schedule depends only on the configuration), so
+    every method's rounds count without a per-method table."""
 
     def schedule(epochs: int) -> Span:
         run = _with_epochs(cfg, epochs)
@@ -260,11 +258,11 @@ def method_schedule(cfg: Config) -> Schedule:
     return schedule
 
 
-def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, labels: np.ndarray | None = None,
+def fit_to_budget(cfg, method: type, images: np.ndarray, view_spec, *, backbone_auto: bool, labels: np.ndarray | None = None,
                   evaluated: ImageSet | None = None, started: float | None = None, probes: Probes | None = None,
                   clock: Callable[[], float] = time.perf_counter):
     """(Config with ``train.epochs``, ``net.backbone`` and ``train.budget`` filled in, report) for a
-    configuration whose ``train.epochs`` is None. ``images``: the training images, uint8
+    configuration whose ``train.epochs`` is None. ``method``: the class of ``cfg.method``; ``images``: the training images, uint8
     (N, H, W[, 3]); ``view_spec``: the resolved ``views.ViewSpec``; ``labels``: the training labels
     if any -- never used to choose anything, only so that the timed discovery and finish include the
     label diagnostics and scores the run computes; ``evaluated``: the images clustered and scored
@@ -278,7 +276,7 @@ def fit_to_budget(cfg, images: np.ndarray, view_spec, *, backbone_auto: bool, la
         return _with_epochs(cfg, FALLBACK_EPOCHS), {"epochs": FALLBACK_EPOCHS,
                                                     "reason": "several processes: no calibration"}
     n = len(images)
-    schedule = method_schedule(cfg)
+    schedule = method_schedule(method, cfg)
     text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
     candidates = budget_candidates(images) if backbone_auto else (cfg.net.backbone,)
     calibration = None

@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError, DeepclustError
 from .io import save_array, save_text
 from .methods import METHODS, STAGES, option_flags
 from .rundir import check_output
-from .runs import fit_run
+from .runs import fit_run, resume_run
 
 CLUSTER_HEADS = (*POST_HOC_HEADS, *STAGES)  # --cluster-head: a head fitted on the features, or a stage
 
@@ -224,7 +224,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.out is None:
             cfg = dataclasses.replace(cfg, out=os.environ.get(OUT_ENV) or _default_out(cfg.method, cfg.data.spec))
     os.environ[OUT_ENV] = cfg.out
-    metrics = fit_run(cfg, resume=args.resume, overwrite=args.overwrite, given=given, started=args.started)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; choose one")
+    metrics = (resume_run(cfg, given=given, started=args.started) if args.resume
+               else fit_run(cfg, overwrite=args.overwrite, started=args.started))
     if metrics:
         print(json.dumps(metrics | {"out": cfg.out}, indent=2))
     return 0

@@ -27,7 +27,7 @@ from .errors import ConfigError, DataError
 from .methods import method_class, stage_class
 from .nets import EmbeddingNet, default_backbone
 from .rundir import is_launched_child
-from .structure.n_clusters import estimate_n_clusters, identical_images, pixel_features
+from .structure.n_clusters import estimate_from_pixels, identical_images
 from .views import VIEW_PRESETS, ViewSpec
 
 
@@ -59,7 +59,7 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     if resolved.train.epochs is None:  # epochs (and an auto backbone) fitted to train.budget (budget.py)
         train, spec = training_subset(resolved.data, images), view_spec(views)
         resolved, notes["budget"] = budget.fit_to_budget(
-            resolved, train.images, spec, labels=train.labels, evaluated=images, started=started,
+            resolved, method, train.images, spec, labels=train.labels, evaluated=images, started=started,
             backbone_auto=cfg.net.backbone == "auto" and cluster.features in ("backbone", "embedding"))
     elif resolved.train.budget is not None:  # explicit epochs win over a budget; say so
         notes["budget"] = budget.unused_budget_note(resolved.train)
@@ -76,9 +76,7 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
     head adds to the run where it names the layer its head reads (``Method.cluster_features``)."""
     k = cl.n_clusters
     if k is None:
-        pixels = pixel_features(training_subset(data, images).images)
-        k, notes["n_clusters"] = estimate_n_clusters(pixels, seed=0)
-        notes["n_clusters"] = {"k": k, "features": "pixels, centred, PCA to 50", **notes["n_clusters"]}
+        k, notes["n_clusters"] = estimate_from_pixels(training_subset(data, images).images, seed=0)
     if k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     head, features, eigenvectors = defaults

@@ -40,12 +40,14 @@ import re
 import secrets
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import read_yaml
 from .errors import ConfigError, DataError, DeepclustError, WriteError
 from .io import save_text
+from .locks import claim_run_dir, machine_activity
 
 
 def is_launched_child() -> bool:
@@ -227,6 +229,23 @@ def check_replaceable(out: Path, kept: Path | None = None) -> None:
     if not (has_marker(out) or fit_config(out)):
         raise DataError(f"--overwrite replaces only a deepclust run, and {out} is not one (no {MARKER} marker, "
                         f"no config.yaml written by fit); move its files or choose another --out{then}")
+
+
+@contextmanager
+def claimed_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Iterator[bool]:
+    """The run directory ``out`` claimed by this process and made ready (:func:`prepare_out_dir`)
+    while the machine is marked busy (``locks.machine_activity``); yields whether this process is
+    the one a user started (ranks that Fabric launches claim and prepare nothing)."""
+    primary = not is_launched_child()
+    claim = claim_run_dir(out) if primary else None
+    try:
+        with machine_activity():
+            if primary:
+                prepare_out_dir(out, resume, overwrite)
+            yield primary
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:

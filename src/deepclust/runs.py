@@ -29,8 +29,7 @@ from .data import ImageSet
 from .data.sources import MAX_LISTED
 from .io import ensure_dir, save_array, save_bytes, save_json, save_text
 from .limits import check_training
-from .locks import claim_run_dir, machine_activity
-from .rundir import (check_out, finished_run, is_launched_child, mark_run, prepare_out_dir, real_out, swap_in,
+from .rundir import (check_out, claimed_run_dir, finished_run, is_launched_child, mark_run, real_out, swap_in,
                      unique_dir)
 from .resolution import load_data, resolve, training_subset, view_spec
 from .scoring import compute_metrics
@@ -39,32 +38,35 @@ from .train import Trainer, TrainResult, extract_features, make_fabric
 WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
 
 
-def fit_run(cfg: Config, *, resume: bool = False, overwrite: bool = False, fabric=None,
-            given: dict | None = None, images: ImageSet | None = None,
+def fit_run(cfg: Config, *, overwrite: bool = False, fabric=None, images: ImageSet | None = None,
             started: float | None = None) -> dict[str, Any]:
-    """Train, cluster, evaluate and write the run directory. Returns metrics.json's content (an empty
-    dict on processes other than rank 0). ``given``: the options the user set explicitly (checked
-    against the run on ``resume``). ``images``: images held in memory (``api.Clusterer``), used
-    instead of loading ``cfg.data.spec``. ``started``: the ``time.perf_counter()`` reading a time
-    budget counts from (the command line's: deepclust's first line, durations.entry_started; None: now, as for the API)."""
+    """Train, cluster, evaluate and write the run directory ``cfg.out`` (a new run; ``overwrite``:
+    replacing a run there). Returns metrics.json's content (an empty dict on processes other than
+    rank 0). ``images``: images held in memory (``api.Clusterer``), used instead of loading
+    ``cfg.data.spec``. ``started``: the ``time.perf_counter()`` reading a time budget counts from (the
+    command line's: deepclust's first line, durations.entry_started; None: now, as for the API)."""
     started = time.perf_counter() if started is None else started  # (budget.py)
     out = real_out(cfg.out)  # the directory itself, however --out spells it (links, ..)
-    check_out(out, None if resume else cfg.data.spec)  # before any lock or file
-    primary = not is_launched_child()
-    claim = claim_run_dir(out) if primary else None
-    try:
-        with machine_activity():
-            if primary:
-                prepare_out_dir(out, resume, overwrite)
-            if resume:
-                cfg = resume_config(out, cfg, given)
-                if primary and (done := finished_run(out)) is not None:
-                    print(f"deepclust: the run in {out} has finished; nothing to resume", file=sys.stderr)
-                    return done
-            return _fit(cfg, out, resume, overwrite, fabric, primary, images, started)
-    finally:
-        if claim is not None:
-            claim.release()
+    check_out(out, cfg.data.spec)  # before any lock or file
+    with claimed_run_dir(out, resume=False, overwrite=overwrite) as primary:
+        return _fit(cfg, out, False, overwrite, fabric, primary, images, started)
+
+
+def resume_run(request: Config, *, given: dict | None = None, fabric=None,
+               started: float | None = None) -> dict[str, Any]:
+    """Continue the run in ``request.out`` from its checkpoint, as it was configured (its own
+    ``config.yaml``; ``request`` may change only what ``configure.RESUME_MAY_CHANGE`` names, and a
+    flag in ``given`` that contradicts the run is refused). A finished run is left as it is and its
+    metrics returned."""
+    started = time.perf_counter() if started is None else started
+    out = real_out(request.out)
+    check_out(out, None)
+    with claimed_run_dir(out, resume=True, overwrite=False) as primary:
+        cfg = resume_config(out, request, given)
+        if primary and (done := finished_run(out)) is not None:
+            print(f"deepclust: the run in {out} has finished; nothing to resume", file=sys.stderr)
+            return done
+        return _fit(cfg, out, True, False, fabric, primary, None, started)
 
 
 def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool,

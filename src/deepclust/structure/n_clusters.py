@@ -95,3 +95,10 @@ def estimate_n_clusters(features: np.ndarray, *, k_min: int = 2, k_max: int = 30
     return best, {"criterion": CRITERION, "k_range": [k_min, k_max], "n_images": n,
                   "n_neighbors": min(n_neighbors, n - 1),
                   "silhouette": {str(k): round(s, 4) for k, s in scores.items()}}
+
+
+def estimate_from_pixels(images: np.ndarray, *, seed: int = 0) -> tuple[int, dict]:
+    """(K, evidence) for uint8 images (N, H, W[, C]): :func:`estimate_n_clusters` on their
+    :func:`pixel_features`."""
+    k, evidence = estimate_n_clusters(pixel_features(images, seed=seed), seed=seed)
+    return k, {"k": k, "features": "pixels, centred, PCA to 50", **evidence}
