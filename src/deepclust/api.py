@@ -147,7 +147,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def __init__(self, method: str | None = None, n_clusters: int | str | None = None, *,
                  data: str | None = None, split: str | None = None, resize: int | None = None,
-                 root: str | None = None, download: bool | None = None,
+                 root: str | None = None, download: bool | None = None, store: str | None = None,
                  epochs: int | None = None, budget: str | None = None, seed: int | None = None,
                  devices: int | None = None, num_nodes: int | None = None, accelerator: str | None = None,
                  precision: str | None = None, threads: int | None = None, progress: bool | None = None,

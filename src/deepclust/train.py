@@ -4,7 +4,9 @@ discovers structure, then trains on it (``methods/base.py`` has the contract eve
 
 Written out explicitly so the algorithm reads plainly; Lightning Fabric underneath handles devices,
 DDP launch, precision and collectives. One process per device; every process holds the whole
-dataset (uint8, on its device) and, for memory-bank methods, the whole bank.
+dataset (uint8, on its device) -- or, when it does not fit, reads its rows of each batch from a store
+on disk ahead of the step (``imagesource.py``; the same rows either way) -- and, for memory-bank
+methods, the whole bank.
 
 What one process equals N processes (``--devices N``), up to float rounding:
  - the epoch's batches and every augmentation draw come from generators seeded by (seed, epoch,
@@ -45,6 +47,7 @@ from .config import Config, EvalConfig, TrainConfig
 from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .heads import OwnClusters
+from .imagesource import image_source, images_to_tensor
 from .io import append_text, ensure_dir, save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, method_class, run_methods
 from .nets import EmbeddingNet, sync_batchnorm
@@ -91,14 +94,6 @@ def build_network(cfg: Config, shape) -> EmbeddingNet:
     """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained."""
     return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
                         head=method_class(cfg.method).embedding_head)
-
-
-def images_to_tensor(images: np.ndarray) -> Tensor:
-    """uint8 (N,H,W) or (N,H,W,3) -> uint8 tensor (N,C,H,W)."""
-    t = torch.from_numpy(np.ascontiguousarray(images))
-    if t.ndim == 3:
-        return t[:, None]
-    return t.permute(0, 3, 1, 2).contiguous()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -192,7 +187,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains the run's methods (``cfg.method``, then those the configuration adds) on uint8 images.
+    """Trains the run's methods (``cfg.method``, then those the configuration adds) on uint8 images
+    (an array, or a store's images read on demand: ``imagesource.image_source``).
     ``labels`` are optional and only feed diagnostics.
 
     Its public steps, which :meth:`fit` strings together and the time budget times one at a time
@@ -205,8 +201,8 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.fabric = fabric if fabric is not None else make_fabric(cfg.train)
         self.labels = labels
-        self.data_cpu = images_to_tensor(images)
-        n, c, h, w = self.data_cpu.shape
+        self.images = image_source(images)
+        n, c, h, w = self.images.shape
         self.n = n
         torch.manual_seed(cfg.train.seed)
         run = run_methods(cfg)
@@ -236,7 +232,7 @@ class Trainer:
         with torch.no_grad():
             was = self.net.training
             self.net.eval()
-            x = torch.zeros(1, *self.data_cpu.shape[1:])
+            x = torch.zeros(1, *self.images.shape[1:])
             taps = self.net.taps(x, tuple(self.net.layer_names()))
             self.net.train(was)
         return {k: tuple(v.shape[1:]) for k, v in taps.items()}
@@ -348,13 +344,14 @@ class Trainer:
             params = self.views.sample_params(self.n, draw_generator(self.cfg.train.seed, epoch, 9_000_011)) \
                 if augmented else None
             parts: dict[str, list[Tensor]] = {t: [] for t in taps}
-            for block in torch.split(rows, PASS_BATCH):
-                x = self.data[block.to(device)]
-                x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
-                with self.fabric.autocast():
-                    got = method.forward(self.net.taps(x, net_taps))  # network taps + the method's outputs
-                for t in taps:
-                    parts[t].append(got[t].float())
+            blocks = list(torch.split(rows, PASS_BATCH))
+            with contextlib.closing(self.images.reader(blocks)) as reader:
+                for block, x in zip(blocks, reader):
+                    x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
+                    with self.fabric.autocast():
+                        got = method.forward(self.net.taps(x, net_taps))  # network taps + the method's outputs
+                    for t in taps:
+                        parts[t].append(got[t].float())
             for t in taps:
                 out[FeatureRequest(t, augmented)] = self._gather_rows(torch.cat(parts[t]), self.n)
         self.net.train(was)
@@ -363,7 +360,7 @@ class Trainer:
 
     def _context(self, method: Method, epoch: int, passes) -> DiscoveryContext:
         return DiscoveryContext(epoch=epoch, n_images=self.n, seed=self.cfg.train.seed, device=self.fabric.device,
-                                bank=method.bank, passes=passes, images=self.data)
+                                bank=method.bank, passes=passes, images=self.images.tensor)
 
     def discover(self, t: Training, epoch: int, record: dict[str, Any] | None = None) -> None:
         """The method's structure discovery of its ``epoch``: full passes on every rank, ``discover``
@@ -415,14 +412,20 @@ class Trainer:
                 images.append(make(v, batch[rows], local[extra.cpu()] if extra is not None else local))
         return torch.cat(images) if n_views > 1 else images[0], [len(t) for t in images], extra
 
-    def step(self, t: Training, epoch: int, step: int, gidx: Tensor) -> Tensor:
+    def local_rows(self, gidx: Tensor) -> Tensor:
+        """This rank's rows of the global batch ``gidx`` (its contiguous slice)."""
+        return gidx[self._slices(len(gidx))[self.rank]]
+
+    def step(self, t: Training, epoch: int, step: int, gidx: Tensor, batch: Tensor | None = None) -> Tensor:
         """One optimiser step of the method's ``epoch`` on the global batch ``gidx`` (this rank's
-        slice): views, forward, loss, backward, step, ``after_step``. Returns the local loss sum."""
+        slice): views, forward, loss, backward, step, ``after_step``. Returns the local loss sum.
+        ``batch``: this rank's images of it, read ahead (``imagesource``); None: read now."""
         device, method = self.fabric.device, t.method
         part = self._slices(len(gidx))[self.rank]
         gidx_dev = gidx.to(device, non_blocking=True)
         idx = gidx_dev[part.to(device)]
-        x, sizes, extra = self._views(method, epoch, step, gidx, part, self.data[idx])
+        batch = self.images.rows(idx) if batch is None else batch
+        x, sizes, extra = self._views(method, epoch, step, gidx, part, batch)
         with self.fabric.autocast():
             out = t.model(x)  # one forward for all views: one DDP pass, BatchNorm over all views
             outputs = [dict(zip(out, vals)) for vals in zip(*(v.split(sizes) for v in out.values()))]
@@ -470,14 +473,15 @@ class Trainer:
         bar = self._progress(method, epoch, len(batches))
         t_steps = time.perf_counter()
         seen = 0
-        for step, gidx in enumerate(batches):
-            if per_step and step:
-                self._set_rate(t, epoch)
-            loss_sum += self.step(t, epoch, step, gidx)
-            self.timing["steps"] += 1
-            seen += len(gidx)
-            if bar is not None:
-                bar.update(1)
+        with contextlib.closing(self.images.reader([self.local_rows(gidx) for gidx in batches])) as reader:
+            for step, (gidx, batch) in enumerate(zip(batches, reader)):
+                if per_step and step:
+                    self._set_rate(t, epoch)
+                loss_sum += self.step(t, epoch, step, gidx, batch)
+                self.timing["steps"] += 1
+                seen += len(gidx)
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -505,7 +509,7 @@ class Trainer:
         if resume and self.checkpoint_path().exists():
             start_epoch, history = self._load_checkpoint()
         self.views.to(fabric.device)
-        self.data = self.data_cpu.to(fabric.device)
+        self.images.to(fabric.device)
         return start_epoch, history
 
     def begin(self, place: int) -> Training:
@@ -603,20 +607,25 @@ def bank_knn_top1(bank: Tensor, labels: np.ndarray, ev: EvalConfig, bank_tempera
 
 
 @torch.no_grad()
-def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | Tensor, *,
+def extract_features(net: EmbeddingNet, views: BatchViews, images, *,
                      batch_size: int = 512, device: str | torch.device = "cpu",
                      layer: str = "backbone") -> tuple[np.ndarray, np.ndarray]:
     """(features of ``layer``, L2-normalised embeddings) of un-augmented images, float32, dataset
     order. ``layer``: "backbone" (the layer before the head), "embedding", or a layer name of the
-    backbone (``net.layer_names()``, e.g. "conv5" of AlexNet)."""
+    backbone (``net.layer_names()``, e.g. "conv5" of AlexNet). ``images`` may be a store's (read block
+    by block, ahead: ``imagesource``)."""
     if layer not in net.layer_names():
         raise ConfigError(f"unknown feature layer '{layer}'; this network has: {', '.join(net.layer_names())}")
-    data = images if isinstance(images, Tensor) else images_to_tensor(images)
+    if isinstance(images, (Tensor, np.ndarray)):
+        data = images if isinstance(images, Tensor) else images_to_tensor(images)
+        blocks = (data[start:start + batch_size] for start in range(0, data.shape[0], batch_size))
+    else:
+        blocks = image_source(images).reader(list(torch.split(torch.arange(len(images)), batch_size)))
     was_training = net.training
     net.eval()
     feats, embs = [], []
-    for start in range(0, data.shape[0], batch_size):
-        x = views.plain(data[start:start + batch_size].to(device))
+    for block in blocks:
+        x = views.plain(block.to(device))
         taps = net.taps(x, tuple({layer, "embedding"}))
         feats.append(taps[layer].flatten(1).float().cpu())
         embs.append(taps["embedding"].float().cpu())
