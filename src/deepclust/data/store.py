@@ -209,10 +209,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_store(directory: str | Path, source: StoreInput, shard_bytes: int = SHARD_BYTES) -> bool:
+def write_store(directory: str | Path, source: StoreInput, shard_bytes: int | None = None) -> bool:
     """Write the store at ``directory`` (which must not hold one) from ``source``, atomically (module
-    docstring). Returns False when another writer's store took the name first (then open that one)."""
-    directory = Path(directory)
+    docstring), in shards of about ``shard_bytes`` (default :data:`SHARD_BYTES`). Returns False when
+    another writer's store took the name first (then open that one)."""
+    directory, shard_bytes = Path(directory), shard_bytes or SHARD_BYTES
     ensure_dir(directory.parent)
     _remove_dead_partials(directory)
     tmp = directory.parent / _partial_name(directory)
@@ -390,7 +391,9 @@ class Store:
 
     def read(self, index: np.ndarray) -> np.ndarray:
         """uint8 ``(len(index), C, H, W)`` of the images at ``index`` (any order, repeats allowed):
-        one sorted fancy index per shard touched, then the touched pages handed back (module docstring)."""
+        one sorted fancy index per shard touched, the pages it touched handed back after each (the
+        kernel maps up to 64 KB around every page a read faults in: without the release a random
+        batch of 400 28x28 images left 30 MB resident)."""
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         if len(index) and (index.min() < 0 or index.max() >= self.n):
             raise IndexError(f"image index out of range 0..{self.n - 1}")
@@ -400,21 +403,16 @@ class Store:
         shard_of = ordered // self.rows_per_shard
         bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1))
         sorted_rows = np.empty_like(out)
-        touched = np.flatnonzero(np.diff(bounds))
-        for s in touched:  # one fancy index per shard touched, not per image
+        for s in np.flatnonzero(np.diff(bounds)):  # one fancy index per shard touched, not per image
             a, b = bounds[s], bounds[s + 1]
             np.take(self.shards[s], ordered[a:b] - s * self.rows_per_shard, axis=0, out=sorted_rows[a:b])
+            self.maps[s].madvise(mmap.MADV_DONTNEED)  # the pages it touched (and faulted around) handed back
         out[order] = sorted_rows
-        self._release(touched)
         return out
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """uint8 ``(stop - start, C, H, W)``: images ``start`` .. ``stop - 1`` (a copy)."""
         return self.read(np.arange(start, stop))
-
-    def _release(self, shards: Iterable[int]) -> None:
-        for s in shards:
-            self.maps[s].madvise(mmap.MADV_DONTNEED)
 
     def fields(self) -> dict[str, Any]:
         """labels, split, names, classes and skipped files as the source gave them (None where it had none)."""

@@ -3,10 +3,10 @@ in memory, its size known beforehand where that is cheap, and its fingerprint.
 
  - ``folder:`` -- a header pass (Pillow opens each file without decoding it: its mode and size) decides
    grey or colour and checks the sizes, as :func:`~.sources.load_folder` does after decoding; then
-   :data:`CHUNK` files at a time are decoded (``sources.read_files``: the same images, names and
+   :func:`chunk_rows` files at a time are decoded (``sources.read_files``: the same images, names and
    skipped files, in the same order). Palette images are decoded in the header pass (a palette of
    greys is a grey image). A folder whose only colour files fail to decode is stored as colour.
- - ``npz:`` -- the ``images`` member is read from the archive CHUNK rows at a time (decompressed as it
+ - ``npz:`` -- the ``images`` member is read from the archive :func:`chunk_rows` rows at a time (decompressed as it
    goes); a non-uint8 array gets one pass for its range first, so that its conversion is
    :func:`~.sources.to_uint8`'s on the whole array. Every split is stored: the run selects its split
    from the store, as from the loaded array.
@@ -34,7 +34,12 @@ from .sources import (ImageSet, check_npz_layouts, folder_labels, image_files, j
                       npz_fields, npz_paths, open_npz, read_files, read_image, report_skipped, resize_all)
 from .store import StoreInput
 
-CHUNK = 1024  # images decoded or converted at a time
+CHUNK_BYTES = 16 * 2**20  # decoded images converted at a time (a few copies of it are alive while writing)
+
+
+def chunk_rows(shape: tuple[int, ...]) -> int:
+    """Images of ``shape`` (one image's) per chunk: CHUNK_BYTES of them decoded, 1 to 1024."""
+    return int(max(1, min(1024, CHUNK_BYTES // max(1, int(np.prod(shape))))))
 GREY_MODES = ("1", "L", "LA", "La", "F")  # and every "I..." mode: sources.read_image's grey modes
 
 
@@ -157,9 +162,12 @@ def folder_input(root: str, spec: str, resize: int | None, fingerprint_: dict, f
                         "to resize them all")
     seen: dict[str, list] = {"names": [], "skipped": []}
 
+    h, w = (resize, resize) if resize else sizes[0]
+    step = chunk_rows((3 if colour else 1, h, w))
+
     def chunks() -> Iterator[np.ndarray]:
-        for i in range(0, len(listed), CHUNK):
-            images, names, bad = read_files(base, listed[i:i + CHUNK])
+        for i in range(0, len(listed), step):
+            images, names, bad = read_files(base, listed[i:i + step])
             seen["names"] += names
             seen["skipped"] += bad
             if colour:
@@ -172,7 +180,6 @@ def folder_input(root: str, spec: str, resize: int | None, fingerprint_: dict, f
         labels, classes = folder_labels(seen["names"], base)
         return {"labels": labels, "names": seen["names"], "classes": classes, "skipped": seen["skipped"]}
 
-    h, w = (resize, resize) if resize else sizes[0]
     return StoreInput((3 if colour else 1, h, w), chunks(), fields, fingerprint_, files)
 
 
@@ -209,12 +216,13 @@ def _uint8_rule(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> float | 
 
 
 def _member_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> Iterator[np.ndarray]:
-    """The ``images`` member's rows, CHUNK at a time, as stored."""
+    """The ``images`` member's rows, :func:`chunk_rows` at a time, as stored."""
     _, _, archive, member = _npz_header(path)
     row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    step = chunk_rows((row,))
     with archive, member:
-        for start in range(0, shape[0], CHUNK):
-            count = min(CHUNK, shape[0] - start)
+        for start in range(0, shape[0], step):
+            count = min(step, shape[0] - start)
             data = member.read(count * row)
             if len(data) != count * row:
                 raise DataError(f"npz file {path}: 'images' ends after {start + len(data) // max(row, 1)} of "
@@ -255,11 +263,11 @@ def npz_input(paths: str, spec: str, resize: int | None, fingerprint_: dict, fil
 
 def array_input(images: ImageSet, fingerprint_: dict, files: list[list] | None = None) -> StoreInput:
     """Images held in memory (a torchvision set, digits, an array given to ``Clusterer``) as a store's input."""
-    n = len(images)
+    n, step = len(images), chunk_rows(images.images.shape[1:])
 
     def chunks() -> Iterator[np.ndarray]:
-        for start in range(0, n, CHUNK * 16):
-            yield np.asarray(images.images[start:start + CHUNK * 16], dtype=np.uint8)
+        for start in range(0, n, step):
+            yield np.asarray(images.images[start:start + step], dtype=np.uint8)
 
     def fields() -> dict[str, Any]:
         return {"labels": images.labels, "split": images.split, "names": images.names,
@@ -272,7 +280,7 @@ def array_listing(images: ImageSet) -> list[list]:
     """The fingerprint of images given in memory: their shape and the SHA-256 of their bytes."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for start in range(0, len(images), CHUNK * 16):
-        digest.update(np.ascontiguousarray(images.images[start:start + CHUNK * 16]).tobytes())
+    digest, step = hashlib.sha256(), chunk_rows(images.images.shape[1:])
+    for start in range(0, len(images), step):
+        digest.update(np.ascontiguousarray(images.images[start:start + step]))
     return [["array", list(images.images.shape), digest.hexdigest()]]
