@@ -87,8 +87,8 @@ def _streamed(cfg: Config, kind: str, arg: str, loaded: ImageSet | None, shape, 
     streaming can run at all."""
     n = shape[0]
     check_fits(f"streaming {n} image(s) of {shape[1]}x{shape[2]}x{shape[3]}", training_parts(cfg, *shape, streamed=True),
-               "the memory bank and kNN structures grow with the images: use fewer images, a smaller --dim "
-               "or --batch-size, or allow more memory (DEEPCLUST_MEMORY)", allowed)
+               "even streamed, the bank, the kNN structures and the batches must fit: use fewer or smaller "
+               "images, a smaller --batch-size or --dim, or allow more memory (DEEPCLUST_MEMORY)", allowed)
     for cls in (method_class(cfg.method), stage_class(cfg.cluster.head)):
         if cls is not None and cls.reads_images:
             raise DataError(f"{cls.name} reads every image's pixels at once (its initial clusters) and the "

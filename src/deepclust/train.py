@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config, EvalConfig, TrainConfig
+from .durations import format_seconds
 from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .heads import OwnClusters
@@ -221,6 +222,7 @@ class Trainer:
         self.saved_optimizers: dict[str, Any] = {}  # name -> optimiser state read from a checkpoint
         # cumulative over a resumed run (checkpointed); ``steps`` drives the per-step rate schedules
         self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0, "steps": 0}
+        self.epoch_seconds: list[float] = []  # this process's last epochs (discovery included), for the bar
 
     @property
     def method(self) -> Method:
@@ -454,14 +456,24 @@ class Trainer:
         if not t.method.trains_network():
             self.net.eval()
 
-    def _progress(self, method: Method, epoch: int, steps: int):
+    def _progress(self, method: Method, epoch: int, images: int, record: dict[str, Any]):
+        """The epoch's bar on rank 0: images and images/s, the epoch's time left, and after it the
+        epoch's discovery time and the method's time left at the mean epoch so far."""
         if not (self.cfg.train.progress and self.rank == 0):
             return None
         from tqdm import tqdm
 
         name = f"{method.phase(epoch)} " if method.phase(epoch) else ""
-        return tqdm(total=steps, desc=f"{name}epoch {epoch + 1}/{method.total_epochs()}", leave=False,
-                    dynamic_ncols=True)
+        bar = tqdm(total=images, unit="img", unit_scale=True, desc=f"{name}epoch {epoch + 1}/{method.total_epochs()}",
+                   leave=False, dynamic_ncols=True)
+        post = {}
+        if "discovery_seconds" in record:
+            post["discovery"] = format_seconds(record["discovery_seconds"])
+        if self.epoch_seconds:
+            left = (method.total_epochs() - epoch) * sum(self.epoch_seconds) / len(self.epoch_seconds)
+            post["left"] = "~" + format_seconds(left)
+        bar.set_postfix(post, refresh=False)
+        return bar
 
     def _train_epoch(self, t: Training, epoch: int, record: dict[str, Any]) -> None:
         cfg, device, method = self.cfg, self.fabric.device, t.method
@@ -470,7 +482,7 @@ class Trainer:
         self._train_mode(t)
         batches = method.batches(epoch, self.n, cfg.optim.batch_size, cfg.train.seed)
         loss_sum = torch.zeros((), device=device)
-        bar = self._progress(method, epoch, len(batches))
+        bar = self._progress(method, epoch, sum(len(g) for g in batches), record)
         t_steps = time.perf_counter()
         seen = 0
         with contextlib.closing(self.images.reader([self.local_rows(gidx) for gidx in batches])) as reader:
@@ -481,7 +493,7 @@ class Trainer:
                 self.timing["steps"] += 1
                 seen += len(gidx)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(gidx))
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -582,6 +594,7 @@ class Trainer:
             self.discover(t, local, record)
         self._train_epoch(t, local, record)
         record["seconds"] = round(time.perf_counter() - t_epoch, 3)
+        self.epoch_seconds = [*self.epoch_seconds[-4:], record["seconds"]]  # the bar's time left: the last 5
         self.timing["train_seconds"] = self.clock[1] + time.perf_counter() - self.clock[0]
         history.append(record)
         self._write_log(history, append=record)
