@@ -363,3 +363,15 @@ def test_two_nodes_streaming_from_one_store_equal_one_process(tmp_path, small_np
     assert all(r["bank_identical_across_ranks"] and r.get("structure_identical_across_ranks", True) for r in got["log"])
     assert np.allclose(got["embeddings"], in_memory["embeddings"], atol=1e-4)
     assert (got["labels"] == in_memory["labels"]).mean() > 0.99
+
+
+def test_images_larger_than_half_the_gpu_stream(tmp_path, small_npz, monkeypatch):
+    """The in-memory path copies every image to every device: a set over DEVICE_SHARE of the GPU's
+    memory streams however much host memory there is (the GPU's size stood in for: none is lent here)."""
+    import deepclust.datapath as datapath
+
+    monkeypatch.setattr(datapath, "device_memory", lambda cfg: 2 * 300 * 64 - 1)  # just under twice the images
+    images, note = open_data(build_config(_layer("pad", small_npz, tmp_path / "run", tmp_path / "s")))
+    assert note["path"] == "stream" and "exceed 50% of the GPU's" in note["reason"] and not images.in_memory
+    monkeypatch.setattr(datapath, "device_memory", lambda cfg: 2 * 300 * 64)
+    assert open_data(build_config(_layer("pad", small_npz, tmp_path / "run", tmp_path / "s")))[1]["path"] == "memory"

@@ -7,8 +7,9 @@ headers, a folder's file count and first image; a torchvision set is loaded to b
  - the decoded images and the training's structures (``limits.training_parts``: the images twice,
    the bank, the kNN structures, a batch's views and similarities, for every process of this
    machine) fit within ``limits.MARGIN`` of the memory allowed (``limits.allowed_memory``: the
-   memory available, capped by ``DEEPCLUST_MEMORY``) -> in memory: the images loaded as they always
-   were, the same run bit for bit;
+   memory available, capped by ``DEEPCLUST_MEMORY``), and on a GPU the images take at most
+   :data:`DEVICE_SHARE` of its memory (the in-memory path copies them all to every device) -> in
+   memory: the images loaded as they always were, the same run bit for bit;
  - else, when the structures fit with only a few batches of images (``streamed=True``) -> streamed:
    the store at ``data.store`` (default ``ROOT/stores/NAME-HASH``) opened, or written first from the
    source chunk by chunk (``data/streams.py``, ``data/store.py``); a store written from other data
@@ -37,6 +38,18 @@ from .limits import allowed_memory, check_fits, check_training, fits, human, tra
 from .methods import method_class, stage_class
 
 
+DEVICE_SHARE = 0.5  # of a GPU's memory the images may take when held (the rest: network, bank, activations)
+
+
+def device_memory(cfg: Config) -> int | None:
+    """Bytes of memory of the GPU a run of ``cfg`` trains on; None on the CPU."""
+    if cfg.train.accelerator not in ("auto", "cuda", "gpu"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
 def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, dict]:
     """The run's images (``images``: given in memory, as ``Clusterer`` does) and the note of the path
     taken (module docstring; :func:`describe` is its stderr line)."""
@@ -48,9 +61,11 @@ def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, di
         loaded = load_source(data.spec, data.split, data.root, data.download, data.resize)
         shape = _shape(loaded)
     memory = training_parts(cfg, *shape, streamed=False)
-    note: dict[str, Any] = {"decoded_bytes": int(shape[0] * shape[1] * shape[2] * shape[3]),
-                            "allowed_bytes": allowed, "estimate_bytes": sum(memory.values())}
-    if fits(memory, allowed):
+    decoded, device = int(shape[0] * shape[1] * shape[2] * shape[3]), device_memory(cfg)
+    note: dict[str, Any] = {"decoded_bytes": decoded, "allowed_bytes": allowed, "estimate_bytes": sum(memory.values()),
+                            "device_bytes": device}
+    on_device = device is None or decoded <= DEVICE_SHARE * device
+    if fits(memory, allowed) and on_device:
         images = images if images is not None else (select_split(finalise(loaded), data.split.lower())
                                                     if loaded is not None else load_images(
                                                         data.spec, data.split, data.root, data.download, data.resize))
@@ -58,7 +73,9 @@ def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, di
         note.update(path="memory", reason=f"{_estimate(memory)} fit in {_allowed(allowed)}")
     else:
         images, streamed = _streamed(cfg, kind, arg, images if images is not None else loaded, shape, allowed)
-        note.update(path="stream", reason=f"{_estimate(memory)} do not fit in {_allowed(allowed)}", **streamed)
+        reason = (f"{_estimate(memory)} do not fit in {_allowed(allowed)}" if not fits(memory, allowed) else
+                  f"the decoded images ({human(decoded)}) exceed {DEVICE_SHARE:.0%} of the GPU's {human(device)}")
+        note.update(path="stream", reason=reason, **streamed)
     return images, note
 
 

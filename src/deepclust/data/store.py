@@ -6,9 +6,10 @@ behind the format):
  - ``shard-00000.npy`` ...: ``.npy`` files of ``(rows, C, H, W)`` uint8, C-order, the layout the
    device reads (no transpose per batch); every shard but the last holds ``rows_per_shard`` images
    (about :data:`SHARD_BYTES`). Each is read through a read-only ``mmap``: a batch is one sorted
-   fancy index per shard it touches, and the pages it touched are handed back to the kernel after
-   the read (``MADV_DONTNEED``), so the process's resident memory stays at a few batches whatever
-   the store's size (the pages stay in the kernel's page cache, which is reclaimable).
+   fancy index per shard it touches, and the pages it touched are handed back to the kernel right
+   after it (``MADV_DONTNEED``), so the process's resident memory stays at a few batches whatever
+   the store's size (the pages stay in the kernel's page cache, which is reclaimable). Readahead is
+   off for images smaller than :data:`RANDOM_BELOW` (``MADV_RANDOM``), on for larger ones.
  - ``labels.npy``, ``split.npy`` (when the source has them), ``names.json`` (file names), and
    ``source.json``: the source's files (name, size, mtime in ns) when it has files (a folder, npz).
  - ``manifest.json``, written last: the format, the source's fingerprint (spec, split, resize and
@@ -58,6 +59,7 @@ MANIFEST = "manifest.json"
 SOURCE = "source.json"
 SHARD_BYTES = 256 * 2**20  # about 256 MiB a shard: a checksum of one is a fraction of a second
 HASH_BLOCK = 16 * 2**20
+RANDOM_BELOW = 128 * 2**10  # images smaller than the kernel's default readahead window are read without it
 
 
 @dataclass
@@ -380,7 +382,8 @@ class Store:
                 raise DataError(f"store {self.directory}: {path.name} holds {shape} {dtype}, the manifest says "
                                 f"{(rows, *self.shape)} uint8; remove the store to write it again")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        mm.madvise(mmap.MADV_RANDOM)
+        # no readahead for images smaller than its window: a 1 KB image would read 128 KB from disk
+        mm.madvise(mmap.MADV_RANDOM if int(np.prod(self.shape)) < RANDOM_BELOW else mmap.MADV_NORMAL)
         self.maps.append(mm)
         self.shards.append(np.frombuffer(mm, np.uint8, rows * int(np.prod(self.shape)), offset)
                            .reshape(rows, *self.shape))
