@@ -375,3 +375,13 @@ def test_images_larger_than_half_the_gpu_stream(tmp_path, small_npz, monkeypatch
     assert note["path"] == "stream" and "exceed 50% of the GPU's" in note["reason"] and not images.in_memory
     monkeypatch.setattr(datapath, "device_memory", lambda cfg: 2 * 300 * 64)
     assert open_data(build_config(_layer("pad", small_npz, tmp_path / "run", tmp_path / "s")))[1]["path"] == "memory"
+
+
+def test_a_store_is_never_written_into_a_directory_of_the_users(tmp_path, small_npz, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    layer = _layer("pad", small_npz, tmp_path / "run", tmp_path / "mine")
+    monkeypatch.setenv(MEMORY_ENV, stream_cap(layer, (300, 1, 8, 8)))
+    with pytest.raises(store.DataError, match="is not an image store and not empty"):
+        open_data(build_config(layer))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

@@ -111,9 +111,9 @@ def _streamed(cfg: Config, kind: str, arg: str, loaded: ImageSet | None, shape, 
             raise DataError(f"{cls.name} reads every image's pixels at once (its initial clusters) and the "
                             f"{n} images do not fit in {_allowed(allowed)}; use fewer or smaller images (--resize)")
     data = cfg.data
-    fp = fingerprint(kind, arg, data.spec, data.split.lower(), data.resize) if kind != "array" \
-        else {"spec": "array", "split": "all", "resize": None}
     files = listing(kind, arg) if kind != "array" else array_listing(loaded)
+    fp = fingerprint(kind, arg, data.spec, data.split.lower(), data.resize) if kind != "array" \
+        else {"spec": f"array:{files[0][2][:16]}", "split": "all", "resize": None}  # a store per array
     directory = Path(data.store).expanduser() if data.store else default_store(data.root, fp)
     t0, written = time.perf_counter(), False
     if not is_store(directory):

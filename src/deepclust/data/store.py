@@ -227,9 +227,9 @@ def write_store(directory: str | Path, source: StoreInput, shard_bytes: int | No
         save_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
         return _rename_into_place(tmp, directory)
-    except WriteError as e:
+    except WriteError as e:  # named by the store, not by its temporary file
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(directory, OSError(e.errno, str(e).split(": ", 1)[-1].split(" (errno")[0])) from None
+        raise WriteError(directory, OSError(e.errno, os.strerror(e.errno) if e.errno else str(e))) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
