@@ -353,12 +353,15 @@ def scale_section(results: dict[str, dict]) -> str:
 
 def streaming_section(results: dict[str, dict]) -> str:
     """Data larger than memory (scale.py), and what ImageNet at 224 px would take: an estimate."""
-    rows = [[f"{r['n']:,}", "x".join(map(str, r["image"])),
-             f"{seconds(r['write']['seconds'])}, {r['write']['peak_memory_mb']:.0f} MB",
-             f"{r['epoch']['images_per_second']:.0f}/s, {r['epoch']['peak_memory_mb']:.0f} MB",
-             f"{seconds(r['discovery']['seconds'])}, {r['discovery']['peak_memory_mb']:.0f} MB",
-             f"{r['compare']['data']}: instance {r['compare']['instance']['ratio']}, PAD {r['compare']['pad']['ratio']}",
-             f"`{r['command']}`"] for r in of_kind(results, "scale-n")]
+    def part(r: dict, key: str, show: Callable[[dict], str]) -> str:
+        return show(r[key]) if key in r else "-"
+
+    rows = [[f"{r['n']:,}" if "n" in r else "-", "x".join(map(str, r["image"])) if "image" in r else "-",
+             part(r, "write", lambda w: f"{seconds(w['seconds'])}, {w['peak_memory_mb']:.0f} MB"),
+             part(r, "epoch", lambda e: f"{e['images_per_second']:.0f}/s, {e['peak_memory_mb']:.0f} MB"),
+             part(r, "discovery", lambda d: f"{seconds(d['seconds'])}, {d['peak_memory_mb']:.0f} MB"),
+             part(r, "compare", lambda c: f"{c['data']}: instance {c['instance']['ratio']}, PAD {c['pad']['ratio']}"),
+             f"`{r['command']}`"] for r in of_kind(results, "scale-")]
     parts = []
     if rows:
         parts += ["A synthetic set written to a store, one streamed epoch of instance discrimination and PAD's "

@@ -23,7 +23,9 @@ own; the run's part is that less ``memory_before_mb`` (the interpreter and the l
  - ``compare``: at --compare-n images (or --compare-data, e.g. mnist-test), instance discrimination and
    PAD for --epochs epochs in memory and streamed, the same configuration (full softmax): images/s
    (the median of the epochs after the first) and the ratio streamed / in memory (goal >= 0.9).
-Results: benchmarks/results/scale-n{N}-{SIDE}px.json (common.save_result), or --out. The script
+--parts runs some of them (``epoch`` needs ``write``'s store: it writes it). Results:
+benchmarks/results/scale-n{N}-{SIDE}px.json, or scale-compare-DATA.json for ``--parts compare``
+(common.save_result), or --out. The script
 refuses to start (exit 2) while a fit or another benchmark runs (the machine lock).
 """
 
@@ -48,6 +50,7 @@ from common import NOT_TUNED, data_spec, exclusive, machine, memory_mb, save_res
 
 CLASSES = 10
 CHUNK = 16384  # images generated at a time
+PARTS = ("write", "epoch", "discovery", "compare")
 
 
 def synthetic_npz(path: Path, n: int, side: int, channels: int, seed: int) -> float:
@@ -200,22 +203,36 @@ def main(argv=None) -> None:
     p.add_argument("--dir", type=Path, help="where the npz and the store are written (default: a temporary "
                                              "directory, removed after; they take about 2 x N x side^2 x channels bytes)")
     p.add_argument("--out", type=Path, help="write the JSON here instead of benchmarks/results/")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                   help="what to run (default all); compare alone: --parts compare --compare-data mnist-test")
     args = p.parse_args(argv)
-    name = f"scale-n{args.n}-{args.side}px" + ("" if args.channels == 1 else "-rgb")
+    at_n = [part for part in args.parts if part != "compare"]
+    name = (f"scale-n{args.n}-{args.side}px" + ("" if args.channels == 1 else "-rgb") if at_n
+            else f"scale-compare-{args.compare_data or f'synthetic-n{args.compare_n}'}")
     with exclusive(name), tempfile.TemporaryDirectory(dir=args.dir) as tmp_:
         tmp = Path(tmp_)
-        result = {"n": args.n, "image": [args.channels, args.side, args.side],
-                  "decoded_bytes": args.n * args.channels * args.side ** 2,
-                  "npz_seconds": round(synthetic_npz(tmp / "big.npz", args.n, args.side, args.channels, args.seed), 1)}
-        result["write"] = spawned(part_write, str(tmp / "big.npz"), str(tmp / "store"))
+        result = {"parts": args.parts, "n": args.n, "image": [args.channels, args.side, args.side],
+                  "decoded_bytes": args.n * args.channels * args.side ** 2} if at_n else {"parts": args.parts}
+        if {"write", "epoch"} & set(args.parts):
+            result.update(at_size(args, tmp))
+        if "discovery" in args.parts:
+            result["discovery"] = spawned(part_discovery, args.n, args.dim, args.seed)
+        if "compare" in args.parts:
+            result["compare"] = compare(args, tmp)
+    finish(name, result, args.out)
+
+
+def at_size(args, tmp: Path) -> dict:
+    """The npz of --n images, its store (``write``) and a streamed epoch on it (``epoch``)."""
+    out = {"npz_seconds": round(synthetic_npz(tmp / "big.npz", args.n, args.side, args.channels, args.seed), 1)}
+    out["write"] = spawned(part_write, str(tmp / "big.npz"), str(tmp / "store"))
+    if "epoch" in args.parts:
         lay = layer("instance", f"npz:{tmp / 'big.npz'}", tmp / "epoch", tmp / "store", args, epochs=1,
                     nce_k=args.nce_k)  # the store just written, reused (its source's fingerprint matches)
-        result["epoch"] = spawned(part_fit, lay, stream_cap(lay, (args.n, args.channels, args.side, args.side)))
-        (tmp / "big.npz").unlink()
-        shutil.rmtree(tmp / "store")
-        result["discovery"] = spawned(part_discovery, args.n, args.dim, args.seed)
-        result["compare"] = compare(args, tmp)
-    finish(name, result, args.out)
+        out["epoch"] = spawned(part_fit, lay, stream_cap(lay, (args.n, args.channels, args.side, args.side)))
+    (tmp / "big.npz").unlink()
+    shutil.rmtree(tmp / "store")
+    return out
 
 
 def finish(name: str, result: dict, out: Path | None) -> None:
