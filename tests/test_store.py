@@ -162,7 +162,8 @@ def test_jule_and_a_bank_that_cannot_fit_are_refused_in_one_line(tmp_path, small
     monkeypatch.setenv(MEMORY_ENV, "100KB")
     proc = run_cli("fit", "--data", f"npz:{small_npz}", "--out", str(tmp_path / "r"), "--epochs", "1",
                    "--store", str(tmp_path / "s"))
-    assert_one_line_error(proc, "streaming 300 image(s)", "even streamed, the bank", f"{MEMORY_ENV}")
+    assert_one_line_error(proc, "training on 300 image(s) of 1x8x8, streamed from a store", "even streamed, the bank",
+                          f"{MEMORY_ENV}")
 
 
 # -- validation ------------------------------------------------------------------------------------

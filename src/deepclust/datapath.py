@@ -1,9 +1,10 @@
 """Where a run's images live: held in memory, or streamed from a store on disk -- chosen by whether
-they fit the memory the run may use, and said (one stderr line, and ``resolution.data`` in
-metrics.json).
+they fit the memory the run may use, and recorded (``resolution.data`` in metrics.json).
 
-The rule (:func:`open_data`), before any image is decoded where the size is cheap to know (an npz's
-headers, a folder's file count and first image; a torchvision set is loaded to be known):
+Said on stderr when the images stream, or when the run named a store or a memory cap
+(:func:`announce`). The rule (:func:`open_data`), before any image is decoded where the size is
+cheap to know (an npz's headers, a folder's file count and first image; a torchvision set is loaded
+to be known):
  - the decoded images and the training's structures (``limits.training_parts``: the images twice,
    the bank, the kNN structures, a batch's views and similarities, for every process of this
    machine) fit within ``limits.MARGIN`` of the memory allowed (``limits.allowed_memory``: the
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from .data.sources import finalise
 from .data.store import StoredImages, is_store, open_store, write_store
 from .data.streams import array_input, array_listing, fingerprint, folder_input, listing, npz_input, probe
 from .errors import DataError
-from .limits import allowed_memory, check_fits, check_training, fits, human, training_parts
+from .limits import MEMORY_ENV, allowed_memory, check_fits, check_resized, check_training, fits, human, training_parts
 from .methods import method_class, stage_class
 
 
@@ -52,7 +55,7 @@ def device_memory(cfg: Config) -> int | None:
 
 def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, dict]:
     """The run's images (``images``: given in memory, as ``Clusterer`` does) and the note of the path
-    taken (module docstring; :func:`describe` is its stderr line)."""
+    taken (module docstring; :func:`announce` says it on stderr)."""
     data, allowed = cfg.data, allowed_memory()
     kind, arg = ("array", "") if images is not None else classify(data.spec)
     shape = _shape(images) if images is not None else probe(kind, arg, data.split.lower(), data.resize)
@@ -91,6 +94,15 @@ def _allowed(allowed: int | None) -> str:
     return "the memory allowed (unknown)" if allowed is None else f"{human(allowed)} allowed"
 
 
+def announce(note: dict, cfg: Config) -> None:
+    """The path's stderr line, where it is news: streamed, or held in memory though the run named a
+    store or a memory cap. The default path (held, nothing asked) is recorded in metrics.json only,
+    as resolution.py says only the automatic choices that change a run: a line on every fit would
+    precede every later error's one line."""
+    if note["path"] == "stream" or cfg.data.store or os.environ.get(MEMORY_ENV):
+        print(f"deepclust: {describe(note)}", file=sys.stderr)
+
+
 def describe(note: dict) -> str:
     """The stderr line of the data path taken, and why."""
     if note["path"] == "memory":
@@ -102,8 +114,10 @@ def describe(note: dict) -> str:
 def _streamed(cfg: Config, kind: str, arg: str, loaded: ImageSet | None, shape, allowed) -> tuple[ImageSet, dict]:
     """The run's images read from its store (written first when absent), after the checks that
     streaming can run at all."""
-    n = shape[0]
-    check_fits(f"streaming {n} image(s) of {shape[1]}x{shape[2]}x{shape[3]}", training_parts(cfg, *shape, streamed=True),
+    n, parts = shape[0], training_parts(cfg, *shape, streamed=True)
+    if cfg.data.resize and not fits(parts, allowed):  # a resize too large for anything: said as before streaming
+        check_resized(n, shape[1], cfg.data.resize, allowed)
+    check_fits(f"training on {n} image(s) of {shape[1]}x{shape[2]}x{shape[3]}, streamed from a store,", parts,
                "even streamed, the bank, the kNN structures and the batches must fit: use fewer or smaller "
                "images, a smaller --batch-size or --dim, or allow more memory (DEEPCLUST_MEMORY)", allowed)
     for cls in (method_class(cfg.method), stage_class(cfg.cluster.head)):

@@ -26,7 +26,7 @@ from safetensors.torch import save
 
 from .config import Config
 from .configure import resume_config
-from .datapath import describe as describe_path
+from .datapath import announce as announce_path
 from .datapath import open_data
 from .data import ImageSet
 from .data.sources import MAX_LISTED
@@ -76,8 +76,8 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     images, path = open_data(cfg, images)  # in memory or streamed from a store
     cfg = resolve(cfg, images, started)
     cfg = dataclasses.replace(cfg, resolution={**cfg.resolution, "data": path})
-    if not is_launched_child():  # which, and why: once the run is sure to start
-        print(f"deepclust: {describe_path(path)}", file=sys.stderr)
+    if not is_launched_child():  # which, and why, once the resolution has refused nothing
+        announce_path(path, cfg)
     work = _work_dir(out, overwrite, primary)
     try:
         if primary:
