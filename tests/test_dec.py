@@ -241,3 +241,29 @@ def test_dec_reads_the_backbone_or_the_embedding_only():
         from deepclust.methods.dec import Dec
 
         Dec(build_config({"cluster": {"n_clusters": 3, "head": "dec", "features": "conv1"}}), 10, {"conv1": 8})
+
+
+def test_a_budgeted_run_with_the_dec_head_is_measured(tmp_path, monkeypatch):
+    """The time budget times the stage through the trainer's public steps, knowing no stage by name:
+    its discoveries (the k-means, then the targets), its steps and its final pass; RNG and the
+    working directory untouched."""
+    from sklearn.datasets import load_digits
+
+    from deepclust import calibration
+    from deepclust.data import ImageSet
+    from deepclust.resolution import resolve, view_spec
+
+    monkeypatch.chdir(tmp_path)
+    d = load_digits()
+    images = ImageSet(images=np.round(d.images[:300] * 255 / 16).astype(np.uint8), labels=d.target[:300],
+                      spec="digits")
+    cfg = resolve(build_config({"method": "pad", "cluster": {"n_clusters": 10, "head": "dec"},
+                                "dec": {"epochs": 2}, "optim": {"batch_size": 64},
+                                "train": {"epochs": 2, "accelerator": "cpu", "threads": 1}}), images)
+    rng = torch.get_rng_state()
+    cal = calibration.TrainerCalibration(cfg, images.images, view_spec(cfg.views), labels=images.labels,
+                                         min_seconds=0.0, max_steps=1)
+    assert cal.measure("jule_cnn") > 0
+    assert cal.stages("jule_cnn") > 0 and cal.finish("jule_cnn") > 0
+    cal.close()
+    assert torch.equal(torch.get_rng_state(), rng) and list(tmp_path.iterdir()) == []
