@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
 from .dccm import Dccm
+from .dec import Dec
 from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
 from .jule import Jule
@@ -66,6 +67,7 @@ def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = N
 # what they learn (their ``assignment_map``).
 STAGES: dict[str, type[Method]] = {
     "scan": Scan,
+    "dec": Dec,
 }
 METHOD_HEAD = "method"  # the cluster head that reads the configured method's own clusters
 
