@@ -16,13 +16,13 @@ from .data import ImageSet
 from .errors import ConfigError, DataError
 from .heads import HEADS, ClusterHead, OwnClusters
 from .io import save_json
-from .methods import METHOD_HEAD, stage_class
+from .methods import METHOD_HEAD, build_network, stage_class
 from .nets import EmbeddingNet
 from .resolution import load_data, view_spec
 from .runfiles import RunFiles, damaged
 from .evaluate import knn_report, probe_report
 from .scoring import ALL_HEADS, compute_metrics, score_heads
-from .train import build_network, extract_features
+from .train import extract_features
 from .views import BatchViews
 
 

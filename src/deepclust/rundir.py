@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 from .config import read_yaml
 from .errors import ConfigError, DataError, DeepclustError, WriteError
-from .io import save_text
+from .io import ensure_dir, save_text
 from .locks import claim_run_dir, machine_activity
 
 
@@ -151,6 +151,30 @@ def holds_run(out: Path) -> bool:
 def has_marker(out: Path) -> bool:
     marker = out / MARKER
     return marker.is_file() and not marker.is_symlink()
+
+
+WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
+
+
+def open_work_dir(out: Path, *, overwrite: bool, primary: bool, config_text: str) -> Path:
+    """The directory a run is written to, made and marked: ``out``, or for ``--overwrite`` a rebuild
+    beside it under a name made unique here (``.OUT.partial-XXXXXXXX``: never a name of the user's;
+    removed again if its first files cannot be written). Its first files: the marker that makes it
+    recognisable as the tool's, then the resolved ``config.yaml``. Launched ranks, which write
+    nothing, are told it by the environment."""
+    if not primary:
+        return Path(os.environ.get(WORK_ENV) or out)
+    work = unique_dir(out, "partial") if overwrite else out
+    try:
+        ensure_dir(work)
+        mark_run(work)
+        save_text(work / "config.yaml", config_text)
+    except BaseException:
+        if overwrite:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    os.environ[WORK_ENV] = str(work)
+    return work
 
 
 def mark_run(out: Path) -> None:

@@ -29,7 +29,7 @@ from .configure import build_config
 from .errors import DataError, DeepclustError
 from .heads import ClusterHead
 from .nets import EmbeddingNet
-from .train import build_network
+from .methods import build_network
 from .rundir import read_run_config
 
 BLOCK_ROWS = 65_536  # rows of embeddings.npy checked at a time

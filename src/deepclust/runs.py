@@ -13,7 +13,6 @@ atomic files, nothing lost). Here:
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -27,16 +26,12 @@ from .config import Config
 from .configure import resume_config
 from .data import ImageSet
 from .data.sources import MAX_LISTED
-from .io import ensure_dir, save_array, save_bytes, save_json, save_text
+from .io import save_array, save_bytes, save_json
 from .limits import check_training
-from .rundir import (check_out, claimed_run_dir, finished_run, is_launched_child, mark_run, real_out, swap_in,
-                     unique_dir)
+from .rundir import check_out, claimed_run_dir, finished_run, open_work_dir, real_out, swap_in
 from .resolution import load_data, resolve, training_subset, view_spec
 from .scoring import compute_metrics
 from .train import Trainer, TrainResult, extract_features, make_fabric
-
-WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
-
 
 def fit_run(cfg: Config, *, overwrite: bool = False, fabric=None, images: ImageSet | None = None,
             started: float | None = None) -> dict[str, Any]:
@@ -74,11 +69,8 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     images = load_data(cfg.data) if images is None else images
     check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
     cfg = resolve(cfg, images, started)
-    work = _work_dir(out, overwrite, primary)
+    work = open_work_dir(out, overwrite=overwrite, primary=primary, config_text=cfg.to_yaml())
     try:
-        if primary:
-            mark_run(work)  # first thing: what makes the directory recognisable as the tool's
-            save_text(work / "config.yaml", cfg.to_yaml())
         metrics = _train(cfg, images, work, resume, fabric)
     except BaseException:
         if overwrite and primary:  # the rebuild this process made; the old run is untouched
@@ -87,18 +79,6 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     if overwrite and primary:
         swap_in(work, out)
     return metrics
-
-
-def _work_dir(out: Path, overwrite: bool, primary: bool) -> Path:
-    """The directory the run is written to: ``out``, or for ``--overwrite`` a rebuild beside it under
-    a name made unique here (``.OUT.partial-XXXXXXXX``: never a name of the user's). Launched ranks,
-    which write nothing, are told it by the environment."""
-    if not primary:
-        return Path(os.environ.get(WORK_ENV) or out)
-    work = unique_dir(out, "partial") if overwrite else out
-    ensure_dir(work)
-    os.environ[WORK_ENV] = str(work)
-    return work
 
 
 def _train(cfg: Config, images: ImageSet, work: Path, resume: bool, fabric) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .heads import OwnClusters
 from .io import append_text, ensure_dir, save_text, save_torch
-from .methods import DiscoveryContext, FeatureRequest, Method, Step, method_class, run_methods
+from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_network, run_methods
 from .nets import EmbeddingNet, sync_batchnorm
 from .views import BatchViews, ViewSpec, draw_generator
 
@@ -85,12 +85,6 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def build_network(cfg: Config, shape) -> EmbeddingNet:
-    """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained."""
-    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
-                        head=method_class(cfg.method).embedding_head)
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -542,7 +536,8 @@ class Trainer:
         if self.rank != 0:
             return
         path = self.out_dir / "log.jsonl"
-        if append is None:
+        if append is None:  # the run's start: its directory made if it is not there yet
+            ensure_dir(self.out_dir)
             save_text(path, "".join(json.dumps(r) + "\n" for r in history))
         else:
             append_text(path, json.dumps(append) + "\n")
@@ -553,9 +548,7 @@ class Trainer:
         t_start = time.perf_counter()
         epoch, history = self.start(resume)
         self.clock = (t_start, self.timing["train_seconds"])
-        if self.rank == 0:
-            ensure_dir(self.out_dir)
-            self._write_log(history)
+        self._write_log(history)
         ends, first = [], 0  # the run's epoch at which each method ends; the current one's first
         for place, method in enumerate(self.methods):
             t = self.begin(place)

@@ -14,6 +14,7 @@ import dataclasses
 
 from ..config import Config
 from ..errors import ConfigError
+from ..nets import EmbeddingNet
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
 from .dccm import Dccm
@@ -57,6 +58,13 @@ def option_flags() -> dict[str, tuple[str, str]]:
     return flags
 
 
+def build_network(cfg: Config, shape) -> EmbeddingNet:
+    """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained, with the configured
+    method's embedding head (``Method.embedding_head``)."""
+    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
+                        head=method_class(cfg.method).embedding_head)
+
+
 def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None, **net_info) -> Method:
     """The configured method for ``n_images`` training images; ``net_info``: ``tap_shapes``,
     ``shallow_layer`` (see ``Method.__init__``)."""
@@ -86,4 +94,4 @@ def run_methods(cfg: Config) -> dict[str, type[Method]]:
 
 
 __all__ = ["METHODS", "METHOD_HEAD", "STAGES", "DiscoveryContext", "FeatureRequest", "Method", "Step",
-           "build_method", "method_class", "option_flags", "run_methods", "stage_class"]
+           "build_method", "build_network", "method_class", "option_flags", "run_methods", "stage_class"]
