@@ -421,6 +421,16 @@ class EmbeddingNet(nn.Module):
         ``"backbone"`` (= its output) and ``"embedding"``."""
         return self.backbone.layer_names() + ["pre_relu", "backbone", "embedding"]
 
+    def tap_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every tap (one image of zeros through the network in eval mode), for
+        methods that size their own modules from it."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            taps = self.taps(torch.zeros(1, *self.input_shape), tuple(self.layer_names()))
+            self.train(was)
+        return {k: tuple(v.shape[1:]) for k, v in taps.items()}
+
     def taps(self, x: Tensor, names: tuple[str, ...] | list[str]) -> dict[str, Tensor]:
         """Several named outputs in one pass: backbone stages (their own shape, e.g. (B, C, H, W)),
         ``pre_relu`` (the flat backbone output before the last stage's closing ReLU: DeepCluster's

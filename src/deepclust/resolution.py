@@ -45,8 +45,6 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     n = len(images)
     if n < 2:
         raise DataError(f"data '{images.spec}' has {n} image(s); at least 2 are needed")
-    if identical_images(images.images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
-        raise DataError(f"all {n} images are identical: nothing to cluster")
     method = method_class(cfg.method)
     method.check_data(cfg.options, n)
     notes: dict = {}
@@ -74,6 +72,8 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
     the evidence goes to ``notes["n_clusters"]``); the head, features and eigenvector count from
     the method's ``defaults`` (chosen on the development data), the features from the stage the
     head adds to the run where it names the layer its head reads (``Method.cluster_features``)."""
+    if identical_images(images.images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
+        raise DataError(f"all {len(images)} images are identical: nothing to cluster")
     k = cl.n_clusters
     if k is None:
         k, notes["n_clusters"] = estimate_from_pixels(training_subset(data, images).images, seed=0)

@@ -13,7 +13,6 @@ atomic files, nothing lost). Here:
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from .data import ImageSet
 from .data.sources import MAX_LISTED
 from .io import save_array, save_bytes, save_json
 from .limits import check_training
-from .rundir import check_out, claimed_run_dir, finished_run, open_work_dir, real_out, swap_in
+from .rundir import check_out, claimed_run_dir, finished_run, real_out, work_dir
 from .resolution import load_data, resolve, training_subset, view_spec
 from .scoring import compute_metrics
 from .train import Trainer, TrainResult, extract_features, make_fabric
@@ -69,16 +68,8 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     images = load_data(cfg.data) if images is None else images
     check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
     cfg = resolve(cfg, images, started)
-    work = open_work_dir(out, overwrite=overwrite, primary=primary, config_text=cfg.to_yaml())
-    try:
-        metrics = _train(cfg, images, work, resume, fabric)
-    except BaseException:
-        if overwrite and primary:  # the rebuild this process made; the old run is untouched
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if overwrite and primary:
-        swap_in(work, out)
-    return metrics
+    with work_dir(out, overwrite=overwrite, primary=primary, config_text=cfg.to_yaml()) as work:
+        return _train(cfg, images, work, resume, fabric)
 
 
 def _train(cfg: Config, images: ImageSet, work: Path, resume: bool, fabric) -> dict[str, Any]:

@@ -207,7 +207,7 @@ class Trainer:
         self.cluster_heads, classes = list(run), list(run.values())  # what reads each one's own clusters
         self.net = build_network(cfg, (c, h, w))
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
-        shapes = self._tap_shapes()
+        shapes = self.net.tap_shapes()
         info = {"tap_shapes": shapes, "shallow_layer": self.net.shallow_layer}
         dims = {k: int(np.prod(v)) for k, v in shapes.items()}
         self.methods: list[Method] = [classes[0](cfg, n, dims, **info)]
@@ -224,16 +224,6 @@ class Trainer:
     def method(self) -> Method:
         """The configured method, the run's first."""
         return self.methods[0]
-
-    def _tap_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-sample shape of every tap, for methods that size their own modules from it."""
-        with torch.no_grad():
-            was = self.net.training
-            self.net.eval()
-            x = torch.zeros(1, *self.data_cpu.shape[1:])
-            taps = self.net.taps(x, tuple(self.net.layer_names()))
-            self.net.train(was)
-        return {k: tuple(v.shape[1:]) for k, v in taps.items()}
 
     # -- collectives -----------------------------------------------------------------------------
     @property

@@ -61,8 +61,8 @@ def option_flags() -> dict[str, tuple[str, str]]:
 def build_network(cfg: Config, shape) -> EmbeddingNet:
     """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained, with the configured
     method's embedding head (``Method.embedding_head``)."""
-    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
-                        head=method_class(cfg.method).embedding_head)
+    head = method_class(cfg.method).embedding_head
+    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel, head=head)
 
 
 def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None, **net_info) -> Method:
