@@ -27,7 +27,7 @@ from conftest import KILL_EPOCH, METHOD_SMOKE, PHASE_SMOKE, ROOT, smoke_layer
 from deepclust.config import merge_layers
 from deepclust.configure import build_config
 from deepclust.methods import METHODS, stage_class
-from deepclust.runs import fit_run
+from deepclust.runs import fit_run, resume_run
 
 ALL = sorted(METHODS) + sorted(PHASE_SMOKE)
 WORKER = str(ROOT / "tests" / "_workers.py")
