@@ -134,6 +134,61 @@ def test_factorised_discriminator_equals_the_plain_one_with_its_gradients():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def _pair_scores_case(seed: int = 2, width: int = 16):
+    torch.manual_seed(seed)
+    disc = LocalDiscriminator(5, 7, width=width)
+    deep = torch.randn(4, 7, requires_grad=True)
+    shallow = torch.randn(6, 5, 3, 3, requires_grad=True)
+    positives = torch.tensor([[0, 2], [1, 3], [2, 5], [3, 0]])
+    negatives = torch.tensor([[4, 5], [0, 2], [0, 1], [1, 2]])
+    return disc, deep, shallow, positives, negatives
+
+
+def test_the_pair_scores_backward_can_run_twice_and_a_clobbered_one_fails_loudly():
+    """PairScores keeps its intermediates in buffers reused from step to step: a retained graph gives
+    the same gradients twice (the backward writes nothing it saved), and a second forward before the
+    first's backward makes that backward fail autograd's version check instead of giving a gradient
+    of the second batch's intermediates."""
+    disc, deep, shallow, positives, negatives = _pair_scores_case()
+    params = [deep, shallow, *disc.parameters()]
+    loss = mi_loss(disc, deep, shallow, positives, negatives).sum()
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    stale = mi_loss(disc, deep, shallow, positives, negatives).sum()
+    mi_loss(disc, deep, shallow.detach() * 2, positives, negatives).sum()  # the same buffers, written again
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(stale, params)
+
+
+def test_the_pair_scores_reuse_their_buffers_from_step_to_step():
+    """The buffers are made once for the most pairs a batch can have: a later batch with fewer valid
+    pairs (-1 entries) writes into the same memory (a fresh allocation of that size is new pages from
+    the system every step, which costs about as much as the arithmetic on them)."""
+    disc, deep, shallow, positives, negatives = _pair_scores_case()
+    mi_loss(disc, deep, shallow, positives, negatives).sum().backward()
+    before = {k: v.data_ptr() for k, v in disc.workspace.buffers.items()}
+    assert set(before) == {"h1", "h2", "grad_h1", "grad_h2"}
+    fewer = negatives.clone()
+    fewer[1] = -1
+    mi_loss(disc, deep, shallow, positives, fewer).sum().backward()
+    assert {k: v.data_ptr() for k, v in disc.workspace.buffers.items()} == before
+
+
+def test_the_pair_scores_follow_autocast_in_bf16():
+    """Under bf16 autocast the pairs are scored in bf16, as the convolutions they replace would be:
+    the terms stay within bf16's rounding of the float32 ones (8 bits of mantissa: 2^-8 relative per
+    operation, a few of them in a row), and every gradient comes back in its parameter's dtype."""
+    disc, deep, shallow, positives, negatives = _pair_scores_case(width=32)
+    want = mi_loss(disc, deep, shallow, positives, negatives)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mi_loss(disc, deep, shallow, positives, negatives)
+    torch.testing.assert_close(got, want.detach(), rtol=0.05, atol=0.02)
+    got.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in [deep, shallow, *disc.parameters()])
+
+
 def test_mi_estimate_tells_true_pairs_from_shuffled_ones_after_a_few_steps():
     """Deep features that carry the shallow map's information: the discriminator learns to score
     true pairs above shuffled ones, so -loss (the MI estimate) of true pairs rises above its value
