@@ -6,9 +6,10 @@ batch, interleaved in one process: the ratios hold on a busy host where absolute
 
 The DCCM step is the trainer's own (``Trainer.step``: views, forward, ``batch_loss``, backward,
 optimiser step) on the configuration ``benchmarks/throughput.py`` runs (the method's defaults, views
-from the data). Its parts are timed in a second, instrumented copy of the step:
- - views: ``Trainer._views`` (the batch's augmentation on tensors);
- - forward: the network and the head, every view in one pass;
+from the data). Its parts are timed in a second run of the step with what it calls wrapped (``step``:
+that run whole, with the discriminator's own backward, which the plain run does not make):
+ - views: the batch's augmentation on tensors (``BatchViews.apply`` / ``plain``);
+ - forward: the network's taps and the head, every view in one pass;
  - structure: the pseudo-graph and pseudo-labels of the batch, and the MI pairs (Eq 2, 7-8, Table 6);
  - losses: Eq 3 and Eq 9 terms (graph and label), forward;
  - discriminator: Eq 14's forward (``mi_loss``);
@@ -66,70 +67,66 @@ class Clock:
             self.spent[name] = self.spent.get(name, 0.0) + now() - t0
 
 
-def instrument(clock: Clock, stash: dict):
-    """Wrap the functions ``methods/dccm.py`` calls so each call is timed under its part; ``mi_loss``'s
-    inputs and output are kept for the discriminator's own backward."""
+def _wrap(obj, name: str, clock: Clock, part: str, saved: list, before=None) -> None:
+    """Time every call of ``obj.name`` under ``part`` (set on the instance, removed by the restore);
+    ``before()`` runs first, outside the part."""
+    fn = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        if before is not None:
+            before()
+        with clock.part(part):
+            return fn(*args, **kwargs)
+    setattr(obj, name, wrapper)
+    saved.append((obj, name, fn))
+
+
+def instrument(clock: Clock, stash: dict, trainer, t):
+    """Wrap what ``Trainer.step`` calls (the views, the network's taps and the method's head, the
+    functions ``methods/dccm.py`` calls, the backward, the optimiser's step) so each call is timed
+    under its part; before the backward, the gradient of the MI term to the discriminator and its
+    inputs is timed on its own (``discriminator_backward``, the graph retained). Returns the restore."""
+    import types
+
     from deepclust.methods import dccm
 
-    def timed(fn, part):
-        def wrapper(*args, **kwargs):
-            with clock.part(part):
-                return fn(*args, **kwargs)
-        return wrapper
+    saved: list = []
+    for name in ("apply", "plain"):
+        _wrap(trainer.views, name, clock, "views", saved)
+    _wrap(trainer.net, "taps", clock, "forward", saved)
+    _wrap(t.method, "forward", clock, "forward", saved)
+    for name, part in (("pseudo_graph", "structure"), ("pseudo_labels", "structure"), ("mi_pairs", "structure"),
+                       ("graph_loss", "losses"), ("label_loss", "losses")):
+        _wrap(dccm, name, clock, part, saved)
+    similarity, mi = dccm.prediction_similarity, dccm.mi_loss
 
-    def mi(fn):
-        def wrapper(disc, deep, shallow_all, *rest):
-            with clock.part("discriminator"):
-                out = fn(disc, deep, shallow_all, *rest)
-            stash.update(mi=out, inputs=[deep, shallow_all, *disc.parameters()])
-            return out
-        return wrapper
+    def timed_similarity(*args, **kwargs):  # without gradient: the graph's; with it: the loss's
+        with clock.part("losses" if torch.is_grad_enabled() else "structure"):
+            return similarity(*args, **kwargs)
 
-    parts = {"prediction_similarity": None, "pseudo_graph": "structure", "pseudo_labels": "structure",
-             "mi_pairs": "structure", "graph_loss": "losses", "label_loss": "losses"}
-    saved = {}
-    for name, part in parts.items():
-        if hasattr(dccm, name):
-            saved[name] = getattr(dccm, name)
-            if name == "prediction_similarity":  # without gradient: the graph's; with it: the loss's
-                fn = saved[name]
+    def timed_mi(disc, deep, shallow_all, *rest):
+        with clock.part("discriminator"):
+            out = mi(disc, deep, shallow_all, *rest)
+        stash.update(mi=out, inputs=[deep, shallow_all, *disc.parameters()])
+        return out
 
-                def similarity(*args, _fn=fn, **kwargs):
-                    with clock.part("losses" if torch.is_grad_enabled() else "structure"):
-                        return _fn(*args, **kwargs)
-                setattr(dccm, name, similarity)
+    def discriminator_backward():
+        if "mi" in stash:
+            with clock.part("discriminator_backward"):
+                torch.autograd.grad(t.method.options.beta * stash.pop("mi").sum() / trainer.cfg.optim.batch_size,
+                                    stash.pop("inputs"), retain_graph=True)
+    dccm.prediction_similarity, dccm.mi_loss = timed_similarity, timed_mi
+    saved += [(dccm, "prediction_similarity", similarity), (dccm, "mi_loss", mi)]
+    _wrap(trainer.fabric, "backward", clock, "backward", saved, before=discriminator_backward)
+    _wrap(t.optimizer, "step", clock, "optimiser", saved)
+
+    def restore():
+        for obj, name, fn in reversed(saved):
+            if isinstance(obj, types.ModuleType):
+                setattr(obj, name, fn)
             else:
-                setattr(dccm, name, timed(saved[name], part))
-    saved["mi_loss"] = dccm.mi_loss
-    dccm.mi_loss = mi(dccm.mi_loss)
-    return lambda: [setattr(dccm, k, v) for k, v in saved.items()]
-
-
-def instrumented_step(trainer, t, epoch: int, step: int, gidx, clock: Clock, stash: dict) -> None:
-    """``Trainer.step`` with a clock around each part (the same calls, in the same order)."""
-    from deepclust.methods import Step
-
-    method = t.method
-    part = trainer._slices(len(gidx))[trainer.rank]
-    idx = gidx[part]
-    with clock.part("views"):
-        x, sizes, extra = trainer._views(method, epoch, step, gidx, part, trainer.data[idx])
-    with clock.part("forward"):
-        out = t.model(x)
-        outputs = [dict(zip(out, vals)) for vals in zip(*(v.split(sizes) for v in out.values()))]
-    s = Step(epoch=epoch, step=step, idx=idx, gidx=gidx, positions=part, outputs=outputs, bank=None,
-             world=1, extra_rows=extra)
-    per_sample = method.batch_loss(s)
-    loss = per_sample.float().sum() / len(gidx)
-    if "mi" in stash:
-        with clock.part("discriminator_backward"):
-            mi = stash.pop("mi")
-            torch.autograd.grad(method.options.beta * mi.sum() / len(gidx), stash.pop("inputs"), retain_graph=True)
-    t.optimizer.zero_grad(set_to_none=True)
-    with clock.part("backward"):
-        trainer.fabric.backward(loss)
-    with clock.part("optimiser"):
-        t.optimizer.step()
+                delattr(obj, name)
+    return restore
 
 
 def plain_parts(net, images: np.ndarray, transform, batch: int, temperature: float, lr: float):
@@ -210,7 +207,7 @@ def main(argv=None) -> None:
         fetch, plain_step = plain_parts(trainer.net, images.images, transform, cfg.optim.batch_size,
                                         cfg.memory.temperature, cfg.optim.lr)
         clock, stash = Clock(), {}
-        rows = {k: [] for k in ("dccm_step", "plain_step", "plain_data", *PARTS)}
+        rows = {k: [] for k in ("dccm_step", "plain_step", "plain_data", *PARTS, "step")}
         for i in range(args.steps + 2):  # the first two warm up
             gidx = batches[i % len(batches)]
             t0 = now()
@@ -219,16 +216,17 @@ def main(argv=None) -> None:
             x, idx, data_seconds = fetch()
             plain = plain_step(x, idx)
             clock.spent = {}
-            restore = instrument(clock, stash)
+            restore = instrument(clock, stash, trainer, t)
             try:
-                instrumented_step(trainer, t, 0, i, gidx, clock, stash)
+                with clock.part("step"):
+                    trainer.step(t, 0, i, gidx)
             finally:
                 restore()
             if i >= 2:
                 rows["dccm_step"].append(dccm)
                 rows["plain_step"].append(plain)
                 rows["plain_data"].append(data_seconds)
-                for k in PARTS:
+                for k in (*PARTS, "step"):
                     rows[k].append(clock.spent.get(k, 0.0))
     med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
     plain, with_data = med["plain_step"], med["plain_step"] + med["plain_data"]
