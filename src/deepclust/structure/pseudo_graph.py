@@ -40,6 +40,36 @@ def pseudo_labels(probabilities: Tensor, threshold: float = 0.9) -> tuple[Tensor
 
 
 @dataclass(frozen=True)
+class BlockGraph:
+    """The pseudo-graph (Eq 2) and pseudo-labels (Eq 7-8) of a block of images predicted at once, for
+    the authors' per-block schedule (Cory-M/DCCM main.py ``train``: ``comp_simi`` and ``mask`` of the
+    block's predictions once, then every mini-batch of the block's repeated passes indexes them,
+    ``mask[address,:][:,address]``). Made once per block (``of``); a mini-batch only indexes it."""
+
+    where: Tensor  # (N,) int64: each image's row in the block, -1 outside it
+    similarity: Tensor  # (n, n) float32 cosine of the block's predictions (Sec 3.1)
+    graph: Tensor  # (n, n) bool, Eq 2
+    labels: Tensor  # (n,) int64, Eq 7
+    confident: Tensor  # (n,) bool, Eq 8
+
+    @classmethod
+    def of(cls, probabilities: Tensor, rows: Tensor, n_images: int, graph_threshold: float,
+           label_threshold: float) -> "BlockGraph":
+        """From the block's predictions ``probabilities`` (n, K) of the images ``rows`` (n,) of N."""
+        where = torch.full((n_images,), -1, dtype=torch.int64, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        similarity = prediction_similarity(probabilities)
+        labels, confident = pseudo_labels(probabilities, label_threshold)
+        return cls(where, similarity, pseudo_graph(similarity, graph_threshold), labels, confident)
+
+    def batch(self, gidx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(graph (B, B), similarity (B, B), labels (B,), confident (B,)) of a global batch of the
+        block's images (dataset indices ``gidx``)."""
+        at = self.where[gidx]
+        return self.graph[at][:, at], self.similarity[at][:, at], self.labels[at], self.confident[at]
+
+
+@dataclass(frozen=True)
 class MiPairs:
     """For each local anchor row: its positive partner (an index of the global batch, -1: none) and
     ``negatives`` partners (global indices, -1: none), chosen from the pseudo-graph."""
