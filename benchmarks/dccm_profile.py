@@ -16,9 +16,10 @@ that run whole, with the discriminator's own backward, which the plain run does 
  - discriminator backward: the gradient of beta * Eq 14 to the discriminator and its two inputs;
  - backward: the whole loss's backward (the discriminator's again, with the network);
  - optimiser: the step.
-The plain step (what ``throughput.py``'s plain loop does per batch, on a pre-made view): forward of one
-view, the instance-discrimination loss over an N x D bank, backward, SGD step, bank update; and,
-apart, the per-image PIL + torchvision transforms its DataLoader spends on a batch (0 workers).
+The plain step (what ``throughput.py``'s plain loop does per batch, on pre-made views, as many as
+the method class's ``n_views`` or ``--plain-views``): forward of each view, the instance-
+discrimination loss over an N x D bank, backward, SGD step, bank update; and, apart, the per-image
+PIL + torchvision transforms its DataLoader spends on a batch (0 workers).
 Medians over ``--steps`` repetitions, the steps of the three kinds interleaved. ``--clock cpu`` (the
 default) reads the process's CPU time, which other work on a shared host disturbs far less than the
 wall clock (run it with OMP_NUM_THREADS=1 there: threads waiting for a busy core spin on CPU time);
@@ -129,30 +130,30 @@ def instrument(clock: Clock, stash: dict, trainer, t):
     return restore
 
 
-def plain_parts(net, images: np.ndarray, transform, batch: int, temperature: float, lr: float):
-    """The plain loop's step (throughput.plain_loop's body) on a pre-made view, and its data time."""
+def plain_parts(net, images: np.ndarray, transform, batch: int, temperature: float, lr: float, n_views: int):
+    """The plain loop's step (throughput.plain_loop's body) on pre-made views, and its data time."""
     net = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     bank = F.normalize(torch.randn(len(images), net.dim), dim=1)
-    data = PlainImages(images, transform, 1)
+    data = PlainImages(images, transform, n_views)
     rng = np.random.default_rng(0)
 
     def fetch():
         chosen = rng.choice(len(images), batch, replace=False)
         t0 = now()
         items = [data[int(i)] for i in chosen]
-        x = torch.stack([v for v, _ in items])
-        return x, torch.as_tensor(chosen), now() - t0
+        views = [torch.stack([item[v] for item in items]) for v in range(n_views)]
+        return views, torch.as_tensor(chosen), now() - t0
 
-    def step(x, idx):
+    def step(views, idx):
         t0 = now()
-        emb = net(x)
-        loss = F.cross_entropy(emb @ bank.t() / temperature, idx)
+        embs = [net(v) for v in views]
+        loss = sum(F.cross_entropy(e @ bank.t() / temperature, idx) for e in embs) / len(embs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
-            bank[idx] = F.normalize(0.5 * bank[idx] + 0.5 * emb.detach(), dim=1)
+            bank[idx] = F.normalize(0.5 * bank[idx] + 0.5 * embs[0].detach(), dim=1)
         return now() - t0
 
     return fetch, step
@@ -165,6 +166,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--clock", choices=sorted(NOW), default="cpu", help="cpu: process CPU time (default); wall")
+    p.add_argument("--plain-views", type=int, help="views per image of the plain step (default: the method "
+                                                   "class's n_views, as throughput.py's plain loop)")
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE configuration overrides (YAML values)")
     return p.parse_args(argv)
 
@@ -204,8 +207,11 @@ def main(argv=None) -> None:
         cfg, trainer, t, images = build(args, Path(tmp))
         batches = t.method.batches(0, trainer.n, cfg.optim.batch_size, cfg.train.seed)
         transform = torchvision_views(view_spec_of(cfg), images.channels, images.image_size)
+        from deepclust.methods import METHODS
+
+        plain_views = args.plain_views or int(getattr(METHODS["dccm"], "n_views", 1))
         fetch, plain_step = plain_parts(trainer.net, images.images, transform, cfg.optim.batch_size,
-                                        cfg.memory.temperature, cfg.optim.lr)
+                                        cfg.memory.temperature, cfg.optim.lr, plain_views)
         clock, stash = Clock(), {}
         rows = {k: [] for k in ("dccm_step", "plain_step", "plain_data", *PARTS, "step")}
         for i in range(args.steps + 2):  # the first two warm up
@@ -232,7 +238,7 @@ def main(argv=None) -> None:
     plain, with_data = med["plain_step"], med["plain_step"] + med["plain_data"]
     print(json.dumps({
         "settings": {"data": args.data, "backbone": args.backbone, "batch_size": cfg.optim.batch_size,
-                     "views": t.method.views_at(0), "options": vars(cfg.options), "steps": args.steps, "clock": args.clock,
+                     "views": t.method.views_at(0), "options": vars(cfg.options), "steps": args.steps, "clock": args.clock, "plain_views": plain_views,
                      "threads": torch.get_num_threads()},
         "median_ms": {k: round(v, 1) for k, v in med.items()},
         "ratio_to_plain_step": {k: round(v / plain, 2) for k, v in med.items()},

@@ -145,6 +145,9 @@ class DccmOptions:
 class Dccm(Method):
     name = "dccm"
     Options = DccmOptions
+    # the views of the default options, the original and its transformation (an instance sets its own
+    # from its options): what benchmarks/throughput.py's plain loop makes per image for this method
+    n_views = 2
     uses_bank = False
     embedding_head = False
     # DCCM reads its clusters off its own head (Eq 7): the method's head is the default.
