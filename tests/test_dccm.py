@@ -467,3 +467,23 @@ def test_the_block_schedule_is_refused_by_a_time_budget_and_checks_its_epochs(tm
     assert method_schedule(build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x")))(3) == (3, 3, 0)
     with pytest.raises(ConfigError, match="block_epochs"):
         build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x", options={**BLOCK, "block_epochs": 3}))
+
+
+def test_v4_partners_are_each_rows_most_similar_chosen_pair_whatever_the_write_order():
+    """V4 (top-n pairs): a row in several of the chosen pairs keeps its most similar partner; the
+    choice is a mask and a max per row, the same on any device (writes of several pairs to one entry
+    have no defined order on CUDA). Against an independent loop over the chosen pairs."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(16, 3, generator=g) * 4, dim=1)
+    sim = prediction_similarity(p)
+    graph = pseudo_graph(sim, 0.9)
+    got = mi_pairs(graph, sim, torch.arange(16), torch.Generator().manual_seed(0), "topn-random", 1).positive
+    allowed = sorted(((float(sim[i, j]), i, j) for i in range(16) for j in range(i + 1, 16) if graph[i, j]), reverse=True)
+    pairs = allowed[:16]  # n = the batch size
+    want = [-1] * 16
+    for i in range(16):
+        mine = [(s, j if a == i else a) for s, a, j in pairs if i in (a, j)]
+        want[i] = max(mine)[1] if mine else -1
+    assert got.tolist() == want
+    per_row = [sum(i in (a, j) for _, a, j in pairs) for i in range(16)]
+    assert len(allowed) > 16 and max(per_row) >= 3 and -1 in want  # rows in several pairs, rows in none
