@@ -134,7 +134,9 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     The keyword parameters are the command line's flags of the same name (``epochs`` is ``--epochs``,
     ``batch_size`` ``--batch-size``; :data:`OPTION_KEYS`), each None when not given (then the
     ``config=`` preset's value, else the default); ``rounds``, ``neighbours`` and ``curriculum`` are
-    the method's own (AND's; PCP's ``rounds`` and PAD's ``neighbours`` too). ``config``: a preset name
+    the method's own (AND's; PCP's ``rounds`` and PAD's ``neighbours`` too); ``store``: the directory of
+    the image store a fit streams from when the images do not fit in memory (``--store``; written
+    once, reused while they are unchanged). ``config``: a preset name
     or YAML file under them; ``settings``: any other option by its dotted name, as the command line's
     ``--set`` (``{"optim.weight_decay": 1e-4, "options.gamma": 0.3}``), over them.
     Every parameter is checked by the one validator when given: ``Clusterer(...)`` and
@@ -147,7 +149,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def __init__(self, method: str | None = None, n_clusters: int | str | None = None, *,
                  data: str | None = None, split: str | None = None, resize: int | None = None,
-                 root: str | None = None, download: bool | None = None,
+                 root: str | None = None, download: bool | None = None, store: str | None = None,
                  epochs: int | None = None, budget: str | None = None, seed: int | None = None,
                  devices: int | None = None, num_nodes: int | None = None, accelerator: str | None = None,
                  precision: str | None = None, threads: int | None = None, progress: bool | None = None,

@@ -120,6 +120,9 @@ def _parser() -> _Parser:
     f.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
     f.add_argument("--resize", help="resize every image to SIDE x SIDE (for folders of mixed sizes)")
     f.add_argument("--root", help="dataset cache directory (default ~/.cache/deepclust)")
+    f.add_argument("--store", help="directory of the image store a run streams from when its images do not fit "
+                                   "in memory (written once, reused while the data is unchanged; "
+                                   "default ROOT/stores/NAME)")
     f.add_argument("--epochs", help="training epochs (AND: epochs per round; default: fitted to --budget)")
     f.add_argument("--budget", help="time budget when --epochs is not given, e.g. 10m, 90s, 1h30m (default 10m): "
                                     "epochs and an auto backbone are chosen by measuring this machine")

@@ -133,6 +133,8 @@ class DataConfig:
     root: str = "~/.cache/deepclust"  # where torchvision datasets are kept / downloaded
     download: bool = False
     resize: int | None = option(None, low=4)  # resize every image to a square side (mixed sizes)
+    store: str | None = None  # where the image store lives when the images are streamed from disk (they do
+                              # not fit the memory a run may use: datapath.py); None: under root/stores/
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ class Config:
 SHORT_OPTIONS: dict[str, str] = {
     "method": "method", "n_clusters": "cluster.n_clusters",
     "data": "data.spec", "split": "data.split", "resize": "data.resize", "root": "data.root",
-    "download": "data.download",
+    "download": "data.download", "store": "data.store",
     "epochs": "train.epochs", "budget": "train.budget", "seed": "train.seed", "devices": "train.devices",
     "num_nodes": "train.num_nodes", "accelerator": "train.accelerator", "precision": "train.precision",
     "threads": "train.threads", "progress": "train.progress",

@@ -13,12 +13,19 @@ evidence of each automatic choice (``Config.resolution``), into one frozen Confi
    given.
 The resolved configuration is what ``config.yaml`` holds: resolving it again changes nothing and
 measures nothing.
+
+Images streamed from a store (``datapath.py``: ``ImageSet.in_memory`` is False) are never read whole
+here: whether they are all identical is the store's record, the views are chosen from the same seeded
+sample ``view_rules`` reads, and K is estimated from the pixels of a seeded sample of
+:data:`PIXEL_SAMPLE` images (all of them up to that many: then the same K as in memory).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+
+import numpy as np
 
 from . import budget, view_rules
 from .config import VIEW_FIELDS, ClusterConfig, Config, DataConfig, NetConfig, ViewsConfig, validate
@@ -29,6 +36,8 @@ from .nets import EmbeddingNet, default_backbone
 from .rundir import is_launched_child
 from .structure.n_clusters import estimate_from_pixels, identical_images
 from .views import VIEW_PRESETS, ViewSpec
+
+PIXEL_SAMPLE = 10_000  # streamed images K is estimated from (estimate_n_clusters reads at most as many)
 
 
 def load_data(data: DataConfig, spec: str | None = None) -> ImageSet:
@@ -72,11 +81,14 @@ def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: Da
     the evidence goes to ``notes["n_clusters"]``); the head, features and eigenvector count from
     the method's ``defaults`` (chosen on the development data), the features from the stage the
     head adds to the run where it names the layer its head reads (``Method.cluster_features``)."""
-    if identical_images(images.images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
+    if _identical(images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
         raise DataError(f"all {len(images)} images are identical: nothing to cluster")
     k = cl.n_clusters
     if k is None:
-        k, notes["n_clusters"] = estimate_from_pixels(training_subset(data, images).images, seed=0)
+        train = training_subset(data, images)
+        k, notes["n_clusters"] = estimate_from_pixels(pixel_sample(train, PIXEL_SAMPLE), seed=0)
+        if not train.in_memory and len(train) > PIXEL_SAMPLE:
+            notes["n_clusters"]["pixels_of"] = f"a seeded sample of {PIXEL_SAMPLE} of the {len(train)} streamed images"
     if k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     head, features, eigenvectors = defaults
@@ -108,7 +120,8 @@ def _resolve_views(views: ViewsConfig, images: ImageSet, notes: dict) -> ViewsCo
     given = {f: getattr(views, f) for f in VIEW_FIELDS}
     preset = views.preset
     if preset == "auto":
-        chosen, notes["views"] = view_rules.choose_views(images.images)
+        chosen, notes["views"] = view_rules.choose_views(pixel_sample(images, view_rules.SAMPLE_SIZE))
+        notes["views"]["n_images"] = len(images)
         preset = notes["views"]["preset"]
         given.update({f: v for f, v in chosen.items() if given[f] is None})
     spec = VIEW_PRESETS[preset]
@@ -152,3 +165,16 @@ def view_spec(views: ViewsConfig) -> ViewSpec:
     given = {f: getattr(views, f) for f in VIEW_FIELDS}
     return dataclasses.replace(VIEW_PRESETS[views.preset],
                                **{f: tuple(v) if isinstance(v, list) else v for f, v in given.items()})
+
+
+def _identical(images: ImageSet) -> bool:
+    return identical_images(images.images) if images.in_memory else images.images.identical()
+
+
+def pixel_sample(images: ImageSet, size: int, seed: int = 0) -> np.ndarray:
+    """The images held in memory; of streamed ones, a seeded sample of ``size`` in dataset order: the
+    sample ``view_rules`` draws (all images up to ``size``)."""
+    if images.in_memory:
+        return images.images
+    n = len(images)
+    return images.images[np.sort(np.random.default_rng(seed).choice(n, size=min(n, size), replace=False))]

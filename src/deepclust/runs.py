@@ -13,6 +13,7 @@ atomic files, nothing lost). Here:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,12 +24,13 @@ from safetensors.torch import save
 
 from .config import Config
 from .configure import resume_config
+from .datapath import describe as describe_path
+from .datapath import open_data
 from .data import ImageSet
 from .data.sources import MAX_LISTED
 from .io import save_array, save_bytes, save_json
-from .limits import check_training
-from .rundir import check_out, claimed_run_dir, finished_run, real_out, work_dir
-from .resolution import load_data, resolve, training_subset, view_spec
+from .rundir import check_out, claimed_run_dir, finished_run, is_launched_child, real_out, work_dir
+from .resolution import resolve, training_subset, view_spec
 from .scoring import compute_metrics
 from .train import Trainer, TrainResult, extract_features, make_fabric
 
@@ -65,9 +67,11 @@ def resume_run(request: Config, *, given: dict | None = None, fabric=None,
 
 def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary: bool,
          images: ImageSet | None, started: float) -> dict[str, Any]:
-    images = load_data(cfg.data) if images is None else images
-    check_training(cfg, len(images), images.channels, *images.image_size)  # before any allocation
+    images, path = open_data(cfg, images)  # in memory or streamed from a store
     cfg = resolve(cfg, images, started)
+    cfg = dataclasses.replace(cfg, resolution={**cfg.resolution, "data": path})
+    if not is_launched_child():  # which, and why: once the run is sure to start
+        print(f"deepclust: {describe_path(path)}", file=sys.stderr)
     with work_dir(out, overwrite=overwrite, primary=primary, config_text=cfg.to_yaml()) as work:
         return _train(cfg, images, work, resume, fabric)
 

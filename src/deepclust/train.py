@@ -4,7 +4,9 @@ discovers structure, then trains on it (``methods/base.py`` has the contract eve
 
 Written out explicitly so the algorithm reads plainly; Lightning Fabric underneath handles devices,
 DDP launch, precision and collectives. One process per device; every process holds the whole
-dataset (uint8, on its device) and, for memory-bank methods, the whole bank.
+dataset (uint8, on its device) -- or, when it does not fit, reads its rows of each batch from a store
+on disk ahead of the step (``imagesource.py``; the same rows either way) -- and, for memory-bank
+methods, the whole bank.
 
 What one process equals N processes (``--devices N``), up to float rounding:
  - the epoch's batches and every augmentation draw come from generators seeded by (seed, epoch,
@@ -42,9 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config, EvalConfig, TrainConfig
+from .durations import format_seconds
 from .errors import ConfigError, DataError
 from .evaluate import knn_top1
 from .heads import OwnClusters
+from .imagesource import image_source, images_to_tensor
 from .io import append_text, ensure_dir, save_text, save_torch
 from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_network, run_methods
 from .nets import EmbeddingNet, sync_batchnorm
@@ -87,12 +91,6 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def images_to_tensor(images: np.ndarray) -> Tensor:
-    """uint8 (N,H,W) or (N,H,W,3) -> uint8 tensor (N,C,H,W)."""
-    t = torch.from_numpy(np.ascontiguousarray(images))
-    if t.ndim == 3:
-        return t[:, None]
-    return t.permute(0, 3, 1, 2).contiguous()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -186,7 +184,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains the run's methods (``cfg.method``, then those the configuration adds) on uint8 images.
+    """Trains the run's methods (``cfg.method``, then those the configuration adds) on uint8 images
+    (an array, or a store's images read on demand: ``imagesource.image_source``).
     ``labels`` are optional and only feed diagnostics.
 
     Its public steps, which :meth:`fit` strings together and the time budget times one at a time
@@ -199,8 +198,8 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.fabric = fabric if fabric is not None else make_fabric(cfg.train)
         self.labels = labels
-        self.data_cpu = images_to_tensor(images)
-        n, c, h, w = self.data_cpu.shape
+        self.images = image_source(images)
+        n, c, h, w = self.images.shape
         self.n = n
         torch.manual_seed(cfg.train.seed)
         run = run_methods(cfg)
@@ -219,6 +218,7 @@ class Trainer:
         self.saved_optimizers: dict[str, Any] = {}  # name -> optimiser state read from a checkpoint
         # cumulative over a resumed run (checkpointed); ``steps`` drives the per-step rate schedules
         self.timing = {"train_seconds": 0.0, "step_seconds": 0.0, "images_seen": 0, "steps": 0}
+        self.epoch_seconds: list[float] = []  # this process's last epochs (discovery included), for the bar
 
     @property
     def method(self) -> Method:
@@ -332,13 +332,14 @@ class Trainer:
             params = self.views.sample_params(self.n, draw_generator(self.cfg.train.seed, epoch, 9_000_011)) \
                 if augmented else None
             parts: dict[str, list[Tensor]] = {t: [] for t in taps}
-            for block in torch.split(rows, PASS_BATCH):
-                x = self.data[block.to(device)]
-                x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
-                with self.fabric.autocast():
-                    got = method.forward(self.net.taps(x, net_taps))  # network taps + the method's outputs
-                for t in taps:
-                    parts[t].append(got[t].float())
+            blocks = list(torch.split(rows, PASS_BATCH))
+            with contextlib.closing(self.images.reader(blocks)) as reader:
+                for block, x in zip(blocks, reader):
+                    x = self.views.apply(x, params[block].to(device)) if augmented else self.views.plain(x)
+                    with self.fabric.autocast():
+                        got = method.forward(self.net.taps(x, net_taps))  # network taps + the method's outputs
+                    for t in taps:
+                        parts[t].append(got[t].float())
             for t in taps:
                 out[FeatureRequest(t, augmented)] = self._gather_rows(torch.cat(parts[t]), self.n)
         self.net.train(was)
@@ -347,7 +348,7 @@ class Trainer:
 
     def _context(self, method: Method, epoch: int, passes) -> DiscoveryContext:
         return DiscoveryContext(epoch=epoch, n_images=self.n, seed=self.cfg.train.seed, device=self.fabric.device,
-                                bank=method.bank, passes=passes, images=self.data)
+                                bank=method.bank, passes=passes, images=self.images.tensor)
 
     def discover(self, t: Training, epoch: int, record: dict[str, Any] | None = None) -> None:
         """The method's structure discovery of its ``epoch``: full passes on every rank, ``discover``
@@ -399,14 +400,20 @@ class Trainer:
                 images.append(make(v, batch[rows], local[extra.cpu()] if extra is not None else local))
         return torch.cat(images) if n_views > 1 else images[0], [len(t) for t in images], extra
 
-    def step(self, t: Training, epoch: int, step: int, gidx: Tensor) -> Tensor:
+    def local_rows(self, gidx: Tensor) -> Tensor:
+        """This rank's rows of the global batch ``gidx`` (its contiguous slice)."""
+        return gidx[self._slices(len(gidx))[self.rank]]
+
+    def step(self, t: Training, epoch: int, step: int, gidx: Tensor, batch: Tensor | None = None) -> Tensor:
         """One optimiser step of the method's ``epoch`` on the global batch ``gidx`` (this rank's
-        slice): views, forward, loss, backward, step, ``after_step``. Returns the local loss sum."""
+        slice): views, forward, loss, backward, step, ``after_step``. Returns the local loss sum.
+        ``batch``: this rank's images of it, read ahead (``imagesource``); None: read now."""
         device, method = self.fabric.device, t.method
         part = self._slices(len(gidx))[self.rank]
         gidx_dev = gidx.to(device, non_blocking=True)
         idx = gidx_dev[part.to(device)]
-        x, sizes, extra = self._views(method, epoch, step, gidx, part, self.data[idx])
+        batch = self.images.rows(idx) if batch is None else batch
+        x, sizes, extra = self._views(method, epoch, step, gidx, part, batch)
         with self.fabric.autocast():
             out = t.model(x)  # one forward for all views: one DDP pass, BatchNorm over all views
             outputs = [dict(zip(out, vals)) for vals in zip(*(v.split(sizes) for v in out.values()))]
@@ -435,14 +442,24 @@ class Trainer:
         if not t.method.trains_network():
             self.net.eval()
 
-    def _progress(self, method: Method, epoch: int, steps: int):
+    def _progress(self, method: Method, epoch: int, images: int, record: dict[str, Any]):
+        """The epoch's bar on rank 0: images and images/s, the epoch's time left, and after it the
+        epoch's discovery time and the method's time left at the mean epoch so far."""
         if not (self.cfg.train.progress and self.rank == 0):
             return None
         from tqdm import tqdm
 
         name = f"{method.phase(epoch)} " if method.phase(epoch) else ""
-        return tqdm(total=steps, desc=f"{name}epoch {epoch + 1}/{method.total_epochs()}", leave=False,
-                    dynamic_ncols=True)
+        bar = tqdm(total=images, unit="img", unit_scale=True, desc=f"{name}epoch {epoch + 1}/{method.total_epochs()}",
+                   leave=False, dynamic_ncols=True)
+        post = {}
+        if "discovery_seconds" in record:
+            post["discovery"] = format_seconds(record["discovery_seconds"])
+        if self.epoch_seconds:
+            left = (method.total_epochs() - epoch) * sum(self.epoch_seconds) / len(self.epoch_seconds)
+            post["left"] = "~" + format_seconds(left)
+        bar.set_postfix(post, refresh=False)
+        return bar
 
     def _train_epoch(self, t: Training, epoch: int, record: dict[str, Any]) -> None:
         cfg, device, method = self.cfg, self.fabric.device, t.method
@@ -451,17 +468,18 @@ class Trainer:
         self._train_mode(t)
         batches = method.batches(epoch, self.n, cfg.optim.batch_size, cfg.train.seed)
         loss_sum = torch.zeros((), device=device)
-        bar = self._progress(method, epoch, len(batches))
+        bar = self._progress(method, epoch, sum(len(g) for g in batches), record)
         t_steps = time.perf_counter()
         seen = 0
-        for step, gidx in enumerate(batches):
-            if per_step and step:
-                self._set_rate(t, epoch)
-            loss_sum += self.step(t, epoch, step, gidx)
-            self.timing["steps"] += 1
-            seen += len(gidx)
-            if bar is not None:
-                bar.update(1)
+        with contextlib.closing(self.images.reader([self.local_rows(gidx) for gidx in batches])) as reader:
+            for step, (gidx, batch) in enumerate(zip(batches, reader)):
+                if per_step and step:
+                    self._set_rate(t, epoch)
+                loss_sum += self.step(t, epoch, step, gidx, batch)
+                self.timing["steps"] += 1
+                seen += len(gidx)
+                if bar is not None:
+                    bar.update(len(gidx))
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -489,7 +507,7 @@ class Trainer:
         if resume and self.checkpoint_path().exists():
             start_epoch, history = self._load_checkpoint()
         self.views.to(fabric.device)
-        self.data = self.data_cpu.to(fabric.device)
+        self.images.to(fabric.device)
         return start_epoch, history
 
     def begin(self, place: int) -> Training:
@@ -561,6 +579,7 @@ class Trainer:
             self.discover(t, local, record)
         self._train_epoch(t, local, record)
         record["seconds"] = round(time.perf_counter() - t_epoch, 3)
+        self.epoch_seconds = [*self.epoch_seconds[-4:], record["seconds"]]  # the bar's time left: the last 5
         self.timing["train_seconds"] = self.clock[1] + time.perf_counter() - self.clock[0]
         history.append(record)
         self._write_log(history, append=record)
@@ -586,20 +605,25 @@ def bank_knn_top1(bank: Tensor, labels: np.ndarray, ev: EvalConfig, bank_tempera
 
 
 @torch.no_grad()
-def extract_features(net: EmbeddingNet, views: BatchViews, images: np.ndarray | Tensor, *,
+def extract_features(net: EmbeddingNet, views: BatchViews, images, *,
                      batch_size: int = 512, device: str | torch.device = "cpu",
                      layer: str = "backbone") -> tuple[np.ndarray, np.ndarray]:
     """(features of ``layer``, L2-normalised embeddings) of un-augmented images, float32, dataset
     order. ``layer``: "backbone" (the layer before the head), "embedding", or a layer name of the
-    backbone (``net.layer_names()``, e.g. "conv5" of AlexNet)."""
+    backbone (``net.layer_names()``, e.g. "conv5" of AlexNet). ``images`` may be a store's (read block
+    by block, ahead: ``imagesource``)."""
     if layer not in net.layer_names():
         raise ConfigError(f"unknown feature layer '{layer}'; this network has: {', '.join(net.layer_names())}")
-    data = images if isinstance(images, Tensor) else images_to_tensor(images)
+    if isinstance(images, (Tensor, np.ndarray)):
+        data = images if isinstance(images, Tensor) else images_to_tensor(images)
+        blocks = (data[start:start + batch_size] for start in range(0, data.shape[0], batch_size))
+    else:
+        blocks = image_source(images).reader(list(torch.split(torch.arange(len(images)), batch_size)))
     was_training = net.training
     net.eval()
     feats, embs = [], []
-    for start in range(0, data.shape[0], batch_size):
-        x = views.plain(data[start:start + batch_size].to(device))
+    for block in blocks:
+        x = views.plain(block.to(device))
         taps = net.taps(x, tuple({layer, "embedding"}))
         feats.append(taps[layer].flatten(1).float().cpu())
         embs.append(taps["embedding"].float().cpu())

@@ -37,6 +37,57 @@ def _known() -> str:
     return ", ".join(DATASET_NAMES)
 
 
+def classify(spec: str) -> tuple[str, str]:
+    """(kind, argument) of a data spec: ("npz", PATHS), ("folder", PATH), ("digits", ""), ("torchvision",
+    NAME); DataError in one line for anything else."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"no data given; use one of: {_known()}")
+    spec = spec.strip()
+    kind, sep, arg = spec.partition(":")
+    kind_l = kind.strip().lower()
+    key = spec.lower().replace("_", "").replace("-", "")
+    if sep and kind_l in ("npz", "folder"):
+        if not arg.strip():
+            raise DataError(f"'{spec}' names no path; use {kind_l}:PATH")
+        return kind_l, arg if kind_l == "npz" else arg.strip()
+    if spec.lower() == "digits":
+        return "digits", ""
+    if key in _CANONICAL:
+        return "torchvision", _CANONICAL[key]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder", spec
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return "npz", spec
+    if path.suffix.lower() == ".npz" or os.sep in spec or "/" in spec:
+        raise DataError(f"no such file or directory: {path}" if not path.exists()
+                        else f"cannot read '{spec}': expected a directory or an .npz file")
+    raise DataError(f"unknown dataset '{spec}'; known: {_known()}")
+
+
+def check_split(split: str) -> str:
+    split_l = str(split).strip().lower()
+    if split_l not in SPLITS:
+        raise DataError(f"split must be train, test or all, got '{split}'")
+    return split_l
+
+
+def load_source(spec: str, split: str = "all", root: str | None = None, download: bool = False,
+                resize: int | None = None) -> ImageSet:
+    """The images ``spec`` names as its source gives them (before :func:`~.sources.finalise` and the
+    split's selection, :func:`load_images`); a torchvision set reads only the parts ``split`` asks for."""
+    split_l, resize = check_split(split), check_resize(resize)
+    kind, arg = classify(spec)
+    spec = spec.strip()
+    if kind == "npz":
+        return load_npz(arg, spec, resize)
+    if kind == "folder":
+        return load_folder(arg, spec, resize)
+    if kind == "digits":
+        return load_digits(spec, resize)
+    return load_torchvision(arg, spec, root, download, resize, split_l)
+
+
 def load_images(spec: str, split: str = "all", root: str | None = None, download: bool = False,
                 resize: int | None = None) -> ImageSet:
     """Load the images named by ``spec``.
@@ -49,35 +100,8 @@ def load_images(spec: str, split: str = "all", root: str | None = None, download
     """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"no data given; use one of: {_known()}")
-    split_l = str(split).strip().lower()
-    if split_l not in SPLITS:
-        raise DataError(f"split must be train, test or all, got '{split}'")
-    resize = check_resize(resize)
-    spec = spec.strip()
-    kind, sep, arg = spec.partition(":")
-    kind_l = kind.strip().lower()
-    key = spec.lower().replace("_", "").replace("-", "")
-    if sep and kind_l in ("npz", "folder"):
-        if not arg.strip():
-            raise DataError(f"'{spec}' names no path; use {kind_l}:PATH")
-        images = load_npz(arg, spec, resize) if kind_l == "npz" else load_folder(arg.strip(), spec, resize)
-    elif spec.lower() == "digits":
-        images = load_digits(spec, resize)
-    elif key in _CANONICAL:
-        # only the requested part is read; the split array says which part each image came from
-        images = load_torchvision(_CANONICAL[key], spec, root, download, resize, split_l)
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            images = load_folder(spec, spec, resize)
-        elif path.is_file() and path.suffix.lower() == ".npz":
-            images = load_npz(spec, spec, resize)
-        elif path.suffix.lower() == ".npz" or os.sep in spec or "/" in spec:
-            raise DataError(f"no such file or directory: {path}" if not path.exists()
-                            else f"cannot read '{spec}': expected a directory or an .npz file")
-        else:
-            raise DataError(f"unknown dataset '{spec}'; known: {_known()}")
-    return select_split(finalise(images), split_l)
+    split_l = check_split(split)
+    return select_split(finalise(load_source(spec, split_l, root, download, resize)), split_l)
 
 
 def select_split(images: ImageSet, split: str) -> ImageSet:
@@ -92,4 +116,5 @@ def select_split(images: ImageSet, split: str) -> ImageSet:
     return part
 
 
-__all__ = ["DATASET_NAMES", "SPLITS", "TORCHVISION_SETS", "ImageSet", "load_images", "select_split"]
+__all__ = ["DATASET_NAMES", "SPLITS", "TORCHVISION_SETS", "ImageSet", "classify", "load_images", "load_source",
+           "select_split"]

@@ -38,7 +38,8 @@ class UnreadableImage(DataError):
 class ImageSet:
     """Images with whatever the source knows about them; all per-image fields are aligned."""
 
-    images: np.ndarray  # uint8, (N, H, W) grayscale or (N, H, W, 3) RGB, C-contiguous
+    images: np.ndarray  # uint8, (N, H, W) grayscale or (N, H, W, 3) RGB, C-contiguous; or the same
+                        # read from a store on demand (``data.store.StoredImages``, see ``in_memory``)
     labels: np.ndarray | None = None  # int64 (N,): true classes, for evaluation only
     split: np.ndarray | None = None  # int8 (N,): 0 train, 1 test
     names: list[str] | None = None  # file names / ids where they exist (folder: path relative to root)
@@ -59,6 +60,11 @@ class ImageSet:
         """(height, width)."""
         return int(self.images.shape[1]), int(self.images.shape[2])
 
+    @property
+    def in_memory(self) -> bool:
+        """False for images read from a store on demand (``data.store.StoredImages``)."""
+        return isinstance(self.images, np.ndarray)
+
     def subset(self, mask_or_index: np.ndarray | list | slice | int) -> "ImageSet":
         """The images picked by a boolean mask, integer indices or a slice; every field stays aligned
         (``classes`` and ``spec`` are shared)."""
@@ -73,7 +79,7 @@ class ImageSet:
             elif index.size == 0:
                 index = index.astype(np.int64)
         return ImageSet(
-            images=np.ascontiguousarray(self.images[index]),
+            images=np.ascontiguousarray(self.images[index]) if self.in_memory else self.images.subset(index),
             labels=None if self.labels is None else self.labels[index],
             split=None if self.split is None else self.split[index],
             names=None if self.names is None else [self.names[i] for i in index.tolist()],
@@ -176,7 +182,8 @@ def finalise(images: ImageSet) -> ImageSet:
     n = len(images)
     if n == 0:
         raise DataError(f"no images found in '{images.spec}'")
-    images.images = np.ascontiguousarray(images.images, dtype=np.uint8)
+    if images.in_memory:
+        images.images = np.ascontiguousarray(images.images, dtype=np.uint8)
     if images.labels is not None:
         images.labels = check_labels(images.labels, f"data '{images.spec}'")
         if len(images.labels) != n:
@@ -208,8 +215,9 @@ def load_digits(spec: str, resize: int | None = None) -> ImageSet:
 
 # -- .npz files -----------------------------------------------------------------------------------
 
-def _read_npz(path: Path, resize: int | None) -> dict:
-    """One npz file's arrays, checked and converted (images uint8 in ImageSet layout)."""
+def open_npz(path: Path):
+    """An npz archive opened lazily (``np.load``; members are read when asked), with an ``images``
+    member; DataError in one line otherwise. Use it as a context manager."""
     if path.is_dir():
         raise DataError(f"{path} is a directory, not an npz file; use folder:{path} for a folder of images")
     if not path.is_file():
@@ -220,24 +228,29 @@ def _read_npz(path: Path, resize: int | None) -> dict:
         raise DataError(f"cannot read npz file {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not hasattr(z, "files"):  # np.load of a plain .npy returns an array
         raise DataError(f"{path} is not an npz archive (np.savez) but a single array")
-    with z:
-        if "images" not in z.files:
-            raise DataError(f"npz file {path} has no 'images' array (found: {', '.join(z.files) or 'nothing'})")
-        out = {}
-        for key in ("images", "labels", "split", "names", "classes"):
-            if key not in z.files:
-                out[key] = None
-                continue
-            try:
-                out[key] = z[key]
-            except ValueError:  # object arrays need pickle, which is never enabled for data files
-                raise DataError(f"npz file {path}: array '{key}' is an object array; save it as numbers or "
-                                "as a str array (np.array(..., dtype=str))") from None
-            except Exception as e:  # a damaged member
-                raise DataError(f"cannot read '{key}' from npz file {path}: {type(e).__name__}: {e}"
-                                .splitlines()[0]) from None
-    images = normalise_layout(to_uint8(out["images"], f"npz file {path}"), f"npz file {path}")
-    n = images.shape[0]
+    if "images" not in z.files:
+        z.close()
+        raise DataError(f"npz file {path} has no 'images' array (found: {', '.join(z.files) or 'nothing'})")
+    return z
+
+
+def npz_member(z, key: str, path: Path) -> np.ndarray | None:
+    """One array of an opened npz archive (None when absent), DataError in one line when unreadable."""
+    if key not in z.files:
+        return None
+    try:
+        return z[key]
+    except ValueError:  # object arrays need pickle, which is never enabled for data files
+        raise DataError(f"npz file {path}: array '{key}' is an object array; save it as numbers or "
+                        "as a str array (np.array(..., dtype=str))") from None
+    except Exception as e:  # a damaged member
+        raise DataError(f"cannot read '{key}' from npz file {path}: {type(e).__name__}: {e}"
+                        .splitlines()[0]) from None
+
+
+def npz_fields(z, path: Path, n: int) -> dict:
+    """labels, split, names and classes of an opened npz archive of ``n`` images, checked."""
+    out = {key: npz_member(z, key, path) for key in ("labels", "split", "names", "classes")}
     for key in ("labels", "split", "names"):
         if out[key] is not None and out[key].reshape(-1).shape[0] != n:
             raise DataError(f"npz file {path}: '{key}' has {out[key].reshape(-1).shape[0]} entries for {n} images")
@@ -249,31 +262,22 @@ def _read_npz(path: Path, resize: int | None) -> dict:
                             f"found {out['labels'].max()}")
     if out["split"] is not None and not np.isin(out["split"], (0, 1)).all():
         raise DataError(f"npz file {path}: 'split' values must be 0 (train) or 1 (test)")
-    out["images"] = resize_all(images, resize) if resize else images
     out["names"] = None if out["names"] is None else [str(s) for s in out["names"].reshape(-1)]
     out["classes"] = None if out["classes"] is None else [str(s) for s in out["classes"].reshape(-1)]
     return out
 
 
-def load_npz(paths: str, spec: str, resize: int | None = None) -> ImageSet:
-    """Arrays ``images`` (uint8 N,H,W or N,H,W,3; N,H,W,1 squeezed; floats in [0, 1] scaled to 0..255),
-    optional ``labels``, ``split`` (0 train, 1 test), ``names`` and ``classes``. Several comma-separated
-    files are concatenated in order; they must agree on image size and channels. A field that only
-    some of the files have is dropped (with a warning)."""
-    files = [Path(p.strip()).expanduser() for p in paths.split(",") if p.strip()]
-    if not files:
-        raise DataError(f"no npz file named in '{spec}'; use npz:PATH[,PATH...]")
-    parts = [_read_npz(f, resize) for f in files]
-    layouts = {p["images"].shape[1:] for p in parts}
-    if len(layouts) > 1:
-        def show(shape: tuple) -> str:
-            return f"{shape[0]}x{shape[1]}" + ("x3" if len(shape) == 3 else "")
-        listed = ", ".join(sorted(show(s) for s in layouts))
-        channels = {len(s) for s in layouts}
-        hint = ("; they mix grayscale and RGB images" if len(channels) > 1
-                else "; pass resize=SIDE (--resize SIDE) to resize them all")
-        raise DataError(f"npz files in '{spec}' disagree on image shape ({listed}){hint}")
+def _read_npz(path: Path, resize: int | None) -> dict:
+    """One npz file's arrays, checked and converted (images uint8 in ImageSet layout)."""
+    with open_npz(path) as z:
+        images = normalise_layout(to_uint8(npz_member(z, "images", path), f"npz file {path}"), f"npz file {path}")
+        out = npz_fields(z, path, images.shape[0])
+    out["images"] = resize_all(images, resize) if resize else images
+    return out
 
+
+def join_npz_fields(parts: list[dict], files: list[Path]) -> dict:
+    """The fields of several npz files' parts in order: a field only some have is dropped (a warning)."""
     def joined(key: str):
         have = [p[key] is not None for p in parts]
         if not any(have):
@@ -287,14 +291,39 @@ def load_npz(paths: str, spec: str, resize: int | None = None) -> ImageSet:
         return np.concatenate([p[key].reshape(-1) for p in parts])
 
     classes = [tuple(p["classes"]) for p in parts if p["classes"] is not None]
-    return ImageSet(
-        images=np.concatenate([p["images"] for p in parts]),
-        labels=joined("labels"),
-        split=joined("split"),
-        names=joined("names"),
-        classes=list(classes[0]) if classes and len(set(classes)) == 1 else None,
-        spec=spec,
-    )
+    return {"labels": joined("labels"), "split": joined("split"), "names": joined("names"),
+            "classes": list(classes[0]) if classes and len(set(classes)) == 1 else None}
+
+
+def check_npz_layouts(layouts: set, spec: str) -> None:
+    """Several npz files must agree on the image shape (``images.shape[1:]`` of each)."""
+    if len(layouts) > 1:
+        def show(shape: tuple) -> str:
+            return f"{shape[0]}x{shape[1]}" + ("x3" if len(shape) == 3 else "")
+        listed = ", ".join(sorted(show(s) for s in layouts))
+        channels = {len(s) for s in layouts}
+        hint = ("; they mix grayscale and RGB images" if len(channels) > 1
+                else "; pass resize=SIDE (--resize SIDE) to resize them all")
+        raise DataError(f"npz files in '{spec}' disagree on image shape ({listed}){hint}")
+
+
+def npz_paths(paths: str, spec: str) -> list[Path]:
+    files = [Path(p.strip()).expanduser() for p in paths.split(",") if p.strip()]
+    if not files:
+        raise DataError(f"no npz file named in '{spec}'; use npz:PATH[,PATH...]")
+    return files
+
+
+def load_npz(paths: str, spec: str, resize: int | None = None) -> ImageSet:
+    """Arrays ``images`` (uint8 N,H,W or N,H,W,3; N,H,W,1 squeezed; floats in [0, 1] scaled to 0..255),
+    optional ``labels``, ``split`` (0 train, 1 test), ``names`` and ``classes``. Several comma-separated
+    files are concatenated in order; they must agree on image size and channels. A field that only
+    some of the files have is dropped (with a warning)."""
+    files = npz_paths(paths, spec)
+    parts = [_read_npz(f, resize) for f in files]
+    check_npz_layouts({p["images"].shape[1:] for p in parts}, spec)
+    return ImageSet(images=np.concatenate([p["images"] for p in parts]), spec=spec,
+                    **join_npz_fields(parts, files))
 
 
 # -- folders of image files -----------------------------------------------------------------------
@@ -350,7 +379,7 @@ def _as_array(im: Image.Image) -> np.ndarray:
     return rgb
 
 
-def _image_files(base: Path) -> list[tuple[str, bool]]:
+def image_files(base: Path) -> list[tuple[str, bool]]:
     """(relative POSIX path, hidden) of every image file under ``base`` (recursive), sorted by path
     components for a stable order. ``hidden``: the file or a folder on its path is hidden (its name
     starts with a dot: .ipynb_checkpoints, macOS's ._ files); a file reached both ways keeps a
@@ -393,8 +422,8 @@ def _image_files(base: Path) -> list[tuple[str, bool]]:
     return sorted(found, key=lambda item: tuple(item[0].split("/")))
 
 
-def _read_files(base: Path, files: list[tuple[str, bool]]) -> tuple[list[np.ndarray], list[str], list[str]]:
-    """(images, their names, skipped files as "path (reason)") of ``files`` (:func:`_image_files`):
+def read_files(base: Path, files: list[tuple[str, bool]]) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """(images, their names, skipped files as "path (reason)") of ``files`` (:func:`image_files`):
     hidden ones are skipped ("hidden file", "hidden folder"), unreadable ones too ("unreadable",
     "too large, W x H pixels")."""
     images: list[np.ndarray] = []
@@ -428,14 +457,12 @@ def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
         raise DataError(f"no such file or directory: {base}")
     if not base.is_dir():
         raise DataError(f"not a directory: {base}")
-    files = _image_files(base)
+    files = image_files(base)
     visible = sum(not hidden for _, hidden in files)
     if resize and visible:
         check_resized(visible, 1, resize)
-    images, names, bad = _read_files(base, files)
-    if bad:
-        shown = ", ".join(bad[:MAX_LISTED]) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
-        warn(f"skipped {len(bad)} image file(s) under {base}: {shown}")
+    images, names, bad = read_files(base, files)
+    report_skipped(bad, base)
     if not images:
         raise DataError(f"no images found under {base}")
     if any(im.ndim == 3 for im in images):
@@ -449,13 +476,25 @@ def load_folder(root: str, spec: str, resize: int | None = None) -> ImageSet:
             raise DataError(f"images under {base} have mixed sizes ({listed}); pass resize=SIDE (--resize SIDE) "
                             "to resize them all")
         stacked = np.stack(images)
-    labels = classes = None
+    labels, classes = folder_labels(names, base)
+    return ImageSet(stacked, labels, None, names, classes, spec, skipped=bad)
+
+
+def folder_labels(names: list[str], base: Path) -> tuple[np.ndarray | None, list[str] | None]:
+    """(labels, classes) of a folder's images: their first-level sub-folders, when every image sits in one."""
     tops = [n.split("/", 1)[0] for n in names if "/" in n]
     if len(tops) == len(names):
         classes = sorted(set(tops))
         lookup = {c: i for i, c in enumerate(classes)}
-        labels = np.array([lookup[t] for t in tops], dtype=np.int64)
-    elif tops:
+        return np.array([lookup[t] for t in tops], dtype=np.int64), classes
+    if tops:
         warn(f"{len(names) - len(tops)} image(s) sit directly under {base}, outside class sub-folders; "
              "sub-folder names are not used as labels")
-    return ImageSet(stacked, labels, None, names, classes, spec, skipped=bad)
+    return None, None
+
+
+def report_skipped(bad: list[str], base: Path) -> None:
+    """The one warning line naming the image files a folder's loading skipped."""
+    if bad:
+        shown = ", ".join(bad[:MAX_LISTED]) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+        warn(f"skipped {len(bad)} image file(s) under {base}: {shown}")

@@ -122,7 +122,7 @@ class DiscoveryContext:
     device: torch.device
     bank: MemoryBank | None = None
     passes: dict[FeatureRequest, Tensor] = field(default_factory=dict)
-    images: Tensor | None = None  # uint8 (N, C, H, W), dataset order
+    images: Tensor | None = None  # uint8 (N, C, H, W), dataset order; None when streamed (``reads_images``)
 
     def features(self, tap: str = "embedding", augmented: bool = False) -> Tensor:
         key = FeatureRequest(tap, augmented)
@@ -168,6 +168,9 @@ class Method:
     taps: tuple[str, ...] = ("embedding",)
     uses_bank: bool = True
     embedding_head: bool = True  # False: the embedding is the normalised backbone output (no projection)
+    # Its discovery reads every image's pixels at once (``DiscoveryContext.images``): a run whose images
+    # are streamed from a store (datapath.py), which never holds them whole, refuses the method.
+    reads_images: bool = False
     # The default cluster head (cluster.head / features / eigenvectors "auto"): (kind, layer, spectral
     # eigenvectors per cluster), chosen per method on the development data (digits, USPS:
     # benchmarks/results/dev-choices-*.json). Spectral on the backbone layer with 2K eigenvectors is
