@@ -40,7 +40,7 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("step", "cosine", "inv")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method", "scan")
+CLUSTER_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "ward", "method", "scan")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 # The backbones nets.build_backbone makes (nets.BACKBONES is this tuple): kept here, where the validator's
 # choices are, since the configuration imports no torch (tests/test_house.py) and nets is above it.
