@@ -102,6 +102,7 @@ class DccmOptions:
 
 class Dccm(Method):
     name = "dccm"
+    needs_k_to_train = True  # its K-way head
     Options = DccmOptions
     uses_bank = False
     embedding_head = False

@@ -94,6 +94,7 @@ class JuleOptions:
 
 class Jule(Method):
     name = "jule"
+    needs_k_to_train = True  # merges until n_c* = K: its length
     Options = JuleOptions
     uses_bank = False
     embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss; ours ip1 -> BN -> ReLU first)

@@ -79,6 +79,7 @@ class Scan(Method):
     """SCAN as a method trained after another: its epochs counted from its own start."""
 
     name = "scan"
+    needs_k_to_train = True  # its K-way heads
     uses_bank = False
     cluster_features = "backbone"  # SCAN's heads read the backbone output
 
