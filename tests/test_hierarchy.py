@@ -42,8 +42,10 @@ def test_ward_linkage_of_four_points_on_a_line():
     assert z[0, :2].tolist() == [2, 3] and z[1, :2].tolist() == [0, 1] and z[1, 2] == pytest.approx(50.0)
     # groups: no merge across them while one inside them remains (1 and 10 are one group here)
     z = ward_linkage(np.array([[0.0], [1.0], [10.0], [12.0]]), np.ones(4), groups=np.array([0, 1, 1, 2]))
-    assert z[0, :2].tolist() == [1, 2] and is_valid_linkage(z)
-    assert (np.diff(z[:, 2]) >= 0).all()  # heights made non-decreasing for scipy's dendrogram
+    assert z[:, :2].tolist() == [[1, 2], [0, 4], [3, 5]] and is_valid_linkage(z)
+    # inside the groups 1 / 2 * 81; between them 0 and (1, 10) 2 / 3 * 30.25, then 12 and the rest
+    # 3 / 4 * (25 / 3)^2: heights non-decreasing among the merges between groups, apart from those inside
+    assert z[:, 2] == pytest.approx([40.5, 20.1667, 52.0833], abs=1e-3)
 
 
 def test_cut_at_the_partitions_count_is_the_partition_and_other_cuts_nest(blobs):

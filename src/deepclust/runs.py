@@ -28,13 +28,14 @@ from .config import Config
 from .configure import resume_config
 from .data import ImageSet
 from .data.sources import MAX_LISTED
-from .io import ensure_dir, save_array, save_bytes, save_json, save_text
+from .io import ensure_dir, save_array, save_bytes, save_json, save_npz, save_text
 from .limits import check_training
 from .locks import claim_run_dir, machine_activity
 from .rundir import (check_out, finished_run, is_launched_child, mark_run, prepare_out_dir, real_out, swap_in,
                      unique_dir)
 from .resolution import describe_n_clusters, load_data, resolve, training_subset, view_spec
 from .scoring import compute_metrics
+from .structure.hierarchy import build_hierarchy
 from .train import Trainer, TrainResult, extract_features, make_fabric
 
 WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
@@ -122,10 +123,12 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
     metrics, head = compute_metrics(cfg, images, features, embedding, own=result.own, trained_rows=trained,
                                     layers=layers)
     cfg = _settle_n_clusters(cfg, metrics.pop("n_clusters_found", None), work)
+    tree = build_hierarchy(features, head.labels_, seed=cfg.train.seed)  # the merge tree of the clusters
     save_model(work, result.net)
     head.save(work / "head.npz")
     save_array(work / "embeddings.npy", embedding.astype(np.float32))
     save_array(work / "labels.npy", head.labels_.astype(np.int64))
+    save_npz(work / "hierarchy.npz", leaves=tree.leaves, linkage=tree.linkage, groups=tree.groups)
     ips = result.images_per_second
     metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
                "train_seconds": round(result.train_seconds, 2),

@@ -19,8 +19,9 @@ same order.
 Stored form: a scipy.cluster.hierarchy linkage array ``Z`` ((L - 1, 4): the two nodes merged, the
 merge height, the leaves under the new node; node ``L + i`` is made by row ``i``), the leaf of every
 image and the partition's cluster of every leaf (``groups``). Heights are Ward's costs made
-non-decreasing along the merges (a merge between clusters of a partition that is not Ward's may cost
-less than one inside them), so scipy draws the dendrogram; cuts follow the merge order.
+non-decreasing along the merges inside the clusters and, apart, along those between them (a merge
+between clusters of a partition that is not Ward's may cost less than one inside them), so scipy
+draws the dendrogram of the clusters (``truncate_mode="lastp"``); cuts follow the merge order.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ def ward_linkage(centroids: np.ndarray, sizes: np.ndarray, groups: np.ndarray | 
     cost = _ward_costs(c, s, c, s)
     np.fill_diagonal(cost, np.inf)
     apart = g[:, None] != g[None, :]
-    rows = np.zeros((max(n - 1, 0), 4))
+    rows, across = np.zeros((max(n - 1, 0), 4)), np.zeros(max(n - 1, 0), bool)
     for step in range(n - 1):  # a loop over merges of leaves, never over images
         inside = np.where(apart, np.inf, cost)
-        pick = inside if np.isfinite(inside).any() else cost
+        across[step] = not np.isfinite(inside).any()
+        pick = cost if across[step] else inside
         a, b = np.unravel_index(int(np.argmin(pick)), pick.shape)
         a, b = min(a, b), max(a, b)
         count[a] += count[b]
@@ -114,7 +116,8 @@ def ward_linkage(centroids: np.ndarray, sizes: np.ndarray, groups: np.ndarray | 
         row[~left] = row[a] = np.inf
         cost[a], cost[:, a], cost[b], cost[:, b] = row, row, np.inf, np.inf
         apart[a] = apart[:, a] = g[a] != g
-    rows[:, 2] = np.maximum.accumulate(np.maximum(rows[:, 2], 0.0)) if len(rows) else rows[:, 2]
+    for stage in (~across, across):  # heights non-decreasing inside the groups, and between them
+        rows[stage, 2] = np.maximum.accumulate(np.maximum(rows[stage, 2], 0.0)) if stage.any() else 0.0
     return rows
 
 
