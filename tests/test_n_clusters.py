@@ -117,21 +117,21 @@ def test_resolution_leaves_k_to_the_features_only_where_no_method_of_the_run_rea
 
 
 def test_settle_estimates_checks_or_leaves_k():
-    x, _ = make_blobs(n_samples=400, centers=4, n_features=8, cluster_std=1.0, center_box=(-30, 30), random_state=4)
+    x, _ = make_blobs(n_samples=900, centers=6, n_features=6, cluster_std=2.5, center_box=(-12, 12), random_state=6)
     free = build_config({"method": "pad"})
     cfg, found = settle_n_clusters(free, x)
-    assert cfg.cluster.n_clusters == found["k"] == 4 and found["role"] == "estimate"
+    assert cfg.cluster.n_clusters == found["k"] == 6 and found["role"] == "estimate"
     line = describe_n_clusters(found)
-    assert "K = 4" in line and "runner-up K = " in line and found["criterion"] in line
-    given = build_config({"method": "deepcluster", "cluster": {"n_clusters": 6}})
+    assert "K = 6" in line and f"runner-up K = {found['runner_up']['k']}" in line and found["criterion"] in line
+    given = build_config({"method": "deepcluster", "cluster": {"n_clusters": 9}})
     assert settle_n_clusters(given, x) == (given, None)  # K given: nothing to estimate or check
-    pixels = dataclasses.replace(given, resolution={"n_clusters": {"k": 6, "when": "before training"}})
+    pixels = dataclasses.replace(given, resolution={"n_clusters": {"k": 9, "when": "before training"}})
     cfg, check = settle_n_clusters(pixels, x)
-    assert cfg.cluster.n_clusters == 6 and check["role"] == "check" and check["k"] == 4
-    assert check["k_before"] == 6 and check["agrees"] is False and "differs" in describe_n_clusters(check)
-    close = dataclasses.replace(given, cluster=dataclasses.replace(given.cluster, n_clusters=5),
-                                resolution={"n_clusters": {"k": 5, "when": "before training"}})
-    assert settle_n_clusters(close, x)[1]["agrees"] is True  # 4 is within 20% of 5
+    assert cfg.cluster.n_clusters == 9 and check["role"] == "check" and check["k"] == 6
+    assert check["k_before"] == 9 and check["agrees"] is False and "differs" in describe_n_clusters(check)
+    close = dataclasses.replace(given, cluster=dataclasses.replace(given.cluster, n_clusters=7),
+                                resolution={"n_clusters": {"k": 7, "when": "before training"}})
+    assert settle_n_clusters(close, x)[1]["agrees"] is True  # 6 is within 20% of 7
 
 
 def test_a_run_without_k_records_the_k_read_off_its_features(tmp_path, small_npz):
