@@ -9,7 +9,8 @@ Heads fitted on the features alone (:data:`HEADS`, the post-hoc heads): :class:`
 the papers' protocol), :class:`SpectralHead` (normalised spectral clustering on the sparse kNN
 graph), :class:`AgglomerativeHead` (JULE's forward pass on fixed features: the graph-degree-linkage
 agglomeration of ``structure.agglomeration`` from its initial clusters down to K; JULE's "OURS-RC",
-usable after any method) and :class:`GraphHead` (the agglomerative partition, checked against the
+usable after any method), :class:`WardHead` (Ward's merges of k-means leaves: nested over K, the
+tree a run keeps, ``structure.hierarchy``) and :class:`GraphHead` (the agglomerative partition, checked against the
 spectral one on the same kNN graph: spectral's is kept instead when the agglomerative one's
 modularity is more than ``GRAPH_MARGIN`` lower, the sign of agglomeration chaining into one large
 cluster on weak features). Features are L2-normalised first (all of them work on cosine geometry:
@@ -39,9 +40,10 @@ from .errors import ConfigError, DataError
 from .io import save_npz
 from .structure.agglomeration import agglomerate, initial_clusters, small_cluster_floor
 from .structure.clustering import assign_to_centroids, kmeans, modularity, spectral, spectral_of_graph
+from .structure.hierarchy import ward_labels
 from .structure.knn import knn_graph, topk_cosine
 
-HEADS = ("kmeans", "spectral", "agglomerative", "graph")  # heads fitted on the features alone
+HEADS = ("kmeans", "spectral", "agglomerative", "graph", "ward")  # heads fitted on the features alone
 MAX_REFERENCE = 200_000  # training features kept by a vote head for out-of-sample votes
 MAX_SPECTRAL_FIT = 200_000  # above this, a vote head is fitted on a random subsample, the rest voted in
 AGGLOMERATIVE_KS = 20  # JULE's K_s (Table 2): neighbours of the agglomerative head's graph (Eq 4)
@@ -370,6 +372,17 @@ class GraphHead(VoteHead):
         return self.partitions[self.note["kept"]]
 
 
+class WardHead(VoteHead):
+    """Ward's merges of k-means leaves cut at K (``structure.hierarchy.ward_labels``): the cuts of one
+    tree, so its partitions at any two K (up to a quarter of the leaves) are nested, and a finished
+    run re-cut at K' (``deepclust recut``) gives what a fit at K' gives."""
+
+    kind = "ward"
+
+    def partition(self, x: np.ndarray) -> np.ndarray:
+        return ward_labels(x, self.n_clusters, seed=self.seed)
+
+
 class GivenLabelsHead(VoteHead):
     """A partition found by other means (a method's own clusters, ``labels`` of the rows ``rows``, all
     by default): fitting keeps it for those rows, and every other row joins by the kNN vote over
@@ -434,9 +447,7 @@ class LinearHead(ClusterHead):
 
 
 KINDS: dict[str, type[ClusterHead]] = {h.kind: h for h in (KMeansHead, SpectralHead, AgglomerativeHead, GraphHead,
-                                                             GivenLabelsHead, LinearHead)}
-KINDS: dict[str, type[ClusterHead]] = {h.kind: h for h in (KMeansHead, SpectralHead, AgglomerativeHead, GraphHead,
-                                                             GivenLabelsHead, LinearHead)}
+                                                             WardHead, GivenLabelsHead, LinearHead)}
 
 
 def post_hoc_head(kind: str, n_clusters: int, **options) -> ClusterHead:

@@ -58,7 +58,8 @@ def is_launched_child() -> bool:
 
 
 # the files a run writes (runs.py, train.py); a start that left no checkpoint is cleared of these only
-RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "head.npz", "embeddings.npy", "labels.npy")
+RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "head.npz", "embeddings.npy", "labels.npy",
+             "hierarchy.npz")
 MARKER = ".deepclust-run"  # written by fit into a run directory before anything else
 MARKER_TEXT = json.dumps({"deepclust": "run directory", "written_by": "deepclust fit"}) + "\n"
 OWN_FILES = (*RUN_FILES, "metrics.json", MARKER)  # what the run is made of: never an output's target

@@ -28,10 +28,11 @@ from .datapath import describe as describe_path
 from .datapath import open_data
 from .data import ImageSet
 from .data.sources import MAX_LISTED
-from .io import save_array, save_bytes, save_json
+from .io import save_array, save_bytes, save_json, save_npz, save_text
 from .rundir import check_out, claimed_run_dir, finished_run, is_launched_child, real_out, work_dir
-from .resolution import resolve, training_subset, view_spec
+from .resolution import describe_n_clusters, resolve, training_subset, view_spec
 from .scoring import compute_metrics
+from .structure.hierarchy import build_hierarchy
 from .train import Trainer, TrainResult, extract_features, make_fabric
 
 def fit_run(cfg: Config, *, overwrite: bool = False, fabric=None, images: ImageSet | None = None,
@@ -97,18 +98,37 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
     trained = np.flatnonzero(images.split == 0) if cfg.data.train_on == "train" else None
     metrics, head = compute_metrics(cfg, images, features, embedding, own=result.own, trained_rows=trained,
                                     layers=layers)
+    cfg = _settle_n_clusters(cfg, metrics.pop("n_clusters_found", None), work)
+    tree = build_hierarchy(features, head.labels_, seed=cfg.train.seed)  # the merge tree of the clusters
     save_model(work, result.net)
     head.save(work / "head.npz")
     save_array(work / "embeddings.npy", embedding.astype(np.float32))
     save_array(work / "labels.npy", head.labels_.astype(np.int64))
+    save_npz(work / "hierarchy.npz", leaves=tree.leaves, linkage=tree.linkage, groups=tree.groups)
     ips = result.images_per_second
     metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
                "train_seconds": round(result.train_seconds, 2),
                "images_per_second": round(ips, 1) if ips is not None else None, **metrics,
-               "resolution": cfg.resolution,  # views chosen from the data, budget plan
+               "resolution": cfg.resolution,  # views chosen from the data, budget plan, K
                "skipped_images": {"count": len(images.skipped), "first": images.skipped[:MAX_LISTED]}}
     save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
     return metrics
+
+
+def _settle_n_clusters(cfg: Config, found: dict | None, work: Path) -> Config:
+    """The run's K read off the learned features (``found``: ``scoring.compute_metrics``'s
+    ``n_clusters_found``): where the run trained without K, K and its evidence go into the
+    configuration (``config.yaml`` written again, with K) and its resolution; where K came from the
+    pixels, the check goes beside that estimate. Either way one stderr line says what was found."""
+    if found is None:
+        return cfg
+    print(f"deepclust: {describe_n_clusters(found)}", file=sys.stderr)
+    if found["role"] == "check":
+        return dataclasses.replace(cfg, resolution={**cfg.resolution, "n_clusters_check": found})
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, n_clusters=found["k"]),
+                              resolution={**cfg.resolution, "n_clusters": found})
+    save_text(work / "config.yaml", cfg.to_yaml())  # before metrics.json: K is the run's from now on
+    return cfg
 
 
 def save_model(out: Path, net) -> None:

@@ -176,6 +176,10 @@ class Method:
     # benchmarks/results/dev-choices-*.json). Spectral on the backbone layer with 2K eigenvectors is
     # the best or tied-best way for instance discrimination, AND, PCP and DeepCluster there.
     cluster_head: tuple[str, str, int] = ("spectral", "backbone", 2)
+    # Whether the method reads K (``n_clusters()``) while it trains (its structure, modules or length);
+    # each method declares it. A run none of whose methods does is trained without K when K is not
+    # given, and K is read off its learned features afterwards (``scoring.settle_n_clusters``).
+    needs_k_to_train: bool = True
     # A method added to the run by its cluster head (``methods.STAGES``): the layer that head reads
     # when ``cluster.features`` is auto (None: the configured method's choice above).
     cluster_features: str | None = None

@@ -144,6 +144,7 @@ class DccmOptions:
 
 class Dccm(Method):
     name = "dccm"
+    needs_k_to_train = True  # its K-way head
     Options = DccmOptions
     # the views of the default options, the original and its transformation (an instance sets its own
     # from its options): what benchmarks/throughput.py's plain loop makes per image for this method

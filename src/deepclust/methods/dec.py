@@ -77,6 +77,7 @@ class Dec(Method):
 
     name = "dec"
     Options = DecOptions
+    needs_k_to_train = True  # its K centres
     uses_bank = False
     cluster_features = "embedding"  # DEC's z: the run's low-dimensional output
 

@@ -95,6 +95,7 @@ class JuleOptions:
 class Jule(Method):
     name = "jule"
     reads_images = True  # period 0: the initial clusters of the raw pixels (ctx.images)
+    needs_k_to_train = True  # merges until n_c* = K: its length
     Options = JuleOptions
     uses_bank = False
     embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss; ours ip1 -> BN -> ReLU first)

@@ -103,6 +103,7 @@ class Scan(Method):
 
     name = "scan"
     Options = ScanOptions
+    needs_k_to_train = True  # its K-way heads
     uses_bank = False
     cluster_features = "backbone"  # SCAN's heads read the backbone output
 
