@@ -58,7 +58,7 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     method = method_class(cfg.method)
     method.check_data(cfg.options, n)
     notes: dict = {}
-    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, cfg.data, images, notes, cfg.method)
+    cluster = _resolve_cluster(cfg.cluster, method, cfg.data, images, notes)
     net = _resolve_net(cfg.net, cluster.features, images)
     views = _resolve_views(cfg.views, images, notes)
     world = cfg.train.devices * cfg.train.num_nodes
@@ -76,32 +76,32 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     return dataclasses.replace(resolved, resolution=notes)
 
 
-def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: DataConfig, images: ImageSet,
-                     notes: dict, method: str) -> ClusterConfig:
+def _resolve_cluster(cl: ClusterConfig, method: type, data: DataConfig, images: ImageSet,
+                     notes: dict) -> ClusterConfig:
     """K when not given: left to be read off the learned features after training where no method of
     the run reads K while it trains (``Method.needs_k_to_train``), else estimated from the pixels of
     the training images (never from the labels: the evidence goes to ``notes["n_clusters"]``); the
-    head, features and eigenvector count from the method's ``defaults`` (chosen on the development
-    data), the features from the stage the head adds to the run where it names the layer its head
-    reads (``Method.cluster_features``)."""
-    if _identical(images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
-        raise DataError(f"all {len(images)} images are identical: nothing to cluster")
-    head, features, eigenvectors = defaults
+    head, features and eigenvector count from the ``method`` class's defaults (``Method.cluster_head``,
+    chosen on the development data), the features from the stage the head adds to the run where it
+    names the layer its head reads (``Method.cluster_features``)."""
+    head, features, eigenvectors = method.cluster_head
     head = head if cl.head == "auto" else cl.head
     stage = stage_class(head)
     if stage is not None and stage.cluster_features is not None:  # the layer a stage's head reads
         features = stage.cluster_features
     k = cl.n_clusters
-    if k is None:
-        needing = [c.name for c in (method_class(method), stage) if c is not None and c.needs_k_to_train]
-        if needing:
-            train = training_subset(data, images)
-            k, found = estimate_from_pixels(pixel_sample(train, PIXEL_SAMPLE), seed=0)
-            notes["n_clusters"] = {**found, "when": "before training", "needed_by": needing}
-            if not train.in_memory and len(train) > PIXEL_SAMPLE:
-                notes["n_clusters"]["pixels_of"] = f"a seeded sample of {PIXEL_SAMPLE} of the {len(train)} streamed images"
-        else:
-            notes["n_clusters"] = {"k": None, "when": "after training", "trained_without_k": method}
+    needing = [c.name for c in (method, stage) if c is not None and c.needs_k_to_train] if k is None else []
+    train = training_subset(data, images)
+    sample = pixel_sample(train, PIXEL_SAMPLE) if needing else None
+    if _identical(images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
+        raise DataError(f"all {len(images)} images are identical: nothing to cluster")
+    if needing:
+        k, found = estimate_from_pixels(sample, seed=0)
+        notes["n_clusters"] = {**found, "when": "before training", "needed_by": needing}
+        if not train.in_memory and len(train) > PIXEL_SAMPLE:
+            notes["n_clusters"]["pixels_of"] = f"a seeded sample of {PIXEL_SAMPLE} of the {len(train)} streamed images"
+    elif k is None:
+        notes["n_clusters"] = {"k": None, "when": "after training", "trained_without_k": method.name}
     if k is not None and k > len(images):
         raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     return dataclasses.replace(cl, n_clusters=k, head=head,

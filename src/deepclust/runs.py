@@ -98,7 +98,14 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
     trained = np.flatnonzero(images.split == 0) if cfg.data.train_on == "train" else None
     metrics, head = compute_metrics(cfg, images, features, embedding, own=result.own, trained_rows=trained,
                                     layers=layers)
-    cfg = _settle_n_clusters(cfg, metrics.pop("n_clusters_found", None), work)
+    if (found := metrics.pop("n_clusters_found", None)) is not None:  # K read off the learned features
+        print(f"deepclust: {describe_n_clusters(found)}", file=sys.stderr)
+        if found["role"] == "check":  # beside the pixels' estimate
+            cfg = dataclasses.replace(cfg, resolution={**cfg.resolution, "n_clusters_check": found})
+        else:  # the run trained without K: K is the run's from now on (config.yaml before metrics.json)
+            cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, n_clusters=found["k"]),
+                                      resolution={**cfg.resolution, "n_clusters": found})
+            save_text(work / "config.yaml", cfg.to_yaml())
     tree = build_hierarchy(features, head.labels_, seed=cfg.train.seed)  # the merge tree of the clusters
     save_model(work, result.net)
     head.save(work / "head.npz")
@@ -113,22 +120,6 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
                "skipped_images": {"count": len(images.skipped), "first": images.skipped[:MAX_LISTED]}}
     save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
     return metrics
-
-
-def _settle_n_clusters(cfg: Config, found: dict | None, work: Path) -> Config:
-    """The run's K read off the learned features (``found``: ``scoring.compute_metrics``'s
-    ``n_clusters_found``): where the run trained without K, K and its evidence go into the
-    configuration (``config.yaml`` written again, with K) and its resolution; where K came from the
-    pixels, the check goes beside that estimate. Either way one stderr line says what was found."""
-    if found is None:
-        return cfg
-    print(f"deepclust: {describe_n_clusters(found)}", file=sys.stderr)
-    if found["role"] == "check":
-        return dataclasses.replace(cfg, resolution={**cfg.resolution, "n_clusters_check": found})
-    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, n_clusters=found["k"]),
-                              resolution={**cfg.resolution, "n_clusters": found})
-    save_text(work / "config.yaml", cfg.to_yaml())  # before metrics.json: K is the run's from now on
-    return cfg
 
 
 def save_model(out: Path, net) -> None:
