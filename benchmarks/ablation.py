@@ -23,6 +23,10 @@ Tables:
                         M3 + pseudo-labels, M4 + triplet mutual information (DCCM)
   dccm-pairs            DCCM Table 6: the MI pair strategies V1-V4
   and-curriculum        AND Table 6: the curriculum of Eq 6 vs the one-off discovery
+  jule-ip1              JULE (issue 44): jule_cnn's ip1 as the paper's Linear -> L2 (Table 9) against
+                        Linear -> BN -> ReLU -> L2, both with the small-cluster rule on (0.05); and the
+                        paper's ip1 with the rule off (0, the paper's plain cut); SF (own clusters) and
+                        RC (the agglomerative head) both recorded
 
 Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
 own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA.json.
@@ -88,11 +92,22 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
     # DCCM Table 6 (supplement): how the MI positives and negatives are drawn
     "dccm-pairs": [(f"V{i + 1}: {v}", [f"options.pairs={v}"]) for i, v in enumerate(
         ("nearest-random", "nearest-farthest", "random-random", "topn-random"))],
+    # JULE's ip1 (Table 9 and the authors' models: Linear -> L2) against Linear -> BN -> ReLU -> L2 at
+    # options.small_fraction 0.05 (the small-cluster rule), then the paper's ip1 at 0 (the paper's cut)
+    "jule-ip1": [(f"ip1 {label}, small_fraction {f}", [f"options.ip1={ip1}", f"options.small_fraction={f}"])
+                 for ip1, label, f in (("linear", "Linear -> L2 (paper)", "0.05"),
+                                       ("bn_relu", "Linear -> BN -> ReLU -> L2", "0.05"),
+                                       ("linear", "Linear -> L2 (paper)", "0"))],
 }
 METHOD_OF = {"pcp-components": "pcp", "pcp-table1": "pcp", "pcp-loss": "pcp", "pcp-floor": "pcp",
-             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm", "and-curriculum": "and"}
+             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm", "and-curriculum": "and",
+             "jule-ip1": "jule"}
 OTHER_METHOD = {"DC: DeepCluster, K' = 100": ("deepcluster", "deepcluster-cpu")}  # row label -> (method, preset)
 KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
+# Cluster heads recorded beside the chosen one, (prefix, head, features or None for any): the method's
+# own clusters (JULE's SF) and the agglomerative head on the embedding (JULE's RC), NMI both ways
+HEAD_KEYS = (("own", "method", None), ("agglomerative", "agglomerative", "embedding"))
+HEAD_SCORES = ("acc", "nmi", "nmi_geometric", "ari")
 
 
 def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int) -> dict:
@@ -112,8 +127,11 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int)
         resolved = resolved_config(out, cfg)  # every option of the row's run (papers.py reads them)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    own = next((h for h in m.get("heads", []) if h["head"] == "method"), {})
-    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **{f"own_{k}": own.get(k) for k in ("acc", "nmi", "ari")},
+    scores = {}
+    for prefix, kind, features in HEAD_KEYS:
+        h = next((h for h in m.get("heads", []) if h["head"] == kind and features in (None, h.get("features"))), {})
+        scores |= {f"{prefix}_{k}": h.get(k) for k in HEAD_SCORES if h.get(k) is not None}
+    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **scores,
             "config": {"method": resolved.get("method"), "options": resolved.get("options")}}
 
 
@@ -133,7 +151,8 @@ def main() -> None:
         for label, sets in TABLES[args.table]:
             row_method, row_config = OTHER_METHOD.get(label, (method, args.config))
             runs = [run_variant(row_method, spec, row_config, sets, seed) for seed in args.seeds]
-            keys = [k for k in (*KEYS, "own_acc", "own_nmi", "own_ari") if any(r.get(k) is not None for r in runs)]
+            heads = [f"{prefix}_{k}" for prefix, _, _ in HEAD_KEYS for k in HEAD_SCORES]
+            keys = [k for k in (*KEYS, *heads) if any(r.get(k) is not None for r in runs)]
             other = {"method": row_method, "config": row_config} if label in OTHER_METHOD else {}
             rows.append({"variant": label, "set": sets, **other, "runs": runs,
                          "summary": {k: mean_std([r.get(k) for r in runs]) for k in keys}})

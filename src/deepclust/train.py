@@ -89,8 +89,9 @@ def close_process_group() -> None:
 
 def build_network(cfg: Config, shape) -> EmbeddingNet:
     """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained."""
+    method = method_class(cfg.method)
     return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
-                        head=method_class(cfg.method).embedding_head)
+                        head=method.embedding_head, backbone_options=method.backbone_options(cfg.options))
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:

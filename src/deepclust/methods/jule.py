@@ -56,6 +56,7 @@ from torch import Tensor
 from ..config import option
 from ..errors import ConfigError
 from ..losses.jule import weighted_triplet_loss
+from ..nets import IP1
 from ..structure.agglomeration import (
     MODES,
     agglomerate,
@@ -90,6 +91,10 @@ class JuleOptions:
     # the final cut sets aside clusters under this fraction of the mean size n / n_c* (ours; see
     # structure.agglomeration.merge_clusters, min_size); 0: the paper's plain cut
     small_fraction: float = option(0.05, low=0, high=1)
+    # jule_cnn's ip1 before the L2 normalisation: "linear" (Table 9: ip1 -> l2-norm; the authors' Torch
+    # models_def/*.lua nn.Linear -> nn.Normalize(2)) or "bn_relu" (Linear -> BN -> ReLU); other backbones
+    # have no ip1 (ignored)
+    ip1: str = option("bn_relu", choices=IP1)
 
 
 class Jule(Method):
@@ -103,6 +108,10 @@ class Jule(Method):
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
         self.target = self.n_clusters()
+
+    @classmethod
+    def backbone_options(cls, options: JuleOptions) -> dict[str, Any]:
+        return {"ip1": options.ip1}  # jule_cnn's ip1 (JULE Table 9)
 
     @classmethod
     def check_data(cls, options: JuleOptions, n_images: int) -> None:
