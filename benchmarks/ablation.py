@@ -110,7 +110,8 @@ HEAD_KEYS = (("own", "method", None), ("agglomerative", "agglomerative", "embedd
 HEAD_SCORES = ("acc", "nmi", "nmi_geometric", "ari")
 
 
-def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int) -> dict:
+def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int, common: tuple[str, ...] = ()) -> dict:
+    """One seed of one row: the preset, then ``common`` (--set, every row), then the row's ``sets``."""
     from deepclust.config import read_yaml, set_dotted
     from deepclust.configure import build_config
     from deepclust.runs import fit_run
@@ -118,8 +119,10 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int)
     out = tempfile.mkdtemp(prefix="deepclust-ablation-")
     layer: dict = {"method": method, "data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out,
                    "cluster": {"n_clusters": class_count(spec)}}  # the papers' K (--set wins)
-    for item in sets:
-        key, _, value = item.partition("=")
+    for item in (*common, *sets):
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set takes KEY=VALUE, got '{item}'")
         set_dotted(layer, key, None if value == "null" else value)
     cfg = build_config(read_yaml(config), layer)
     try:
@@ -142,6 +145,8 @@ def main() -> None:
     p.add_argument("--config", required=True, help="the preset every row starts from")
     p.add_argument("--chosen-on", required=True, help="the data the preset's settings were chosen on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of every row's run (before the row's own), e.g. train.threads=1")
     args = p.parse_args()
     method, spec = METHOD_OF[args.table], data_spec(args.data)
     name = f"ablation-{args.table}-{args.data}"
@@ -150,7 +155,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for label, sets in TABLES[args.table]:
             row_method, row_config = OTHER_METHOD.get(label, (method, args.config))
-            runs = [run_variant(row_method, spec, row_config, sets, seed) for seed in args.seeds]
+            runs = [run_variant(row_method, spec, row_config, sets, seed, tuple(args.set)) for seed in args.seeds]
             heads = [f"{prefix}_{k}" for prefix, _, _ in HEAD_KEYS for k in HEAD_SCORES]
             keys = [k for k in (*KEYS, *heads) if any(r.get(k) is not None for r in runs)]
             other = {"method": row_method, "config": row_config} if label in OTHER_METHOD else {}
