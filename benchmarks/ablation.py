@@ -29,7 +29,7 @@ Tables:
                         RC (the agglomerative head) both recorded
 
 Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
-own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA.json.
+own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA[-TAG].json.
 """
 
 from __future__ import annotations
@@ -145,11 +145,12 @@ def main() -> None:
     p.add_argument("--config", required=True, help="the preset every row starts from")
     p.add_argument("--chosen-on", required=True, help="the data the preset's settings were chosen on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tag", default="", help="suffix of the result's name (ablation-TABLE-DATA-TAG.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of every row's run (before the row's own), e.g. train.threads=1")
     args = p.parse_args()
     method, spec = METHOD_OF[args.table], data_spec(args.data)
-    name = f"ablation-{args.table}-{args.data}"
+    name = f"ablation-{args.table}-{args.data}" + (f"-{args.tag}" if args.tag else "")
     rows = []
     with exclusive(name):
         t0 = time.perf_counter()
