@@ -29,7 +29,7 @@ Tables:
                         RC (the agglomerative head) both recorded
 
 Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
-own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA[-TAG].json.
+own clusters when it has them, kNN top-1, train seconds; per seed also the chosen head's cluster sizes. Result: RESULTS/ablation-TABLE-DATA[-TAG].json.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int,
     for prefix, kind, features in HEAD_KEYS:
         h = next((h for h in m.get("heads", []) if h["head"] == kind and features in (None, h.get("features"))), {})
         scores |= {f"{prefix}_{k}": h.get(k) for k in HEAD_SCORES if h.get(k) is not None}
-    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **scores,
+    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **scores, "cluster_sizes": m.get("cluster_sizes"),
             "config": {"method": resolved.get("method"), "options": resolved.get("options")}}
 
 
