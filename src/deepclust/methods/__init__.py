@@ -60,9 +60,10 @@ def option_flags() -> dict[str, tuple[str, str]]:
 
 def build_network(cfg: Config, shape) -> EmbeddingNet:
     """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained, with the configured
-    method's embedding head (``Method.embedding_head``)."""
-    head = method_class(cfg.method).embedding_head
-    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel, head=head)
+    method's embedding head (``Method.embedding_head``) and its backbone options (JULE's ip1)."""
+    method = method_class(cfg.method)
+    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
+                        head=method.embedding_head, backbone_options=method.backbone_options(cfg.options))
 
 
 def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None, **net_info) -> Method:
