@@ -8,9 +8,9 @@ labels.
 Heads fitted on the features alone (:data:`HEADS`, the post-hoc heads): :class:`KMeansHead` (faiss;
 the papers' protocol), :class:`SpectralHead` (normalised spectral clustering on the sparse kNN
 graph), :class:`AgglomerativeHead` (JULE's forward pass on fixed features: the graph-degree-linkage
-agglomeration of ``structure.agglomeration`` from its initial clusters down to K; JULE's "OURS-RC",
-usable after any method), :class:`WardHead` (Ward's merges of k-means leaves: nested over K, the
-tree a run keeps, ``structure.hierarchy``) and :class:`GraphHead` (the agglomerative partition, checked against the
+agglomeration of ``structure.agglomeration`` from its initial clusters down to K, size-aware;
+JULE's "OURS-RC", usable after any method), :class:`WardHead` (Ward's merges of k-means leaves: nested
+over K, the tree a run keeps, ``structure.hierarchy``) and :class:`GraphHead` (the agglomerative partition, checked against the
 spectral one on the same kNN graph: spectral's is kept instead when the agglomerative one's
 modularity is more than ``GRAPH_MARGIN`` lower, the sign of agglomeration chaining into one large
 cluster on weak features). Features are L2-normalised first (all of them work on cosine geometry:
@@ -472,9 +472,13 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
 def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
     """JULE's agglomeration on fixed features (its "RC" clusters): the directed kNN graph of Eq 4
     (K_s = 20, a = 1), the initial clusters of Sec 3.6 (1-NN chains), then greedy merges by Eq 7
-    (K_c = 5, lambda = 1, exact Eq 13-14 updates) down to ``n_clusters``. Where the initial clusters
-    are already fewer than K (tiny data), the merges start from single images. Clusters under
-    ``AGGLOMERATIVE_SMALL`` of the mean size are set aside at the cut (``min_size``)."""
+    (K_c = 5, lambda = 1, exact Eq 13-14 updates) down to ``n_clusters``, size-aware (ours,
+    ``structure.agglomeration``'s ``size_aware``: Eq 12's affinity over the partner's size too, and
+    a cluster without affinity or under the floor joins by the mean, not the total, kNN edge weight;
+    without it one cluster chained across classes on weak features, 5-9 times its share in
+    benchmarks/results/weak-features.json). Where the initial clusters are already fewer than K
+    (tiny data), the merges start from single images. Clusters under ``AGGLOMERATIVE_SMALL`` of the
+    mean size are set aside at the cut (``min_size``)."""
     x = normalise(features)
     n = len(x)
     if not 1 <= n_clusters <= n:
@@ -485,7 +489,8 @@ def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
     if int(start.max()) + 1 < n_clusters:
         start = np.arange(n, dtype=np.int64)
     floor = small_cluster_floor(n, n_clusters, AGGLOMERATIVE_SMALL)
-    return agglomerate(x, n_clusters, k_s=min(AGGLOMERATIVE_KS, n - 1), labels=start, min_size=floor)
+    return agglomerate(x, n_clusters, k_s=min(AGGLOMERATIVE_KS, n - 1), labels=start, min_size=floor,
+                       size_aware=True)
 
 
 def graph_labels(features: np.ndarray, n_clusters: int, *, n_neighbors: int = 10, seed: int = 0,

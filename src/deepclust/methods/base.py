@@ -53,7 +53,7 @@ What a method may own and ask for:
    ``optim.schedule`` by default (``step`` milestones, fixed or fractions of ``schedule_length``,
    ``cosine`` over it, or Caffe's ``inv`` per step); SCAN's is constant.
  - its network's build options (``backbone_options``, a class question of its options, passed by
-   ``train.build_network`` to ``nets.build_backbone``: JULE's ``ip1``); none by default.
+   ``methods.build_network`` to ``nets.build_backbone``: JULE's ``ip1``); none by default.
  - its optimiser (``make_optimizer``: ``cfg.optim``'s by default) over the network's parameters it
    trains (``network_parameters``; ``trains_network`` False keeps the network frozen, in eval mode)
    and its modules'.
@@ -211,7 +211,7 @@ class Method:
 
     @classmethod
     def backbone_options(cls, options: Any) -> dict[str, Any]:
-        """Keywords of ``nets.build_backbone`` that the method's options set (``train.build_network``
+        """Keywords of ``nets.build_backbone`` that the method's options set (``methods.build_network``
         passes them; JULE: its ip1). None by default."""
         return {}
 
