@@ -91,7 +91,7 @@ def _resolve_cluster(cl: ClusterConfig, method: type, data: DataConfig, images: 
         features = stage.cluster_features
     k = cl.n_clusters
     needing = [c.name for c in (method, stage) if c is not None and c.needs_k_to_train] if k is None else []
-    train = training_subset(data, images)
+    train = training_subset(data, images) if needing else None
     sample = pixel_sample(train, PIXEL_SAMPLE) if needing else None
     if _identical(images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
         raise DataError(f"all {len(images)} images are identical: nothing to cluster")
