@@ -23,9 +23,13 @@ Tables:
                         M3 + pseudo-labels, M4 + triplet mutual information (DCCM)
   dccm-pairs            DCCM Table 6: the MI pair strategies V1-V4
   and-curriculum        AND Table 6: the curriculum of Eq 6 vs the one-off discovery
+  jule-ip1              JULE (issue 44): jule_cnn's ip1 as the paper's Linear -> L2 (Table 9) against
+                        Linear -> BN -> ReLU -> L2, both with the small-cluster rule on (0.05); and the
+                        paper's ip1 with the rule off (0, the paper's plain cut); SF (own clusters) and
+                        RC (the agglomerative head) both recorded
 
 Recorded per row (mean, std, median over seeds): ACC / NMI / ARI of the chosen head, of the method's
-own clusters when it has them, kNN top-1, train seconds. Result: RESULTS/ablation-TABLE-DATA.json.
+own clusters when it has them, kNN top-1, train seconds; per seed also the chosen head's cluster sizes. Result: RESULTS/ablation-TABLE-DATA[-TAG].json.
 """
 
 from __future__ import annotations
@@ -88,14 +92,26 @@ TABLES: dict[str, list[tuple[str, list[str]]]] = {
     # DCCM Table 6 (supplement): how the MI positives and negatives are drawn
     "dccm-pairs": [(f"V{i + 1}: {v}", [f"options.pairs={v}"]) for i, v in enumerate(
         ("nearest-random", "nearest-farthest", "random-random", "topn-random"))],
+    # JULE's ip1 (Table 9 and the authors' models: Linear -> L2) against Linear -> BN -> ReLU -> L2 at
+    # options.small_fraction 0.05 (the small-cluster rule), then the paper's ip1 at 0 (the paper's cut)
+    "jule-ip1": [(f"ip1 {label}, small_fraction {f}", [f"options.ip1={ip1}", f"options.small_fraction={f}"])
+                 for ip1, label, f in (("linear", "Linear -> L2 (paper)", "0.05"),
+                                       ("bn_relu", "Linear -> BN -> ReLU -> L2", "0.05"),
+                                       ("linear", "Linear -> L2 (paper)", "0"))],
 }
 METHOD_OF = {"pcp-components": "pcp", "pcp-table1": "pcp", "pcp-loss": "pcp", "pcp-floor": "pcp",
-             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm", "and-curriculum": "and"}
+             "deepcluster-clusters": "deepcluster", "pad": "pad", "dccm-components": "dccm", "dccm-pairs": "dccm", "and-curriculum": "and",
+             "jule-ip1": "jule"}
 OTHER_METHOD = {"DC: DeepCluster, K' = 100": ("deepcluster", "deepcluster-cpu")}  # row label -> (method, preset)
 KEYS = ("acc", "nmi", "ari", "knn_top1", "train_seconds")
+# Cluster heads recorded beside the chosen one, (prefix, head, features or None for any): the method's
+# own clusters (JULE's SF) and the agglomerative head on the embedding (JULE's RC), NMI both ways
+HEAD_KEYS = (("own", "method", None), ("agglomerative", "agglomerative", "embedding"))
+HEAD_SCORES = ("acc", "nmi", "nmi_geometric", "ari")
 
 
-def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int) -> dict:
+def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int, common: tuple[str, ...] = ()) -> dict:
+    """One seed of one row: the preset, then ``common`` (--set, every row), then the row's ``sets``."""
     from deepclust.config import read_yaml, set_dotted
     from deepclust.configure import build_config
     from deepclust.runs import fit_run
@@ -103,8 +119,10 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int)
     out = tempfile.mkdtemp(prefix="deepclust-ablation-")
     layer: dict = {"method": method, "data": {"spec": spec}, "train": {"seed": seed, "progress": False}, "out": out,
                    "cluster": {"n_clusters": class_count(spec)}}  # the papers' K (--set wins)
-    for item in sets:
-        key, _, value = item.partition("=")
+    for item in (*common, *sets):
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set takes KEY=VALUE, got '{item}'")
         set_dotted(layer, key, None if value == "null" else value)
     cfg = build_config(read_yaml(config), layer)
     try:
@@ -112,8 +130,11 @@ def run_variant(method: str, spec: str, config: str, sets: list[str], seed: int)
         resolved = resolved_config(out, cfg)  # every option of the row's run (papers.py reads them)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    own = next((h for h in m.get("heads", []) if h["head"] == "method"), {})
-    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **{f"own_{k}": own.get(k) for k in ("acc", "nmi", "ari")},
+    scores = {}
+    for prefix, kind, features in HEAD_KEYS:
+        h = next((h for h in m.get("heads", []) if h["head"] == kind and features in (None, h.get("features"))), {})
+        scores |= {f"{prefix}_{k}": h.get(k) for k in HEAD_SCORES if h.get(k) is not None}
+    return {"seed": seed, **{k: m.get(k) for k in KEYS}, **scores, "cluster_sizes": m.get("cluster_sizes"),
             "config": {"method": resolved.get("method"), "options": resolved.get("options")}}
 
 
@@ -124,16 +145,20 @@ def main() -> None:
     p.add_argument("--config", required=True, help="the preset every row starts from")
     p.add_argument("--chosen-on", required=True, help="the data the preset's settings were chosen on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tag", default="", help="suffix of the result's name (ablation-TABLE-DATA-TAG.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of every row's run (before the row's own), e.g. train.threads=1")
     args = p.parse_args()
     method, spec = METHOD_OF[args.table], data_spec(args.data)
-    name = f"ablation-{args.table}-{args.data}"
+    name = f"ablation-{args.table}-{args.data}" + (f"-{args.tag}" if args.tag else "")
     rows = []
     with exclusive(name):
         t0 = time.perf_counter()
         for label, sets in TABLES[args.table]:
             row_method, row_config = OTHER_METHOD.get(label, (method, args.config))
-            runs = [run_variant(row_method, spec, row_config, sets, seed) for seed in args.seeds]
-            keys = [k for k in (*KEYS, "own_acc", "own_nmi", "own_ari") if any(r.get(k) is not None for r in runs)]
+            runs = [run_variant(row_method, spec, row_config, sets, seed, tuple(args.set)) for seed in args.seeds]
+            heads = [f"{prefix}_{k}" for prefix, _, _ in HEAD_KEYS for k in HEAD_SCORES]
+            keys = [k for k in (*KEYS, *heads) if any(r.get(k) is not None for r in runs)]
             other = {"method": row_method, "config": row_config} if label in OTHER_METHOD else {}
             rows.append({"variant": label, "set": sets, **other, "runs": runs,
                          "summary": {k: mean_std([r.get(k) for r in runs]) for k in keys}})

@@ -105,8 +105,14 @@ KILL_EPOCH: dict[str, int] = {"instance": 1, "and": 4, "pcp": 3, "deepcluster": 
 PHASE_SMOKE: dict[str, dict] = {
     "instance+scan": {**METHOD_SMOKE["instance"], "cluster": {"head": "scan"},
                       "scan": {"epochs": 2, "self_label_epochs": 2, "confidence": 0.3, "heads": 3}},
+    # DEC (methods/dec.py) after 2 instance epochs: 4 DEC epochs, its target updated at epochs 2 and 4
+    # (the first with the k-means centres); tol 0, so its length is fixed. The kill lands in the second
+    # epoch of the second update interval: the resume restores the target, the centres and SGD's momentum.
+    "instance+dec": {**METHOD_SMOKE["instance"], "cluster": {"head": "dec"},
+                     "dec": {"epochs": 4, "update_interval": 2, "tol": 0}},
 }
 KILL_EPOCH["instance+scan"] = 3
+KILL_EPOCH["instance+dec"] = 5
 
 
 def fake_calibration(rates, calls: list | None = None) -> type:

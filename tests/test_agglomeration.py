@@ -21,15 +21,17 @@ from deepclust.structure.agglomeration import (
 
 # ----------------------------------------------------------------------------- literal reference
 
-def ref_directed(wd: np.ndarray, ci: list[int], cj: list[int]) -> float:
-    """A(C_j -> C_i) = 1/|C_i|^2 1^T W_{C_i,C_j} W_{C_j,C_i} 1 (JULE Eq 12, first term)."""
+def ref_directed(wd: np.ndarray, ci: list[int], cj: list[int], size_aware: bool = False) -> float:
+    """A(C_j -> C_i) = 1/|C_i|^2 1^T W_{C_i,C_j} W_{C_j,C_i} 1 (JULE Eq 12, first term); size-aware
+    (the head's): divided by |C_j| as well."""
     one = np.ones(len(ci))
-    return float(one @ wd[np.ix_(ci, cj)] @ wd[np.ix_(cj, ci)] @ one) / len(ci) ** 2
+    value = float(one @ wd[np.ix_(ci, cj)] @ wd[np.ix_(cj, ci)] @ one) / len(ci) ** 2
+    return value / len(cj) if size_aware else value
 
 
-def ref_affinity(wd, ci, cj) -> float:
+def ref_affinity(wd, ci, cj, size_aware: bool = False) -> float:
     """A(C_i, C_j) = A(C_j -> C_i) + A(C_i -> C_j) (JULE Eq 12)."""
-    return ref_directed(wd, ci, cj) + ref_directed(wd, cj, ci)
+    return ref_directed(wd, ci, cj, size_aware) + ref_directed(wd, cj, ci, size_aware)
 
 
 def ref_loss(values: list[float], kc: int, lam: float) -> float:
@@ -40,11 +42,12 @@ def ref_loss(values: list[float], kc: int, lam: float) -> float:
     return -v[0] - lam / (kc - 1) * sum(v[0] - vk for vk in v[1:])
 
 
-def ref_merge(wd: np.ndarray, labels, n_merges: int, kc: int = 5, lam: float = 1.0):
+def ref_merge(wd: np.ndarray, labels, n_merges: int, kc: int = 5, lam: float = 1.0, size_aware: bool = False):
     """Greedy merges, recomputing every affinity from W each timestep. Ties and the fallback as
     documented in the module: lower id first; the merged cluster keeps the id of the larger one;
     a cluster without positive affinity is merged first (lowest id), into the cluster it shares
-    the most edge weight with; clusters sharing no edge wait; then the two smallest merge."""
+    the most edge weight with (size-aware: per member of that cluster); clusters sharing no edge
+    wait; then the two smallest merge."""
     _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first))
     lab = rank[inv]
@@ -53,7 +56,7 @@ def ref_merge(wd: np.ndarray, labels, n_merges: int, kc: int = 5, lam: float = 1
     for _ in range(n_merges):
         best, isolated = None, []
         for i in sorted(clusters):
-            aff = [(ref_affinity(wd, clusters[i], clusters[j]), j) for j in sorted(clusters) if j != i]
+            aff = [(ref_affinity(wd, clusters[i], clusters[j], size_aware), j) for j in sorted(clusters) if j != i]
             if not any(a > 0 for a, _ in aff):
                 isolated.append(i)
                 continue
@@ -64,8 +67,8 @@ def ref_merge(wd: np.ndarray, labels, n_merges: int, kc: int = 5, lam: float = 1
         x = y = None
         for i in isolated:  # no positive affinity: joins the cluster it shares most edge weight with
             others = [c for c in sorted(clusters) if c != i]
-            shared = [wd[np.ix_(clusters[i], clusters[c])].sum() + wd[np.ix_(clusters[c], clusters[i])].sum()
-                      for c in others]
+            shared = [(wd[np.ix_(clusters[i], clusters[c])].sum() + wd[np.ix_(clusters[c], clusters[i])].sum())
+                      / (len(clusters[c]) if size_aware else 1) for c in others]
             if max(shared) > 0:
                 x, y = i, others[int(np.argmax(shared))]
                 break
@@ -175,14 +178,15 @@ def test_fig3_local_structure_picks_the_isolated_pair():
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("kc", [1, 3, 5])
-def test_agglomeration_equals_literal_reference(seed, kc):
+@pytest.mark.parametrize("size_aware", [False, True])
+def test_agglomeration_equals_literal_reference(seed, kc, size_aware):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(25, 45))
     w = random_graph(rng, n, int(rng.integers(3, 7)))
     labels = rng.integers(0, n // 2, n) if seed % 2 else np.arange(n)
     c = np.unique(labels).size
-    out, rec = merge_clusters(w, labels, c - 2, k_c=kc, return_record=True)
-    expect, merges = ref_merge(w.toarray(), labels, c - 2, kc=kc)
+    out, rec = merge_clusters(w, labels, c - 2, k_c=kc, return_record=True, size_aware=size_aware)
+    expect, merges = ref_merge(w.toarray(), labels, c - 2, kc=kc, size_aware=size_aware)
     np.testing.assert_array_equal(out, expect)
     assert replay(labels, rec) == merges  # the same merge at every timestep
 
@@ -271,6 +275,25 @@ def test_small_clusters_are_set_aside_at_the_cut():
     out = merge_clusters(w, start, 1, min_size=floor)
     assert np.bincount(out).tolist() == [42, 40]  # the pair joined block 1, its edge partner
     assert out[80] == out[81] == out[1] != out[40]
+
+
+def test_size_aware_absorption_goes_by_edge_weight_per_member():
+    """A pair set aside at the cut shares 3 edges with a block of 40 and 2 with a block of 20: by the
+    total it joins the larger block (JULE's), by the weight per member the smaller (the head's)."""
+    wd = np.zeros((62, 62))
+    wd[:40, :40] = 1.0
+    wd[40:60, 40:60] = 1.0
+    np.fill_diagonal(wd, 0.0)
+    wd[0, 40] = wd[40, 0] = 0.5
+    wd[60, 61] = wd[61, 60] = 1.0
+    wd[60, [0, 1, 40]] = 1.0
+    wd[61, [0, 40]] = 1.0
+    wd[0, 60] = wd[40, 60] = 1e-4  # faint edges back: affinities near 0, never picked by Eq 7
+    start = np.r_[np.zeros(40), np.ones(20), [2, 2]].astype(np.int64)
+    for size_aware, partner in ((False, 0), (True, 40)):
+        out = merge_clusters(sp.csr_matrix(wd), start, 1, min_size=3, size_aware=size_aware)
+        assert np.bincount(out).tolist() == ([42, 20] if partner == 0 else [40, 22])
+        assert out[60] == out[61] == out[partner]
 
 
 def test_small_cluster_rule_keeps_clean_partitions():

@@ -152,6 +152,27 @@ def test_every_input_form_gives_the_same_clusters(fitted, digits, tmp_path):
     assert np.array_equal(fitted.predict(f"npz:{tmp_path / 'x.npz'}"), ref)
 
 
+def test_recut_reads_other_levels_off_the_fitted_tree(fitted, tmp_path):
+    """recut(k): the fitted clusters at k without training; the estimator itself is not changed."""
+    labels, k = fitted.labels_.copy(), fitted.n_clusters_
+    assert np.array_equal(fitted.recut(k), labels) and fitted.hierarchy_.n_clusters == len(np.unique(labels))
+    coarse, fine = fitted.recut(3), fitted.recut(2 * k)
+    assert len(np.unique(coarse)) == 3 and len(np.unique(fine)) == 2 * k
+    for finer, coarser in ((labels, coarse), (fine, labels)):  # unions below K, parts above it
+        assert all(len(np.unique(coarser[finer == c])) == 1 for c in np.unique(finer))
+    assert np.array_equal(fitted.labels_, labels) and fitted.n_clusters_ == k
+    back = Clusterer.load(fitted.save(tmp_path / "run"))  # the tree travels with the run
+    assert np.array_equal(back.recut(3), coarse)
+    with pytest.raises(ConfigError, match="1 to"):
+        fitted.recut(0)
+    with pytest.raises(ConfigError, match="whole number"):
+        fitted.recut("3")
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        Clusterer().recut(3)
+
+
 def test_bad_input_is_one_line(fitted):
     with pytest.raises(DataError, match="shape"):
         as_image_set(np.zeros((3, 8, 8, 5), np.uint8))

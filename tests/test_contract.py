@@ -7,8 +7,8 @@
 - a run SIGKILLed between its log record and its checkpoint, after at least two discoveries and in the
   middle of a round, then resumed, equals an uninterrupted run record by record, with exactly one log
   record per epoch.
-The learned clustering phase after a method (``PHASE_SMOKE``: ``instance+scan``) is a case of its own
-in all three.
+The learned clustering phases after a method (``PHASE_SMOKE``: ``instance+scan``, ``instance+dec``) are
+cases of their own in all three.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from conftest import KILL_EPOCH, METHOD_SMOKE, PHASE_SMOKE, ROOT, smoke_layer
 
 from deepclust.config import merge_layers
 from deepclust.configure import build_config
-from deepclust.methods import METHODS
+from deepclust.methods import METHODS, stage_class
 from deepclust.runs import fit_run, resume_run
 
 ALL = sorted(METHODS) + sorted(PHASE_SMOKE)
@@ -89,13 +89,14 @@ def test_bf16_mixed_precision_runs(tmp_path, small_npz, method):
 
 
 def test_a_phase_leaves_the_method_epochs_unchanged(references):
-    """The phase's heads are drawn from a generator of their own: the method's epochs of a run with
-    the phase equal those of the run without it, record by record."""
+    """The phase's parameters are drawn from a generator of their own: the method's epochs of a run
+    with the phase equal those of the run without it, record by record; the phase's epochs follow."""
     for case in PHASE_SMOKE:
         method = case.split("+")[0]
         n = len(references[method]["log"])
         assert all(_same_record(a, b) for a, b in zip(references[case]["log"][:n], references[method]["log"]))
-        assert [r["phase"] for r in references[case]["log"][n:]] == ["scan", "scan", "self-label", "self-label"]
+        cfg = build_config(smoke_layer(case, "digits", "/nonexistent"))
+        assert len(references[case]["log"]) - n == stage_class(cfg.cluster.head).epochs_of(cfg), case
 
 
 def _free_port() -> int:
@@ -220,3 +221,82 @@ def _same_record(a: dict, b: dict) -> bool:
         if not (x == pytest.approx(y, rel=1e-6, abs=1e-9) if numbers else x == y):
             return False
     return True
+
+
+# -- DCCM's per-block schedule (options.schedule: block, the authors' main.py train), a case of its own
+# in the three contract tests: 3 blocks of the 300 digits, 2 passes a block in mini-batches of 32 (3 a
+# pass, the remainder left out), each mini-batch on 2 draws, one epoch a pass: 6 epochs, the block
+# predicted at epochs 0, 2 and 4. The kill lands in block 1's second pass (epoch 3): the resume
+# restores the block's prediction and trains on it without predicting again.
+DCCM_BLOCK = {"options": {"schedule": "block", "block_size": 100, "block_repeats": 2, "block_draws": 2,
+                          "block_epochs": 2},
+              "optim": {"batch_size": 32}, "train": {"epochs": 1}}
+DCCM_BLOCK_KILL = 3
+# One optimiser step of the schedule (one block of all 300 images, one pass of one mini-batch, one
+# draw), compared as ONE_STEP's cases are: plain SGD, every parameter within 1e-5 + 1e-4 |x|.
+DCCM_BLOCK_ONE_STEP = {"options": {"block_size": 300, "block_repeats": 1, "block_draws": 1, "block_epochs": 1},
+                       "optim": {"batch_size": 300, "optimizer": "sgd"}}
+
+
+def _block_layer(small_npz, out, *more: dict) -> dict:
+    return merge_layers(smoke_layer("dccm", f"npz:{small_npz}", out), DCCM_BLOCK, *more)
+
+
+@pytest.fixture(scope="module")
+def block_reference(tmp_path_factory, small_npz):
+    out = tmp_path_factory.mktemp("reference") / "dccm-block"
+    fit_run(build_config(_block_layer(small_npz, out)))
+    return _outputs(out)
+
+
+def test_dccm_block_shuffled_labels_change_nothing(tmp_path, small_npz, block_reference):
+    d = dict(np.load(small_npz))
+    d["labels"] = np.random.default_rng(5).permutation(d["labels"])
+    np.savez(tmp_path / "shuffled.npz", **d)
+    fit_run(build_config(_block_layer(tmp_path / "shuffled.npz", tmp_path / "run")))
+    got = _outputs(tmp_path / "run")
+    assert [r["phase"] for r in got["log"]] == [f"epoch 0 block {b}" for b in (0, 0, 1, 1, 2, 2)]
+    assert np.array_equal(got["embeddings"], block_reference["embeddings"])
+    assert np.array_equal(got["labels"], block_reference["labels"])
+    assert [r["loss"] for r in got["log"]] == [r["loss"] for r in block_reference["log"]]
+
+
+@pytest.mark.slow
+def test_dccm_block_two_processes_equal_one(tmp_path, small_npz, block_reference):
+    """One step of the schedule in two processes equals one process (the block's prediction gathered
+    from both, the mini-batch's terms against the gathered batch); the smoke run's block structure and
+    modules are identical on both ranks every epoch, with the same epochs and blocks as one process."""
+    _ddp({"smoke": _block_layer(small_npz, tmp_path / "two", {"train": {"devices": 2}}),
+          "one": _block_layer(small_npz, tmp_path / "one-two", DCCM_BLOCK_ONE_STEP, {"train": {"devices": 2}})})
+    fit_run(build_config(_block_layer(small_npz, tmp_path / "one-ref", DCCM_BLOCK_ONE_STEP)))
+    ref, two = _checkpoint_tensors(tmp_path / "one-ref"), _checkpoint_tensors(tmp_path / "one-two")
+    assert ref.keys() == two.keys()
+    for k in ref:
+        assert torch_close(ref[k], two[k]), (k, (ref[k].double() - two[k].double()).abs().max())
+    for out in (tmp_path / "one-two", tmp_path / "two"):
+        _ranks_identical("dccm", out)
+    got = _outputs(tmp_path / "two")
+    assert [(r["epoch"], r["phase"]) for r in got["log"]] == [(r["epoch"], r["phase"]) for r in block_reference["log"]]
+    assert np.isfinite(got["embeddings"]).all() and len(got["labels"]) == len(block_reference["labels"])
+
+
+@pytest.mark.slow
+def test_dccm_block_kill_in_the_middle_of_a_block_then_resume(tmp_path, small_npz, block_reference):
+    """Killed after block 1's first pass (epoch 3's record written, not its checkpoint): the resume
+    restarts in the middle of the block's repeats, from the block's restored prediction (no new one:
+    epoch 3 records no discovery), and equals the uninterrupted run record by record."""
+    out = tmp_path / "run"
+    spec = {"layers": {"dccm-block": _block_layer(small_npz, out)}, "kill_epoch": DCCM_BLOCK_KILL}
+    p = subprocess.run([sys.executable, WORKER, "kill", json.dumps(spec)], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    killed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in killed] == list(range(DCCM_BLOCK_KILL + 1))
+    assert killed[-1]["phase"] == killed[-2]["phase"] == "epoch 0 block 1" and "discovery_seconds" not in killed[-1]
+    fit_run(build_config({"out": str(out), "train": {"progress": False}}), resume=True)
+    got = _outputs(out)
+    assert [r["epoch"] for r in got["log"]] == list(range(len(block_reference["log"])))
+    for mine, theirs in zip(got["log"], block_reference["log"]):
+        assert _same_record(mine, theirs), (mine, theirs)
+    assert np.allclose(got["embeddings"], block_reference["embeddings"], atol=1e-6)
+    assert np.array_equal(got["labels"], block_reference["labels"])

@@ -134,6 +134,61 @@ def test_factorised_discriminator_equals_the_plain_one_with_its_gradients():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def _pair_scores_case(seed: int = 2, width: int = 16):
+    torch.manual_seed(seed)
+    disc = LocalDiscriminator(5, 7, width=width)
+    deep = torch.randn(4, 7, requires_grad=True)
+    shallow = torch.randn(6, 5, 3, 3, requires_grad=True)
+    positives = torch.tensor([[0, 2], [1, 3], [2, 5], [3, 0]])
+    negatives = torch.tensor([[4, 5], [0, 2], [0, 1], [1, 2]])
+    return disc, deep, shallow, positives, negatives
+
+
+def test_the_pair_scores_backward_can_run_twice_and_a_clobbered_one_fails_loudly():
+    """PairScores keeps its intermediates in buffers reused from step to step: a retained graph gives
+    the same gradients twice (the backward writes nothing it saved), and a second forward before the
+    first's backward makes that backward fail autograd's version check instead of giving a gradient
+    of the second batch's intermediates."""
+    disc, deep, shallow, positives, negatives = _pair_scores_case()
+    params = [deep, shallow, *disc.parameters()]
+    loss = mi_loss(disc, deep, shallow, positives, negatives).sum()
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    stale = mi_loss(disc, deep, shallow, positives, negatives).sum()
+    mi_loss(disc, deep, shallow.detach() * 2, positives, negatives).sum()  # the same buffers, written again
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(stale, params)
+
+
+def test_the_pair_scores_reuse_their_buffers_from_step_to_step():
+    """The buffers are made once for the most pairs a batch can have: a later batch with fewer valid
+    pairs (-1 entries) writes into the same memory (a fresh allocation of that size is new pages from
+    the system every step, which costs about as much as the arithmetic on them)."""
+    disc, deep, shallow, positives, negatives = _pair_scores_case()
+    mi_loss(disc, deep, shallow, positives, negatives).sum().backward()
+    before = {k: v.data_ptr() for k, v in disc.workspace.buffers.items()}
+    assert set(before) == {"h1", "h2", "grad_h1", "grad_h2"}
+    fewer = negatives.clone()
+    fewer[1] = -1
+    mi_loss(disc, deep, shallow, positives, fewer).sum().backward()
+    assert {k: v.data_ptr() for k, v in disc.workspace.buffers.items()} == before
+
+
+def test_the_pair_scores_follow_autocast_in_bf16():
+    """Under bf16 autocast the pairs are scored in bf16, as the convolutions they replace would be:
+    the terms stay within bf16's rounding of the float32 ones (8 bits of mantissa: 2^-8 relative per
+    operation, a few of them in a row), and every gradient comes back in its parameter's dtype."""
+    disc, deep, shallow, positives, negatives = _pair_scores_case(width=32)
+    want = mi_loss(disc, deep, shallow, positives, negatives)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mi_loss(disc, deep, shallow, positives, negatives)
+    torch.testing.assert_close(got, want.detach(), rtol=0.05, atol=0.02)
+    got.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in [deep, shallow, *disc.parameters()])
+
+
 def test_mi_estimate_tells_true_pairs_from_shuffled_ones_after_a_few_steps():
     """Deep features that carry the shallow map's information: the discriminator learns to score
     true pairs above shuffled ones, so -loss (the MI estimate) of true pairs rises above its value
@@ -266,3 +321,169 @@ def test_predict_uses_the_head_on_new_images(tmp_path, small_npz):
         np.savez(tmp_path / "new.npz", images=z["images"][::-3])
     new, _ = predict_run(out, f"npz:{tmp_path / 'new.npz'}")
     assert (new == labels[::-3]).all()
+
+
+# -- the authors' per-block schedule (options.schedule: block) ---------------------------------------
+
+BLOCK = {"schedule": "block", "block_size": 100, "block_repeats": 4, "block_draws": 2, "block_epochs": 2}
+
+
+def _block_method(tmp_path, small_npz, n=300, batch=32, **options):
+    from deepclust.methods import build_method
+
+    layer = smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x", options={**BLOCK, **options},
+                        optim={"batch_size": batch}, train={"epochs": 2})
+    return build_method(build_config(layer), n, tap_dims={"backbone": 6, "conv2": 32},
+                        tap_shapes={"backbone": (6,), "conv2": (2, 4, 4)}, shallow_layer="conv2")
+
+
+def test_the_block_schedule_cuts_blocks_passes_and_draws_as_the_authors_loop(tmp_path, small_npz):
+    """main.py train: a data epoch's permutation cut into blocks; per block, repeated passes, each a
+    fresh order of the block cut into mini-batches (the remainder left out: 100 // 32 = 3), each
+    mini-batch trained on block_draws consecutive steps; block_epochs loop epochs a block."""
+    m = _block_method(tmp_path, small_npz)
+    assert m.n_blocks() == 3 and m.total_epochs() == 2 * 3 * 2  # 2 data epochs x 3 blocks x 2 epochs a block
+    assert [m.needs_discovery(e) for e in range(6)] == [True, False] * 3  # each block's first epoch
+    assert [m.phase(e) for e in (0, 1, 2, 5, 6)] == ["epoch 0 block 0", "epoch 0 block 0", "epoch 0 block 1",
+                                                   "epoch 0 block 2", "epoch 1 block 0"]
+    blocks = [m.block_rows(e) for e in (0, 2, 4)]
+    assert sorted(torch.cat(blocks).tolist()) == list(range(300))  # a partition of the data epoch
+    assert torch.equal(m.block_rows(1), blocks[0]) and not torch.equal(m.block_rows(6), blocks[0])
+    for epoch in (0, 1):  # the two epochs of block 0: passes 0-1, then 2-3
+        batches = m.batches(epoch, 300, 32, 3)
+        assert len(batches) == 2 * 3 * 2 and all(len(b) == 32 for b in batches)
+        assert all(torch.equal(batches[i], batches[i + 1]) for i in range(0, 12, 2))  # the two draws
+        for p in range(2):
+            one_pass = torch.cat(batches[p * 6:(p + 1) * 6:2])
+            assert len(set(one_pass.tolist())) == 96 and set(one_pass.tolist()) <= set(blocks[0].tolist())
+    passes = [torch.cat(m.batches(e, 300, 32, 3)[::2]) for e in (0, 1)]
+    assert not torch.equal(passes[0], passes[1])  # every pass its own order
+    assert all(torch.equal(a, b) for a, b in zip(m.batches(1, 300, 32, 3), m.batches(1, 300, 32, 3)))  # seeded
+
+
+def test_the_block_schedule_forwards_only_the_views_it_trains(tmp_path, small_npz):
+    """Per mini-batch the original is forwarded for its graph in any case; per block the graph is the
+    block's, so the original is forwarded only when its terms are trained (Eq 15's L_PG, L_PL)."""
+    for options, views, plain, trained in (({}, 2, (0,), (0, 1)), ({"original_terms": False}, 1, (), (0,)),
+                                           ({"local_robustness": False}, 1, (0,), (0,))):
+        m = _block_method(tmp_path, small_npz, **options)
+        assert (m.views_at(0), m.plain_views(0), m.trained_views) == (views, plain, trained), options
+    m = _block_method(tmp_path, small_npz, schedule="minibatch", original_terms=False)
+    assert (m.views_at(0), m.plain_views(0), m.trained_views) == (2, (0,), (1,))
+
+
+def _block_structure(m, epoch=0, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    probabilities = torch.softmax(torch.randn(300, 10, generator=g) * 4, dim=1)
+    rows = m.block_rows(epoch)
+    return {"probabilities": probabilities, "block": rows, "block_probabilities": probabilities[rows]}
+
+
+def _step(m, gidx, seed=7):
+    from deepclust.methods import Step
+
+    g = torch.Generator().manual_seed(seed)
+    outputs = [{"probabilities": torch.softmax(torch.randn(len(gidx), 10, generator=g), dim=1).requires_grad_(),
+                "backbone": torch.randn(len(gidx), 6, generator=g), "conv2": torch.randn(len(gidx), 2, 4, 4, generator=g)}
+               for _ in range(m.views_at(0))]
+    return Step(epoch=0, step=0, idx=gidx, gidx=gidx, positions=torch.arange(len(gidx)), outputs=outputs, bank=None)
+
+
+def test_a_block_step_trains_on_the_blocks_graph_and_labels(tmp_path, small_npz):
+    """Eq 3 and Eq 9 of a block's mini-batch against the graph and labels of the block's predictions
+    (the authors' mask[address,:][:,address], labels[address]), computed here independently from
+    them; the step's own predictions are what is trained, not what is thresholded."""
+    m = _block_method(tmp_path, small_npz, mutual_information=False)
+    structure = _block_structure(m)
+    m.set_structure(structure)
+    gidx = m.batches(0, 300, 32, 3)[0]
+    step = _step(m, gidx)
+    got = m.batch_loss(step)
+    p_block = structure["probabilities"][gidx]  # the block's predictions of these images
+    cos = F.normalize(p_block, dim=1) @ F.normalize(p_block, dim=1).T
+    w, top = cos >= 0.95, p_block.max(dim=1)
+    want = torch.zeros(32)
+    for out in step.outputs:
+        p = out["probabilities"]
+        s = F.normalize(p, dim=1) @ F.normalize(p, dim=1).T
+        want = want + torch.where(w, -torch.log(s.clamp_min(1e-7)), -torch.log((1 - s).clamp_min(1e-7))).mean(1)
+        want = want + 5.0 * -torch.log(p.gather(1, top.indices[:, None]).squeeze(1)) * (top.values >= 0.9)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    off = ~torch.eye(32, dtype=torch.bool)
+    assert bool((w & off).any()) and bool((~w & off).any())  # the case has both kinds of pair,
+    assert bool((top.values >= 0.9).any()) and not bool((top.values >= 0.9).all())  # and of label
+    m.set_structure(None)
+    minibatch = _block_method(tmp_path, small_npz, mutual_information=False, schedule="minibatch")
+    assert not torch.allclose(minibatch.batch_loss(step), got)  # per mini-batch: the step's own originals
+
+
+def test_the_block_graph_is_made_once_per_block_and_set_structure_is_idempotent(tmp_path, small_npz, monkeypatch):
+    """The block's similarities, graph and labels come from set_structure (idempotent: the same from
+    the same structure), and the repeated steps only index them: no pseudo-graph is computed in them."""
+    import deepclust.methods.dccm as method_module
+    import deepclust.structure.pseudo_graph as graph_module
+
+    m = _block_method(tmp_path, small_npz)
+    structure = _block_structure(m)
+    m.set_structure(structure)
+    first = m.block
+    m.set_structure(structure)
+    for name in ("where", "similarity", "graph", "labels", "confident"):
+        assert torch.equal(getattr(first, name), getattr(m.block, name)), name
+    calls = []
+    for module in (graph_module, method_module):
+        for name in ("pseudo_graph", "pseudo_labels"):
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    for gidx in m.batches(0, 300, 32, 3)[:6]:
+        m.batch_loss(_step(m, gidx))
+    assert calls == []
+
+
+def test_block_predictions_normalise_the_head_by_the_blocks_statistics(tmp_path, small_npz):
+    """The authors' BatchNorm keeps no running statistics (track_running_stats=False): a block is
+    predicted with its own mean and variance. Discovery mutates nothing: the running statistics stay."""
+    m = _block_method(tmp_path, small_npz)
+    head = m.modules["head"]
+    with torch.no_grad():
+        head[0].weight.normal_(0, 0.5), head[1].weight.uniform_(0.5, 2), head[1].bias.normal_(0, 0.3)
+    running = (head[1].running_mean.clone(), head[1].running_var.clone())
+    x = torch.randn(100, 6) * 3 + 1
+    z = head[0](x).detach()
+    z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + head[1].eps) * head[1].weight + head[1].bias
+    torch.testing.assert_close(m.block_predictions(x), torch.softmax(z, dim=1).detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(head[1].running_mean, running[0]) and torch.equal(head[1].running_var, running[1])
+
+
+def test_the_block_schedule_is_refused_by_a_time_budget_and_checks_its_epochs(tmp_path, small_npz):
+    """train.epochs counts passes over the data in blocks, which the budget's plan of mini-batch epochs
+    cannot price: it asks for the epochs instead of planning wrongly. A block's passes split evenly."""
+    from deepclust.budget import method_schedule
+    from deepclust.errors import ConfigError
+
+    layer = smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x", options=BLOCK)
+    with pytest.raises(ConfigError, match="give train.epochs"):
+        method_schedule(build_config(layer))(3)
+    assert method_schedule(build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x")))(3) == (3, 3, 0)
+    with pytest.raises(ConfigError, match="block_epochs"):
+        build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x", options={**BLOCK, "block_epochs": 3}))
+
+
+def test_v4_partners_are_each_rows_most_similar_chosen_pair_whatever_the_write_order():
+    """V4 (top-n pairs): a row in several of the chosen pairs keeps its most similar partner; the
+    choice is a mask and a max per row, the same on any device (writes of several pairs to one entry
+    have no defined order on CUDA). Against an independent loop over the chosen pairs."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(16, 3, generator=g) * 4, dim=1)
+    sim = prediction_similarity(p)
+    graph = pseudo_graph(sim, 0.9)
+    got = mi_pairs(graph, sim, torch.arange(16), torch.Generator().manual_seed(0), "topn-random", 1).positive
+    allowed = sorted(((float(sim[i, j]), i, j) for i in range(16) for j in range(i + 1, 16) if graph[i, j]), reverse=True)
+    pairs = allowed[:16]  # n = the batch size
+    want = [-1] * 16
+    for i in range(16):
+        mine = [(s, j if a == i else a) for s, a, j in pairs if i in (a, j)]
+        want[i] = max(mine)[1] if mine else -1
+    assert got.tolist() == want
+    per_row = [sum(i in (a, j) for _, a, j in pairs) for i in range(16)]
+    assert len(allowed) > 16 and max(per_row) >= 3 and -1 in want  # rows in several pairs, rows in none

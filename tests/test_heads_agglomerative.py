@@ -80,3 +80,24 @@ def test_scored_beside_the_other_heads(tmp_path, small_npz):
     assert ("agglomerative", "embedding") in rows
     assert rows[("agglomerative", "embedding")]["acc"] == pytest.approx(m["acc"])
     assert all("nmi_geometric" in h for h in m["heads"])
+
+
+def test_weak_features_do_not_chain_into_one_cluster():
+    """Digits pixels with Gaussian noise (sd 0.5 of the [0, 1] range; benchmarks/weak_features.py's
+    case): Eq 12's affinity as JULE trains with it lets one cluster take most images; the head's
+    size-aware agglomeration keeps every cluster under twice its share and scores higher."""
+    from deepclust.data import load_images
+    from deepclust.heads import AGGLOMERATIVE_KS, AGGLOMERATIVE_SMALL, normalise
+    from deepclust.structure.agglomeration import agglomerate, initial_clusters, small_cluster_floor
+
+    images = load_images("digits")
+    x = np.stack([np.asarray(i, np.float32).ravel() for i in images.images]) / 255.0
+    x = x + 0.5 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    x = normalise(x - x.mean(0))
+    n, k = len(x), 10
+    plain = agglomerate(x, k, k_s=AGGLOMERATIVE_KS, labels=initial_clusters(x),
+                        min_size=small_cluster_floor(n, k, AGGLOMERATIVE_SMALL))
+    head = fit_head(x, "agglomerative", k).labels_
+    assert np.bincount(plain).max() > 5 * n / k
+    assert np.bincount(head).max() < 2 * n / k and np.unique(head).size == k
+    assert cluster_acc(images.labels, head) > cluster_acc(images.labels, plain) + 0.1

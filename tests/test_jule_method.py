@@ -133,3 +133,46 @@ def test_predict_new_images_with_sf_and_rc(tmp_path, small_npz, sf_run, head):
     np.savez(new, images=d["images"][::-1].copy())
     again, _ = predict_run(run, f"npz:{new}")
     assert np.array_equal(again, pred[::-1])  # new images (here re-ordered): the same rule, row by row
+
+
+# -- the network and the presets named after the paper (issue 44) ---------------------------------
+
+
+@pytest.mark.parametrize("ip1,layers", [("linear", [torch.nn.Flatten, torch.nn.Linear]),
+                                        ("bn_relu", [torch.nn.Flatten, torch.nn.Linear, torch.nn.BatchNorm1d,
+                                                     torch.nn.ReLU])])
+def test_options_ip1_builds_the_network_the_run_trains(ip1, layers):
+    """``options.ip1`` reaches the network of a run (train.build_network: the Trainer, runfiles and
+    inference all build it), and a run's saved configuration rebuilds the same one."""
+    from deepclust.train import build_network
+
+    cfg = build_config({"method": "jule", "net": {"backbone": "jule_cnn"}, "options": {"ip1": ip1}})
+    net = build_network(cfg, (1, 16, 16))
+    assert [type(m) for m in net.backbone.ip1] == layers
+    again = build_network(build_config(cfg.to_dict()), (1, 16, 16))
+    again.load_state_dict(net.state_dict())  # strict: the same layers
+
+
+def test_ip1_is_refused_outside_its_choices():
+    from deepclust.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ip1"):
+        build_config({"method": "jule", "options": {"ip1": "relu"}})
+
+
+def test_the_paper_presets_have_the_papers_ip1_and_say_each_departure():
+    """jule-usps / jule-mnist-test / jule-mnist: Table 9's Linear ip1 (measured better on digits and USPS,
+    issue 44), the small-cluster rule on as a stated departure; jule-cpu keeps its measured bn_relu; a
+    run without a preset gets the paper's ip1."""
+    from deepclust.config import preset_path
+    from deepclust.configure import load_config
+
+    for name in ("jule-usps", "jule-mnist-test", "jule-mnist"):
+        cfg = load_config(name)
+        assert cfg.options.ip1 == "linear" and cfg.options.small_fraction == 0.05
+        assert cfg.optim.momentum == 0.9 and cfg.optim.schedule == "inv" and cfg.views.preset == "none"
+        comment = preset_path(name).read_text().split("\nmethod:")[0]
+        for departure in ("small_fraction", "inv decay", "batches by cluster", "dampens"):
+            assert departure in comment, (name, departure)
+    assert load_config("jule-cpu").options.ip1 == "bn_relu"
+    assert build_config({"method": "jule"}).options.ip1 == "linear"

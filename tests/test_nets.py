@@ -108,6 +108,43 @@ def test_jule_cnn_layers():
     assert not any(isinstance(m, nn.MaxPool2d) for m in digits.modules())
 
 
+def test_jule_cnn_ip1_linear_is_the_papers_and_keeps_the_linear_keys():
+    """JULE Table 9 (ip1 -> l2-norm; the authors' models: nn.Linear -> nn.Normalize(2)): ``ip1="linear"``
+    is Linear alone, whose embedding may leave the non-negative orthant; ``bn_relu`` (the default of the
+    backbone) is Linear -> BN -> ReLU, whose embedding never does. The Linear's keys are the same."""
+    paper, _ = build_backbone("jule_cnn", 1, (16, 16), ip1="linear")
+    ours, _ = build_backbone("jule_cnn", 1, (16, 16))
+    assert [type(m) for m in paper.ip1] == [nn.Flatten, nn.Linear]
+    assert [type(m) for m in ours.ip1] == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    assert set(paper.state_dict()) < set(ours.state_dict())  # ours adds ip1.2 (the BN) only
+    assert {k for k in set(ours.state_dict()) - set(paper.state_dict())} == {
+        k for k in ours.state_dict() if k.startswith("ip1.2.")}
+    x = torch.randn(64, 1, 16, 16)
+    for ip1, negative in (("linear", True), ("bn_relu", False)):
+        net = EmbeddingNet("jule_cnn", 1, 16, head=False, backbone_options={"ip1": ip1})
+        emb = net(x)
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(64))  # the L2 of Table 9 in both
+        assert bool((emb < 0).any()) == negative  # with BN -> ReLU every cosine is >= 0
+        if not negative:
+            assert bool(((emb @ emb.T) >= 0).all())
+    with pytest.raises(ConfigError, match="ip1"):
+        build_backbone("jule_cnn", 1, (16, 16), ip1="relu")
+    assert build_backbone("mlp", 1, (8, 8), ip1="linear")[1] == 256  # no ip1: the keyword changes nothing
+
+
+@pytest.mark.parametrize("ip1", ["linear", "bn_relu"])
+def test_exported_jule_cnn_loads_as_the_note_says(ip1):
+    """``deepclust export --weights`` of a JULE run: the metadata's call builds a backbone that loads
+    the file's tensors, whichever ip1 the run had."""
+    from deepclust import export, nets
+
+    net = EmbeddingNet("jule_cnn", 1, 16, head=False, backbone_options={"ip1": ip1})
+    tensors, meta = export.backbone_weights("jule_cnn", (1, 16, 16), False, net.state_dict())
+    call = meta["note"].split("deepclust.nets.")[1].split("[0]")[0]
+    backbone = eval(call, {"build_backbone": nets.build_backbone})[0]  # noqa: S307 (our own note)
+    backbone.load_state_dict(tensors)  # strict: every key, no more
+
+
 def test_dccm_cnn_table4():
     net, dim = build_backbone("dccm_cnn", 3, (32, 32))
     assert dim == 64 and net.shallow_layer == "pool1"  # the authors' S: conv2's map after its max-pool

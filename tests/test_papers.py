@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import papers  # noqa: E402
-from papers import CLAIMS, Source, Stats, measure, tables, verdict  # noqa: E402
+from papers import CLAIMS, DEPARTURES, Source, Stats, measure, tables, verdict  # noqa: E402
 
 
 def accuracy_result(method, data, knn, seeds=3, **extra):
@@ -94,8 +94,55 @@ def test_nothing_recorded_means_nothing_measured():
     md = tables({})
     verdicts = [line.split("|")[5].strip() for line in md.splitlines()
                 if line.startswith("| ") and not line.startswith("| paper's figure")]
-    assert len(verdicts) == sum(len(c) for c in CLAIMS.values()) and set(verdicts) == {"not measured"}
+    departures = sum(len(d) for d in DEPARTURES.values())
+    assert len(verdicts) == sum(len(c) for c in CLAIMS.values()) + departures
+    assert set(verdicts) - {"departure", "as the paper"} == {"not measured"}
+    assert sum(v in ("departure", "as the paper") for v in verdicts) == departures  # fixed lines, not verdicts
     assert "±" not in md
+
+
+JULE = next(p for p in CLAIMS if p.startswith("JULE"))
+
+
+def _jule_run(sf: float, rc: float) -> dict:
+    return {"heads": [{"head": "method", "features": "embedding", "nmi_geometric": sf, "acc": sf},
+                      {"head": "agglomerative", "features": "embedding", "nmi_geometric": rc, "acc": rc}]}
+
+
+def test_jule_paper_preset_rows_sit_beside_the_cpu_rows_with_their_distance_to_the_paper():
+    """The paper presets' results (accuracy.py --tag paper) get their own line after jule-cpu's, both
+    sides read from the same result, and the "why" gives our distance to the paper's own figures."""
+    results = {"accuracy-jule-usps-paper": {"method": "jule", "data": "usps", "command": "accuracy.py --config "
+                                            "jule-usps --tag paper", "runs": [_jule_run(0.90, 0.93)]}}
+    rows = _rows(tables(results), JULE, "JULE-RC 0.913 vs JULE-SF (the recurrence's own clusters) 0.858")
+    assert len(rows) == 2  # jule-cpu's, then the paper preset's
+    assert rows[0][2] == "-" and "accuracy-jule-usps;" in rows[0][5] + ";"
+    cpu, paper = rows
+    assert paper[2] == "0.930 ± 0.000 vs 0.900 ± 0.000 (n = 1 / 1)" and paper[4] == "not measured"  # one seed
+    assert "jule-usps" in paper[3] and "the paper preset" in paper[5]
+    assert "A +0.017 from the paper's 0.913, B +0.042 from the paper's 0.858" in paper[5]
+    assert "from the paper's" not in cpu[5]  # nothing measured, no distance
+
+
+def test_every_departure_of_the_jule_presets_is_a_line_of_its_table_with_its_measurements():
+    lines = DEPARTURES[JULE]
+    said = " ".join(f"{d.where} {d.paper} {d.ours} {d.why}" for d in lines)
+    for topic in ("ip1", "small", "inv", "dampen", "batches", "USPS"):  # issue 44's list, and the data
+        assert topic in said, topic
+    ip1 = next(d for d in lines if "ip1" in d.paper)
+    rows = {}
+    for data in ("digits", "usps"):
+        rows[f"ablation-jule-ip1-{data}"] = {"rows": [
+            {"variant": v, "runs": [{"own_nmi_geometric": x, "agglomerative_nmi_geometric": x + 0.01} for x in xs]}
+            for v, xs in ((papers.IP1_PAPER, (0.90, 0.91, 0.92)), (papers.IP1_BN, (0.80, 0.80, 0.80)),
+                          (papers.SMALL_OFF, (0.70, 0.70, 0.70)))]}
+    md = tables(rows)
+    line = _rows(md, JULE, ip1.paper)
+    assert len(line) == 1
+    assert line[0][2].startswith("digits (8x8, dev) SF NMI: 0.910 ± 0.010 vs 0.800 ± 0.000 (n = 3 / 3)")
+    assert "USPS RC NMI: 0.920 ± 0.010 vs 0.810 ± 0.000 (n = 3 / 3)" in line[0][2]
+    assert line[0][4] == ("departure" if ip1.kept else "as the paper")
+    assert len(_rows(tables({}), JULE, "| ")) == len(_rows(md, JULE, "| "))  # the same lines, figures filled in
 
 
 def test_the_script_prints_the_tables(tmp_path):
@@ -133,3 +180,14 @@ def test_deepcluster_results_say_which_version_they_measured():
     row_source = Source("ablation-y", "knn_top1", "DC")
     assert "does not record" in papers.version_note({"ablation-y": ablation_row}, row_source)
     assert "deepcluster-cpu" in papers.our_setting({"ablation-y": ablation_row}, row_source)
+
+
+def test_jule_results_say_which_ip1_they_measured():
+    """JULE runs recorded before issue 44 (options without ``ip1``) had Linear -> BN -> ReLU; the note
+    says so, and nothing is said of a result that records its ip1 or of another method."""
+    source = Source("accuracy-jule-usps", "method:acc")
+    old = {"method": "jule", "runs": [{"config": {"options": {"eta": 0.9}}}]}
+    new = {"method": "jule", "runs": [{"config": {"options": {"eta": 0.9, "ip1": "linear"}}}]}
+    assert "before issue 44" in papers.version_note({source.stem: old}, source)
+    assert papers.version_note({source.stem: new}, source) == ""
+    assert papers.version_note({source.stem: {**old, "method": "pad"}}, source) == ""

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from deepclust import report
+from deepclust.runfiles import RunFiles
+from deepclust.structure.hierarchy import cut
 
 FAST = ["--backbone", "mlp", "--no-progress", "--batch-size", "64", "--seed", "1"]
 
@@ -36,12 +38,12 @@ def test_report_is_one_self_contained_file_with_every_part(page, run_dir):
     # nothing is fetched: no script, stylesheet link, font or URL other than inlined data
     assert "<script" not in text and "<link" not in text and "@font-face" not in text
     assert re.findall(r'(?:src|href)="(?!data:)', text) == []
-    for ident in ("summary", "sizes", "map", "curves", "confusion", "galleries"):
+    for ident in ("summary", "sizes", "map", "curves", "confusion", "galleries", "hierarchy"):
         assert f'id="{ident}"' in text, ident
     clusters = np.load(run_dir / "labels.npy")
     sizes = np.bincount(clusters)
     for c in np.flatnonzero(sizes):  # every non-empty cluster has its gallery: min(size, 16) typical images
-        block = text.split(f'id="cluster-{c}"')[1].split('<div class="cluster"')[0]
+        block = text.split(f'id="cluster-{c}"')[1].split("</section>")[0].split('<div class="cluster"')[0]
         typical = block.split('class="row atypical"')[0]
         assert typical.count('class="thumb"') == min(sizes[c], report.TYPICAL)
         assert f"{sizes[c]} images" in block
@@ -82,6 +84,14 @@ def test_curves_hold_the_loss_and_every_numeric_diagnostic():
     assert series["scs_count"][0].tolist() == [1, 2]
 
 
+def test_hierarchy_levels_and_a_run_without_a_tree():
+    assert report.levels(10, 100) == {"coarse": 5, "fine": 20}
+    assert report.levels(10, 14) == {"coarse": 5, "fine": 14}  # no finer level than the leaves
+    assert report.levels(1, 1) == {} and report.levels(2, 2) == {"coarse": 1}
+    view = report.RunView(None, None, np.zeros((3, 2), np.float32), np.zeros(3, np.int64), None, [], {})
+    assert "no hierarchy.npz" in report.hierarchy_html(view, 1)  # a run fitted before runs kept their tree
+
+
 def test_bad_input_is_one_line_and_loses_nothing(tmp_path, run_dir):
     kept = tmp_path / "kept.html"
     kept.write_text("old")
@@ -114,7 +124,8 @@ console.error = function () { errors.push('console: ' + Array.from(arguments).jo
                               consoleError.apply(console, arguments); };
 window.addEventListener('load', function () {
   var images = Array.from(document.images).map(function (i) {
-    var s = i.closest('section'); return [i.className, i.complete, i.naturalWidth, s ? s.id : '']; });
+    var s = i.closest('section'), l = i.closest('.level');
+    return [i.className, i.complete, i.naturalWidth, s ? s.id : '', l ? l.id : '']; });
   var pre = document.createElement('pre'); pre.id = 'probe';
   pre.textContent = JSON.stringify({images: images, errors: errors}); document.body.appendChild(pre);
 });
@@ -141,14 +152,23 @@ def load_in_browser(html_path, tmp_path, extra: str = "") -> tuple[dict, str]:
     return result, "\n".join(console)
 
 
-def test_report_renders_in_chromium(page, tmp_path):
+def test_report_renders_in_chromium(page, tmp_path, run_dir):
     result, console = load_in_browser(page, tmp_path)
     images = result["images"]
     thumbs = [i for i in images if i[0] == "thumb"]
-    assert len(thumbs) >= 10 and all(section == "galleries" for *_, section in thumbs)
-    assert all(complete and width > 0 for _, complete, width, _ in images), [i for i in images if not i[2]]
-    figures = {section: width for cls, _, width, section in images if cls == "figure"}
-    assert figures.keys() == {"sizes", "map", "curves"} and min(figures.values()) > 100
+    assert len(thumbs) >= 10 and all(section in ("galleries", "hierarchy") for *_, section, _ in thumbs)
+    assert all(complete and width > 0 for _, complete, width, *_ in images), [i for i in images if not i[2]]
+    figures = {section: width for cls, _, width, section, _ in images if cls == "figure"}
+    assert figures.keys() == {"sizes", "map", "curves", "hierarchy"} and min(figures.values()) > 100
+    # the hierarchy: a coarser and a finer level, each cluster with its prototypes, shown and loaded
+    labels = np.load(run_dir / "labels.npy")
+    k = len(np.unique(labels))
+    tree = RunFiles(run_dir).hierarchy()
+    for name, level in report.levels(k, tree.n_leaves).items():
+        sizes = np.bincount(cut(tree, level))
+        shown = [i for i in thumbs if i[4] == f"level-{name}"]
+        assert len(shown) == np.minimum(sizes, report.PROTOTYPES).sum(), name
+    assert set(report.levels(k, tree.n_leaves)) == {"coarse", "fine"}
     assert result["errors"] == [] and console == "", (result["errors"], console)
     # the probe itself sees a broken image and a fetch from outside (so the checks above can fail)
     bad = '<img class="thumb" src="data:image/png;base64,AAAA"><img src="https://example.invalid/x.png">'

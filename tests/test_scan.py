@@ -214,13 +214,13 @@ def test_the_kept_head_leaves_no_cluster_empty_when_a_head_can():
 def test_the_phase_discovers_without_mutating_and_sets_its_structure_idempotently():
     """The lifecycle of methods/base.py: discover returns the neighbours (then the chosen head with
     them) and changes nothing; set_structure any number of times gives the same state."""
-    from deepclust.methods import DiscoveryContext
+    from deepclust.methods import DiscoveryContext, FeatureRequest
     from deepclust.methods.scan import EMBEDDING, PROBABILITIES, Scan
 
     cfg = build_config({"cluster": {"n_clusters": 3, "head": "scan", "features": "backbone"},
                         "scan": {"heads": 2, "neighbours": 4, "epochs": 2, "self_label_epochs": 1}})
     phase = Scan(cfg, 30, {"backbone": 8})
-    assert [e for e in range(phase.total_epochs()) if phase.needs_discovery(e)] == [0, 2]
+    assert [e for e in range(phase.total_epochs()) if phase.needs_discovery(e)] == [0, 1, 2]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 8, generator=g)
     ctx = DiscoveryContext(epoch=0, n_images=30, seed=0, device=torch.device("cpu"), passes={EMBEDDING: x})
@@ -231,10 +231,12 @@ def test_the_phase_discovers_without_mutating_and_sets_its_structure_idempotentl
     for _ in range(2):
         phase.set_structure(s0)
     p = torch.softmax(torch.randn(30, 2, 3, generator=g), -1)
-    ctx2 = DiscoveryContext(epoch=2, n_images=30, seed=0, device=torch.device("cpu"), passes={PROBABILITIES: p})
+    ctx2 = DiscoveryContext(epoch=2, n_images=30, seed=0, device=torch.device("cpu"),
+                            passes={PROBABILITIES: p, FeatureRequest("backbone"): x})
     s2 = phase.discover(ctx2)
     assert phase.structure is s0 and torch.equal(s2["neighbours"], s0["neighbours"])
-    assert int(s2["best"]) == phase.lowest_loss_head(p)
+    assert int(s2["best"]) == int(s2["kept_slot"]) == phase.lowest_loss_head(p) and bool(s2["kept_live"])
+    assert int(s2["kept_epoch"]) == 1  # the epoch that trained the heads this pass scored
     assert all(torch.equal(before[k], v) for k, v in phase.modules.state_dict().items())
     assert [len(b) for b in phase.batches(0, 30, 10, 0)] == [10] * 6  # 5 anchors + their 5 neighbours
     batches = phase.batches(0, 30, 10, 0)
@@ -290,3 +292,146 @@ def test_a_frozen_backbone_leaves_the_network_as_the_method_left_it(tmp_path, sm
     assert np.array_equal(plain, frozen)
     log = [__import__("json").loads(line) for line in (tmp_path / "frozen" / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log[2:]] == ["scan", "scan", "self-label", "self-label"]
+
+
+# -- the head kept across epochs, chosen as SCAN chooses it ---------------------------------------
+
+
+def _blobs(n_per: int = 20, k: int = 3, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """k tight blobs along orthogonal directions: every mined neighbour within its blob."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(k), n_per)
+    x = 5 * np.eye(d)[y] + rng.normal(0, 0.1, (len(y), d))
+    return torch.from_numpy(x.astype(np.float32)), y
+
+
+def _phase(x: torch.Tensor, k: int = 3, heads: int = 3, **scan):
+    from deepclust.methods.scan import Scan
+
+    cfg = build_config({"cluster": {"n_clusters": k, "head": "scan", "features": "backbone"},
+                        "scan": {"heads": heads, "neighbours": 4, **scan}})
+    phase = Scan(cfg, len(x), {"backbone": x.shape[1]})
+    phase.set_structure({"neighbours": torch.from_numpy(mine_neighbours(x.numpy(), 4))})
+    return phase
+
+
+def _discover(phase, x: torch.Tensor, epoch: int):
+    """The phase's discovery of ``epoch`` on the pass its modules give ``x`` (eval mode), as the loop runs it."""
+    from deepclust.methods import DiscoveryContext, FeatureRequest
+    from deepclust.methods.scan import PROBABILITIES
+
+    phase.modules.eval()
+    with torch.no_grad():
+        p = phase.forward({"backbone": x})["cluster_probabilities"]
+    passes = {PROBABILITIES: p, FeatureRequest("backbone"): x}
+    ctx = DiscoveryContext(epoch=epoch, n_images=len(x), seed=0, device=torch.device("cpu"), passes=passes)
+    return phase.discover(ctx), ctx
+
+
+def test_heads_are_chosen_with_the_entropy_weighed_1_as_scan_evaluate():
+    """Head 0 follows the data's 6:2 split and keeps every pair together; head 1 splits 4:4 across
+    pairs. Eq 2 with the training lambda 5 prefers head 1; SCAN's evaluation (lambda 1) head 0, and
+    so does the stage, whatever its training lambda."""
+    from deepclust.methods.scan import SELECTION_ENTROPY_WEIGHT, Scan
+
+    a = torch.tensor([[0.99, 0.01]] * 6 + [[0.01, 0.99]] * 2)
+    b = torch.tensor([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 4)
+    p = torch.stack([a, b], dim=1)  # (8, 2 heads, 2)
+    nb = torch.tensor([[1, 2], [0, 2], [0, 1], [2, 1], [5, 3], [4, 3], [7, 6], [6, 7]])
+    assert scan_objective(p, nb, 5.0).argmin() == 1 and scan_objective(p, nb, 1.0).argmin() == 0
+    assert SELECTION_ENTROPY_WEIGHT == 1.0
+    cfg = build_config({"cluster": {"n_clusters": 2, "head": "scan", "features": "backbone"},
+                        "scan": {"heads": 2, "entropy_weight": 5.0}})
+    phase = Scan(cfg, 8, {"backbone": 4})
+    phase.set_structure({"neighbours": nb})
+    assert phase.lowest_loss_head(p) == 0
+
+
+def test_the_head_of_an_earlier_epoch_is_kept_when_later_epochs_score_worse():
+    """After epoch 0 head 1 separates the blobs; the next epochs leave every head worse (random
+    weights): the kept head is epoch 0's, whose map gives the run's clusters and ``predict``."""
+    x, y = _blobs()
+    phase = _phase(x, epochs=3)
+    linear = phase.modules["heads"][-1]
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+        linear.bias.zero_()
+        linear.weight[3:6] = torch.eye(3, 6)  # head 1: the blobs' own directions
+    s1, _ = _discover(phase, x, 1)
+    assert int(s1["kept_epoch"]) == 0 and int(s1["kept_slot"]) == 1 and bool(s1["kept_live"])
+    phase.set_structure(s1)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
+    s2, ctx = _discover(phase, x, 2)
+    assert not bool(s2["kept_live"]) and int(s2["kept_epoch"]) == 0
+    assert float(s2["kept_loss"]) == pytest.approx(float(s1["kept_loss"]), rel=1e-6)  # the same features
+    assert torch.equal(s2["kept_weight"], s1["kept_weight"]) and "best" not in s2
+    phase.set_structure(s2)
+    assert phase.reset_parameters() == []  # not the self-labelling's start: the heads stay as trained
+    labels = phase.final_clusters(ctx)
+    assert clustering_scores(y, labels)["acc"] == 1.0 and phase.best is None
+    layer, a, c = phase.assignment_map()
+    assert np.array_equal((x.numpy() @ a.T + c).argmax(1), labels)
+    assert np.array_equal(a, s1["kept_weight"].numpy())
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_self_labelling_starts_from_the_head_kept_across_epochs(normalise):
+    """At the self-labelling's discovery an earlier epoch's kept head goes into the slot it trains:
+    that slot's eval-mode map (the standardising BatchNorm folded in) is then the kept map, and the
+    Linear's optimiser state is dropped (its parameters returned)."""
+    x, _ = _blobs()
+    phase = _phase(x, epochs=2, self_label_epochs=1, normalise=normalise)
+    *norm, linear = phase.modules["heads"]
+    g = torch.Generator().manual_seed(3)
+    if normalise:
+        norm[0].running_mean.copy_(torch.randn(6, generator=g))
+        norm[0].running_var.copy_(torch.rand(6, generator=g) + 0.5)
+    kept_w, kept_b = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    phase.set_structure({**phase.structure, "kept_weight": kept_w, "kept_bias": kept_b, "kept_epoch": torch.tensor(0),
+                         "kept_loss": torch.tensor(0.0, dtype=torch.float64), "kept_slot": torch.tensor(2),
+                         "kept_live": torch.tensor(False), "best": torch.tensor(2)})
+    before = linear.weight[:6].clone()
+    params = phase.reset_parameters()
+    assert params == [linear.weight, linear.bias]
+    a, c = phase.head_map(2)
+    assert torch.allclose(a, kept_w, atol=1e-5) and torch.allclose(c, kept_b, atol=1e-5)
+    assert torch.equal(linear.weight[:6], before)  # the other heads untouched
+
+
+@pytest.mark.slow
+def test_the_kept_head_survives_a_kill_and_resume(tmp_path, small_npz):
+    """Three SCAN epochs without self-labelling, killed in the third after its log record: the head
+    kept at the second epoch's discovery comes back from the checkpoint, and the resumed run's log
+    (the kept epoch and loss each epoch), clusters and saved head equal the uninterrupted run's."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from deepclust.runs import fit_run
+
+    def layer(out):
+        return _scan_layer(f"npz:{small_npz}", out, scan={"epochs": 3, "self_label_epochs": 0})
+
+    fit_run(build_config(layer(tmp_path / "ref")))
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    spec = {"layers": {"instance+scan": layer(tmp_path / "run")}, "kill_epoch": 4}
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "_workers.py"), "kill", json.dumps(spec)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    fit_run(build_config({"out": str(tmp_path / "run"), "train": {"progress": False}}), resume=True)
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("ref", "run")]
+    assert [r.get("scan_kept_epoch") for r in logs[0]][3:] == [r.get("scan_kept_epoch") for r in logs[1]][3:]
+    assert all("scan_kept_epoch" in r for r in logs[0][3:])  # discoveries at the second and third SCAN epochs
+    assert len(logs[0]) == len(logs[1])
+    for mine, theirs in zip(logs[1], logs[0]):
+        keys = {k for k in mine.keys() | theirs.keys() if "seconds" not in k and k != "images_per_second"}
+        for k in keys:
+            a, b = mine.get(k), theirs.get(k)
+            numbers = isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
+            assert (a == pytest.approx(b, rel=1e-6, abs=1e-9)) if numbers else a == b, (k, mine, theirs)
+    assert np.array_equal(np.load(tmp_path / "run" / "labels.npy"), np.load(tmp_path / "ref" / "labels.npy"))
+    heads = [np.load(tmp_path / d / "head.npz") for d in ("ref", "run")]
+    assert np.array_equal(heads[0]["weight"], heads[1]["weight"])

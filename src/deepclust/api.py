@@ -44,7 +44,9 @@ from .io import ensure_dir, save_bytes
 from .methods import option_flags
 from .resolution import load_data
 from .rundir import check_replaceable, swap_in, unique_dir
+from .runfiles import RunFiles
 from .runs import fit_run
+from .structure.hierarchy import cut
 from .train import extract_features
 
 # Clusterer's parameters that set one option each -> its dotted configuration key: the command line's
@@ -144,7 +146,11 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     exists to be cloned or fitted.
 
     Fitted attributes: ``labels_`` (cluster per image), ``embedding_`` (L2-normalised embeddings),
-    ``n_clusters_``, ``metrics_`` (metrics.json's content), ``config_`` (the resolved Config).
+    ``n_clusters_``, ``metrics_`` (metrics.json's content), ``config_`` (the resolved Config),
+    ``hierarchy_`` (the clusters' merge tree, ``structure.hierarchy.Hierarchy``; None for a run saved
+    before runs kept one). :meth:`recut` reads the clusters at another K off that tree without
+    training; it changes nothing of the fitted estimator (``set_params(n_clusters=...)`` followed by
+    ``fit`` trains again, as scikit-learn's estimators do).
     """
 
     def __init__(self, method: str | None = None, n_clusters: int | str | None = None, *,
@@ -216,6 +222,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         self.embedding_ = self._array("embeddings.npy") if "embeddings.npy" in self.run_files_ else None
         self.n_clusters_ = int(self.config_.cluster.n_clusters)
         self.head_ = ClusterHead.load(io.BytesIO(self.run_files_["head.npz"]))
+        self.hierarchy_ = RunFiles(run).hierarchy() if "hierarchy.npz" in self.run_files_ else None
 
     def _array(self, name: str) -> np.ndarray:
         return np.load(io.BytesIO(self.run_files_[name]), allow_pickle=False)
@@ -242,6 +249,18 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         """The cluster of each image of ``X``, by the run's saved head (``head.npz``)."""
         features = self._features(X)[0]  # NotFittedError first
         return self.head_.predict(features)
+
+    def recut(self, n_clusters: int) -> np.ndarray:
+        """The fitted images' clusters at ``n_clusters`` (1 to the tree's leaves), cut from the tree of
+        the fitted clusters (``hierarchy_``, ``structure.hierarchy.cut``): at ``n_clusters_`` they are
+        ``labels_``, below it unions of those clusters, above it their parts. No training, no network;
+        the estimator is not changed."""
+        self._check_fitted()
+        if self.hierarchy_ is None:
+            raise DataError("this run has no cluster tree (saved before runs kept one); fit it again to re-cut it")
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)):
+            raise ConfigError(f"n_clusters must be a whole number, got {n_clusters!r}")
+        return cut(self.hierarchy_, int(n_clusters))
 
     def scores(self, X: Any, y: Any) -> dict[str, float]:
         """ACC (Hungarian-matched), NMI and ARI of ``predict(X)`` against the labels ``y`` (one per

@@ -277,16 +277,17 @@ def fit_to_budget(cfg, method: type, images: np.ndarray, view_spec, *, backbone_
                                                     "reason": "several processes: no calibration"}
     n = len(images)
     schedule = method_schedule(method, cfg)
-    text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
+    probe_epochs = _smallest_reaching(schedule, MIN_EPOCHS, MAX_EPOCHS_PER_UNIT)
     candidates = budget_candidates(images) if backbone_auto else (cfg.net.backbone,)
+    text = cfg.train.budget if cfg.train.budget is not None else DEFAULT_BUDGET
+    seconds = parse_budget(text)
     calibration = None
     if probes is None:
         calibration = TrainerCalibration(cfg, images, view_spec, labels=labels, evaluated=evaluated,
-                                         probe_epochs=_smallest_reaching(schedule, MIN_EPOCHS, MAX_EPOCHS_PER_UNIT),
-                                         clock=clock)
+                                         probe_epochs=probe_epochs, clock=clock)
         probes = Probes(calibration.measure, calibration.discovery, calibration.stages, calibration.finish)
     try:
-        report = plan_budget(parse_budget(text), n, candidates, probes, schedule, started=started, clock=clock)
+        report = plan_budget(seconds, n, candidates, probes, schedule, started=started, clock=clock)
     finally:
         if calibration is not None:
             calibration.close()

@@ -277,7 +277,9 @@ class TrainerCalibration:
         """Stand-ins for the own clusters of the run's methods, which the calibration has not
         trained, by the cluster head that reads them: the configured method's clusters where the
         run's head reads them; each later method's assignment map (random, on ``cluster.features``)."""
-        k, (first, *later) = self.cfg.cluster.n_clusters, trainer.cluster_heads
+        # K not given to a run that trains without it is read off the features after training: a
+        # stand-in count here, for the timing only
+        k, (first, *later) = self.cfg.cluster.n_clusters or 2, trainer.cluster_heads
         own = {first: OwnClusters(labels=np.arange(len(features)) % k)} if self.cfg.cluster.head == first else {}
         for head in later:
             weights = np.random.default_rng(0).standard_normal((k, features.shape[1])).astype(np.float32)

@@ -175,6 +175,13 @@ def _parser() -> _Parser:
     pr.add_argument("--split", default="all", help=_choices(SPLITS, "all"))
     pr.add_argument("--resize", help="resize every image to SIDE x SIDE (to the run's image size)")
     pr.add_argument("--out", required=True, help="output file: .csv (name,cluster) or .npy (int64 clusters)")
+    rc = sub.add_parser("recut", help="a finished run's clusters at another K, cut from the cluster tree it kept "
+                                      "(no training, no network: seconds)")
+    rc.add_argument("--run", required=True, help="run directory written by fit")
+    rc.add_argument("--n-clusters", required=True, help="K: from 1 to the tree's leaves (below the run's K its "
+                                                        "clusters joined, above it their parts)")
+    rc.add_argument("--out", required=True, help="output file: .csv (index,cluster; rows in the run's order) "
+                                                 "or .npy (int64 clusters)")
     _report_export_parsers(sub)
     sub.add_parser("configs", help="list the shipped presets (for --config), a line each")
     return p
@@ -255,27 +262,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.suffix not in (".csv", ".npy"):
-        raise DataError(f"--out must end in .csv or .npy, got {out}")
-    if not out.parent.exists():
-        raise DataError(f"no such directory: {out.parent}")
-    check_output(out, args.run, data=args.data)
+    out = _clusters_out(args.out, args.run, data=args.data)
     clusters, images = inference.predict_run(args.run, args.data, split=args.split, resize=args.resize)
-    if out.suffix == ".npy":
-        save_array(out, clusters.astype(np.int64))
-    else:  # RFC 4180 (CRLF rows, so fields holding \r or \n are quoted too): any name reads back intact
-        names = images.names or [str(i) for i in range(len(images))]
-        # file names that are not valid UTF-8 (surrogate-escaped by Python) get \xNN escapes
-        names = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names]
-        buf = io.StringIO(newline="")
-        writer = csv.writer(buf)
-        writer.writerow(["name", "cluster"])
-        writer.writerows(zip(names, clusters.tolist()))
-        save_text(out, buf.getvalue())
+    _write_clusters(out, clusters, images.names or [str(i) for i in range(len(images))], "name")
     sizes = np.bincount(clusters).tolist()
     print(json.dumps({"n_images": len(clusters), "cluster_sizes": sizes, "out": str(out)}))
     return 0
+
+
+def cmd_recut(args: argparse.Namespace) -> int:
+    out = _clusters_out(args.out, args.run)
+    try:
+        k = int(str(args.n_clusters).strip())
+    except ValueError:
+        raise ConfigError(f"--n-clusters takes a whole number, got '{args.n_clusters}'") from None
+    clusters, summary = inference.recut_run(args.run, k)
+    _write_clusters(out, clusters, [str(i) for i in range(len(clusters))], "index")
+    print(json.dumps({**summary, "out": str(out)}))
+    return 0
+
+
+def _clusters_out(out: str, run: str, data: str | None = None) -> Path:
+    """The table of clusters ``--out`` names, checked: .csv or .npy, in a directory that exists, and
+    none of the run's own files nor its data (``rundir.check_output``)."""
+    path = Path(out)
+    if path.suffix not in (".csv", ".npy"):
+        raise DataError(f"--out must end in .csv or .npy, got {path}")
+    if not path.parent.exists():
+        raise DataError(f"no such directory: {path.parent}")
+    check_output(path, run, data=data)
+    return path
+
+
+def _write_clusters(out: Path, clusters: np.ndarray, names: list[str], column: str) -> None:
+    """``clusters`` as .npy (int64) or as CSV rows (``column``, cluster) named by ``names``."""
+    if out.suffix == ".npy":
+        save_array(out, clusters.astype(np.int64))
+        return
+    # RFC 4180 (CRLF rows, so fields holding \r or \n are quoted too): any name reads back intact;
+    # file names that are not valid UTF-8 (surrogate-escaped by Python) get \xNN escapes
+    names = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names]
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow([column, "cluster"])
+    writer.writerows(zip(names, clusters.tolist()))
+    save_text(out, buf.getvalue())
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -332,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     args.started = started
     warnings.filterwarnings("ignore", module="lightning")
     try:
-        commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "report": cmd_report,
-                    "export": cmd_export, "configs": cmd_configs}
+        commands = {"fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict, "recut": cmd_recut,
+                    "report": cmd_report, "export": cmd_export, "configs": cmd_configs}
         return commands[args.command](args)
     except DeepclustError as e:
         print(f"deepclust: error: {e}", file=sys.stderr)

@@ -42,7 +42,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 # The cluster heads fitted on the features (heads.py) and "method", the configured method's own clusters;
 # a registered stage (``methods.STAGES``, e.g. scan) is a head too: the run trains it (Config.check).
-POST_HOC_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "method")
+POST_HOC_HEADS = ("auto", "kmeans", "spectral", "agglomerative", "graph", "ward", "method")
 VIEW_PRESET_NAMES = ("auto", "none", "natural", "digits", "dccm")
 # The backbones nets.build_backbone makes (nets.BACKBONES is this tuple): kept here, where the validator's
 # choices are, since the configuration imports no torch (tests/test_house.py) and nets is above it.

@@ -56,7 +56,7 @@ def device_memory(cfg: Config) -> int | None:
 def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, dict]:
     """The run's images (``images``: given in memory, as ``Clusterer`` does) and the note of the path
     taken (module docstring; :func:`announce` says it on stderr)."""
-    data, allowed = cfg.data, allowed_memory()
+    data, allowed, device = cfg.data, allowed_memory(), device_memory(cfg)
     kind, arg = ("array", "") if images is not None else classify(data.spec)
     shape = _shape(images) if images is not None else probe(kind, arg, data.split.lower(), data.resize)
     loaded = None
@@ -64,7 +64,7 @@ def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, di
         loaded = load_source(data.spec, data.split, data.root, data.download, data.resize)
         shape = _shape(loaded)
     memory = training_parts(cfg, *shape, streamed=False)
-    decoded, device = int(shape[0] * shape[1] * shape[2] * shape[3]), device_memory(cfg)
+    decoded = int(shape[0] * shape[1] * shape[2] * shape[3])
     note: dict[str, Any] = {"decoded_bytes": decoded, "allowed_bytes": allowed, "estimate_bytes": sum(memory.values()),
                             "device_bytes": device}
     on_device = device is None or decoded <= DEVICE_SHARE * device

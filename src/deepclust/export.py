@@ -182,8 +182,10 @@ def backbone_weights(name: str, input_shape, sobel: bool, state: dict) -> tuple[
                 "the layers (the same function in eval mode); classifier.6 (the ImageNet classifier) is not "
                 "in a clustering backbone")
         return folded, meta | {"format": "torchvision", "note": note}
+    # jule_cnn's ip1 without its BatchNorm (ip1.2) is JULE's Linear (options.ip1 linear)
+    ip1 = ", ip1='linear'" if name == "jule_cnn" and "ip1.2.weight" not in inner else ""
     note = (f"no torchvision model has this layout: deepclust.nets.build_backbone('{name}', "
-            f"{channels}, ({h}, {w}))[0].load_state_dict(...) loads it")
+            f"{channels}, ({h}, {w}){ip1})[0].load_state_dict(...) loads it")
     return inner, meta | {"format": "deepclust", "note": note}
 
 

@@ -8,8 +8,9 @@ labels.
 Heads fitted on the features alone (:data:`HEADS`, the post-hoc heads): :class:`KMeansHead` (faiss;
 the papers' protocol), :class:`SpectralHead` (normalised spectral clustering on the sparse kNN
 graph), :class:`AgglomerativeHead` (JULE's forward pass on fixed features: the graph-degree-linkage
-agglomeration of ``structure.agglomeration`` from its initial clusters down to K; JULE's "OURS-RC",
-usable after any method) and :class:`GraphHead` (the agglomerative partition, checked against the
+agglomeration of ``structure.agglomeration`` from its initial clusters down to K, size-aware;
+JULE's "OURS-RC", usable after any method), :class:`WardHead` (Ward's merges of k-means leaves: nested
+over K, the tree a run keeps, ``structure.hierarchy``) and :class:`GraphHead` (the agglomerative partition, checked against the
 spectral one on the same kNN graph: spectral's is kept instead when the agglomerative one's
 modularity is more than ``GRAPH_MARGIN`` lower, the sign of agglomeration chaining into one large
 cluster on weak features). Features are L2-normalised first (all of them work on cosine geometry:
@@ -39,9 +40,10 @@ from .errors import ConfigError, DataError
 from .io import save_npz
 from .structure.agglomeration import agglomerate, initial_clusters, small_cluster_floor
 from .structure.clustering import assign_to_centroids, kmeans, modularity, spectral, spectral_of_graph
+from .structure.hierarchy import ward_labels
 from .structure.knn import knn_graph, topk_cosine
 
-HEADS = ("kmeans", "spectral", "agglomerative", "graph")  # heads fitted on the features alone
+HEADS = ("kmeans", "spectral", "agglomerative", "graph", "ward")  # heads fitted on the features alone
 MAX_REFERENCE = 200_000  # training features kept by a vote head for out-of-sample votes
 MAX_SPECTRAL_FIT = 200_000  # above this, a vote head is fitted on a random subsample, the rest voted in
 AGGLOMERATIVE_KS = 20  # JULE's K_s (Table 2): neighbours of the agglomerative head's graph (Eq 4)
@@ -370,6 +372,17 @@ class GraphHead(VoteHead):
         return self.partitions[self.note["kept"]]
 
 
+class WardHead(VoteHead):
+    """Ward's merges of k-means leaves cut at K (``structure.hierarchy.ward_labels``): the cuts of one
+    tree, so its partitions at any two K (up to a quarter of the leaves) are nested, and a finished
+    run re-cut at K' (``deepclust recut``) gives what a fit at K' gives."""
+
+    kind = "ward"
+
+    def partition(self, x: np.ndarray) -> np.ndarray:
+        return ward_labels(x, self.n_clusters, seed=self.seed)
+
+
 class GivenLabelsHead(VoteHead):
     """A partition found by other means (a method's own clusters, ``labels`` of the rows ``rows``, all
     by default): fitting keeps it for those rows, and every other row joins by the kNN vote over
@@ -434,9 +447,7 @@ class LinearHead(ClusterHead):
 
 
 KINDS: dict[str, type[ClusterHead]] = {h.kind: h for h in (KMeansHead, SpectralHead, AgglomerativeHead, GraphHead,
-                                                             GivenLabelsHead, LinearHead)}
-KINDS: dict[str, type[ClusterHead]] = {h.kind: h for h in (KMeansHead, SpectralHead, AgglomerativeHead, GraphHead,
-                                                             GivenLabelsHead, LinearHead)}
+                                                             WardHead, GivenLabelsHead, LinearHead)}
 
 
 def post_hoc_head(kind: str, n_clusters: int, **options) -> ClusterHead:
@@ -461,9 +472,13 @@ def fit_head(features: np.ndarray, kind: str, n_clusters: int, *, seed: int = 0,
 def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
     """JULE's agglomeration on fixed features (its "RC" clusters): the directed kNN graph of Eq 4
     (K_s = 20, a = 1), the initial clusters of Sec 3.6 (1-NN chains), then greedy merges by Eq 7
-    (K_c = 5, lambda = 1, exact Eq 13-14 updates) down to ``n_clusters``. Where the initial clusters
-    are already fewer than K (tiny data), the merges start from single images. Clusters under
-    ``AGGLOMERATIVE_SMALL`` of the mean size are set aside at the cut (``min_size``)."""
+    (K_c = 5, lambda = 1, exact Eq 13-14 updates) down to ``n_clusters``, size-aware (ours,
+    ``structure.agglomeration``'s ``size_aware``: Eq 12's affinity over the partner's size too, and
+    a cluster without affinity or under the floor joins by the mean, not the total, kNN edge weight;
+    without it one cluster chained across classes on weak features, 5-9 times its share in
+    benchmarks/results/weak-features.json). Where the initial clusters are already fewer than K
+    (tiny data), the merges start from single images. Clusters under ``AGGLOMERATIVE_SMALL`` of the
+    mean size are set aside at the cut (``min_size``)."""
     x = normalise(features)
     n = len(x)
     if not 1 <= n_clusters <= n:
@@ -474,7 +489,8 @@ def agglomerative_labels(features: np.ndarray, n_clusters: int) -> np.ndarray:
     if int(start.max()) + 1 < n_clusters:
         start = np.arange(n, dtype=np.int64)
     floor = small_cluster_floor(n, n_clusters, AGGLOMERATIVE_SMALL)
-    return agglomerate(x, n_clusters, k_s=min(AGGLOMERATIVE_KS, n - 1), labels=start, min_size=floor)
+    return agglomerate(x, n_clusters, k_s=min(AGGLOMERATIVE_KS, n - 1), labels=start, min_size=floor,
+                       size_aware=True)
 
 
 def graph_labels(features: np.ndarray, n_clusters: int, *, n_neighbors: int = 10, seed: int = 0,

@@ -1,5 +1,6 @@
 """A finished run used again: its network loaded, its features re-clustered and re-scored
-(``evaluate``), new images assigned to its clusters (``predict``). Nothing of the run is changed;
+(``evaluate``), new images assigned to its clusters (``predict``), its clusters re-cut at another K
+from the tree it kept (``recut``: no network, no images, no training). Nothing of the run is changed;
 ``evaluate`` writes ``metrics_evaluate.json`` beside the run's own metrics. Every file of the run is
 read through :class:`runfiles.RunFiles`, which refuses a missing or damaged one in one line, and
 the run's outputs (``labels.npy``, ``embeddings.npy``) are checked before anything else is done."""
@@ -16,13 +17,14 @@ from .data import ImageSet
 from .errors import ConfigError, DataError
 from .heads import HEADS, ClusterHead, OwnClusters
 from .io import save_json
-from .methods import METHOD_HEAD, stage_class
+from .methods import METHOD_HEAD, build_network, stage_class
 from .nets import EmbeddingNet
 from .resolution import load_data, view_spec
 from .runfiles import RunFiles, damaged
+from .structure.hierarchy import cut
 from .evaluate import knn_report, probe_report
 from .scoring import ALL_HEADS, compute_metrics, score_heads
-from .train import build_network, extract_features
+from .train import extract_features
 from .views import BatchViews
 
 
@@ -181,3 +183,25 @@ def predict_run(run: str | Path, data: str, *, split: str = "all",
     features, _ = extract_features(net, views, images.images, layer=cfg.cluster.features)
     check_head_width(files, head, features, cfg.cluster.features)
     return head.predict(features), images
+
+
+def recut_run(run: str | Path, n_clusters: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The clusters of a finished run's images at ``n_clusters`` (K'), cut from its ``hierarchy.npz``
+    (``structure.hierarchy.cut``: the run's own clusters at its K, unions of them below it, parts of
+    them above it). Returns (cluster per image, in the order of ``labels.npy``; a summary: the run's
+    K, the level's sizes and, per new cluster, the run's clusters it holds)."""
+    files = RunFiles(run)
+    if not (files.path / "hierarchy.npz").exists():
+        raise DataError(f"run {files.path} has no hierarchy.npz (fitted before runs kept their cluster tree, "
+                        "or not finished); fit it again to re-cut it")
+    tree = files.hierarchy()
+    labels, _ = files.outputs(keep=False)
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)):
+        raise ConfigError(f"n_clusters must be a whole number, got {n_clusters!r}")
+    recut = cut(tree, int(n_clusters))
+    pairs = np.unique(np.c_[recut, labels], axis=0)  # (new, run cluster) pairs holding images, sorted
+    parts = np.split(pairs[:, 1], np.flatnonzero(np.diff(pairs[:, 0])) + 1)  # every new cluster holds one
+    holds = {str(c): part.tolist() for c, part in enumerate(parts)}
+    return recut, {"n_images": len(recut), "n_clusters": int(n_clusters), "run_n_clusters": tree.n_clusters,
+                   "cluster_sizes": np.bincount(recut, minlength=int(n_clusters)).tolist(),
+                   "run_clusters": holds}

@@ -16,9 +16,13 @@ Names (:data:`BACKBONES`, declared in ``config``, whose validator reads them):
 ``jule_cnn``
     JULE (Yang et al., CVPR 2016, Sec. 4.1.2 and Table 9 of the appendix): blocks of [conv 50 @ 5x5,
     stride 1, padding 0 -> BN -> ReLU -> (max-pool 2x2 / 2)], stacked "so that the size of the output
-    feature map is about 10x10", then ``ip1`` = linear to 160 -> BN -> ReLU (``feature_dim`` 160).
-    The number of blocks and pools follows a rule fitted to Table 9, which it reproduces for all nine
-    data sets (see :func:`jule_plan`). Pooling uses Caffe's ceil rounding (JULE used Caffe).
+    feature map is about 10x10", then ``ip1``, an inner product to 160 (``feature_dim`` 160): by
+    default Linear -> BN -> ReLU, as every other backbone's last layer here; ``ip1="linear"`` is the
+    paper's (Table 9: ip1 -> l2-norm; the authors' Torch ``models_def/*.lua``: ``nn.Linear`` then
+    ``nn.Normalize(2)``; their Caffe prototxt: InnerProduct then Normalize), which JULE asks for
+    (``methods.jule``, ``options.ip1``). The number of blocks and pools follows a rule fitted to
+    Table 9, which it reproduces for all nine data sets (see :func:`jule_plan`). Pooling uses
+    Caffe's ceil rounding (JULE used Caffe).
 ``dccm_cnn``
     DCCM (Wu et al., ICCV 2019, supplementary Table 4: "a shallow version of AlexNet") per input size,
     BN + ReLU after every conv and fc, then ``fc`` = the (D) layer: Linear(256, 64) -> BN -> ReLU
@@ -50,7 +54,7 @@ from torch import Tensor
 from .config import BACKBONES  # the names, declared once where the validator reads them
 from .errors import ConfigError
 
-__all__ = ["BACKBONES", "Backbone", "EmbeddingNet", "Sobel", "build_backbone", "default_backbone", "jule_plan"]
+__all__ = ["BACKBONES", "IP1", "Backbone", "EmbeddingNet", "Sobel", "build_backbone", "default_backbone", "jule_plan"]
 
 ImageSize = tuple[int, int]
 
@@ -166,7 +170,10 @@ def jule_plan(image_size: ImageSize | int) -> list[tuple[int, bool]]:
         return plan
 
 
-def _jule_cnn(c: int, hw: ImageSize) -> Backbone:
+IP1 = ("bn_relu", "linear")  # jule_cnn's ip1: Linear -> BN -> ReLU (the default), or Linear alone (JULE Table 9)
+
+
+def _jule_cnn(c: int, hw: ImageSize, ip1: str = "bn_relu") -> Backbone:
     stages: list[tuple[str, nn.Module]] = []
     cin = c
     for i, (pad, pool) in enumerate(jule_plan(hw), 1):
@@ -176,7 +183,10 @@ def _jule_cnn(c: int, hw: ImageSize) -> Backbone:
         stages.append((f"conv{i}", nn.Sequential(*layers)))
         cin = 50
     flat = _flat_dim(nn.Sequential(*(m for _, m in stages)), (c, *hw))
-    stages.append(("ip1", _fc_bn_relu(flat, 160)))  # JULE: inner product layer of dimension 160
+    # JULE Sec 4.1.2: an inner product layer of dimension 160; Table 9: ip1 -> l2-norm (the L2 is the
+    # embedding's, EmbeddingNet). Linear at index 1 in both forms, so the Linear's keys are the same.
+    head = _fc_bn_relu(flat, 160) if ip1 == "bn_relu" else nn.Sequential(nn.Flatten(), nn.Linear(flat, 160))
+    stages.append(("ip1", head))
     return Backbone(stages, (c, *hw))
 
 
@@ -301,9 +311,13 @@ def _resnet(name: str, c: int, hw: ImageSize) -> Backbone:
 # public API
 
 
-def build_backbone(name: str, in_channels: int, image_size: ImageSize | int) -> tuple[Backbone, int]:
-    """The backbone ``name`` for ``in_channels`` x ``image_size`` images, and its feature dim."""
+def build_backbone(name: str, in_channels: int, image_size: ImageSize | int, *,
+                   ip1: str = "bn_relu") -> tuple[Backbone, int]:
+    """The backbone ``name`` for ``in_channels`` x ``image_size`` images, and its feature dim.
+    ``ip1`` (one of :data:`IP1`) is ``jule_cnn``'s last layer; the other backbones have no ip1."""
     hw = _size(image_size)
+    if ip1 not in IP1:
+        raise ConfigError(f"ip1 must be one of {', '.join(IP1)}, got '{ip1}'")
     if in_channels < 1:
         raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     if min(hw) < 1:
@@ -311,7 +325,7 @@ def build_backbone(name: str, in_channels: int, image_size: ImageSize | int) -> 
     if name == "mlp":
         net = _mlp(in_channels, hw)
     elif name == "jule_cnn":
-        net = _jule_cnn(in_channels, hw)
+        net = _jule_cnn(in_channels, hw, ip1)
     elif name == "dccm_cnn":
         net = _dccm_cnn(in_channels, hw)
     elif name == "alexnet":
@@ -369,18 +383,21 @@ class EmbeddingNet(nn.Module):
     Linear(head_hidden, dim) when ``head_hidden`` is given; its output is normalised in ``forward``.
     ``sobel`` puts DeepCluster's fixed Sobel filter in front (see :class:`Sobel`). ``head=False``
     (methods that train no projection, e.g. DeepCluster): the embedding is the L2-normalised backbone
-    output itself (``dim`` = the backbone's feature dimension).
+    output itself (``dim`` = the backbone's feature dimension). ``backbone_options``: keywords of
+    :func:`build_backbone` beyond the name and shape (a method's ``Method.backbone_options``: JULE's ip1).
     """
 
     def __init__(self, backbone: str, in_channels: int, image_size: ImageSize | int, dim: int = 128,
-                 head_hidden: int | None = None, sobel: bool = False, head: bool = True):
+                 head_hidden: int | None = None, sobel: bool = False, head: bool = True,
+                 backbone_options: dict | None = None):
         super().__init__()
         if dim < 1:
             raise ConfigError(f"embedding dim must be >= 1, got {dim}")
         self.backbone_name = backbone
         self.input_shape = (in_channels, *_size(image_size))
         self.sobel = Sobel(in_channels) if sobel else None
-        self.backbone, self.feature_dim = build_backbone(backbone, 2 if sobel else in_channels, image_size)
+        self.backbone, self.feature_dim = build_backbone(backbone, 2 if sobel else in_channels, image_size,
+                                                         **(backbone_options or {}))
         self.dim = dim if head else self.feature_dim
         if not head:
             self.head: nn.Module = nn.Identity()
@@ -420,6 +437,16 @@ class EmbeddingNet(nn.Module):
         """The backbone's stages, then ``"pre_relu"`` (its output before the last ReLU),
         ``"backbone"`` (= its output) and ``"embedding"``."""
         return self.backbone.layer_names() + ["pre_relu", "backbone", "embedding"]
+
+    def tap_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every tap (one image of zeros through the network in eval mode), for
+        methods that size their own modules from it."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            taps = self.taps(torch.zeros(1, *self.input_shape), tuple(self.layer_names()))
+            self.train(was)
+        return {k: tuple(v.shape[1:]) for k, v in taps.items()}
 
     def taps(self, x: Tensor, names: tuple[str, ...] | list[str]) -> dict[str, Tensor]:
         """Several named outputs in one pass: backbone stages (their own shape, e.g. (B, C, H, W)),

@@ -13,7 +13,12 @@ no font, no external resource), so the file can be mailed or opened offline. It 
    Typicality = cosine similarity of an image's embedding to its cluster's mean direction (the
    embeddings are L2-normalised; the same mean direction the heads use as a centroid);
  - when the data has labels: the confusion matrix (clusters x classes) and each cluster's purity
-   (share of its largest class).
+   (share of its largest class);
+ - the clusters' hierarchy (the run's ``hierarchy.npz``, ``structure/hierarchy.py``): the dendrogram of
+   how the run's clusters join, and the clusters at a coarser level (K // 2: which of the run's
+   clusters each joins) and at a finer one (2 K: which cluster each is part of), each with its
+   prototypes (the images nearest its mean direction). A run without the file (fitted before runs
+   kept their tree) gets a sentence saying so.
 
 The run directory is only read, through :class:`runfiles.RunFiles` (a missing or damaged file is
 one line naming it): the report is written to ``--out`` (default ``RUN/report.html``) through the
@@ -41,12 +46,14 @@ from .inference import fitted_images
 from .io import check_target, save_text
 from .rundir import check_output
 from .runfiles import RunFiles
+from .structure.hierarchy import Hierarchy, cut
 
 TYPICAL, ATYPICAL = 16, 8  # thumbnails per cluster: most typical first, then a row of the least typical
 THUMB = 64  # thumbnail side in pixels (small images are enlarged with nearest-neighbour sampling)
 TSNE_MAX = 10_000  # above this (without UMAP) the map is PCA
 MAP_POINTS = 50_000  # points drawn on the map (a seeded sample above this)
 TIMING_KEYS = ("epoch", "seconds", "images_per_second")
+PROTOTYPES = 8  # thumbnails per cluster of a level of the hierarchy
 
 
 @dataclass
@@ -60,6 +67,7 @@ class RunView:
     images: ImageSet | None
     log: list[dict]
     metrics: dict
+    tree: Hierarchy | None = None  # hierarchy.npz; None where the run has none
 
 
 def read_run(run: str | Path) -> RunView:
@@ -74,7 +82,8 @@ def read_run_files(run: str | Path) -> RunView:
     cfg = files.config()
     clusters, embedding = files.outputs()
     metrics = files.metrics()
-    return RunView(files.path, cfg, embedding, clusters, None, _read_jsonl(files.path / "log.jsonl"), metrics)
+    tree = files.hierarchy() if (files.path / "hierarchy.npz").exists() else None
+    return RunView(files.path, cfg, embedding, clusters, None, _read_jsonl(files.path / "log.jsonl"), metrics, tree)
 
 
 def load_images_of(view: RunView) -> RunView:
@@ -144,7 +153,8 @@ def build_page(view: RunView, bar, steps, progress: bool) -> str:
     # the first screen: what ran, the sizes and the map side by side; then the clusters themselves
     top = ('<div class="top"><div>' + summary_html(view, k) + _figure("sizes", "Cluster sizes", sizes_png)
            + "</div>" + map_section + "</div>")
-    sections = [top, galleries, _figure("curves", "Training curves", curves_png) if curves_png else
+    sections = [top, galleries, hierarchy_html(view, k),
+                _figure("curves", "Training curves", curves_png) if curves_png else
                 '<section id="curves"><h2>Training curves</h2><p>log.jsonl has no records.</p></section>']
     if view.images.labels is not None:
         sections.append(labels_html(view.clusters, view.images.labels, k, view.images.classes))
@@ -351,6 +361,72 @@ def gallery_html(view: RunView, typical: list, atypical: list, k: int, progress:
     return "\n".join(parts)
 
 
+def levels(k: int, n_leaves: int) -> dict[str, int]:
+    """The hierarchy's levels the report shows: coarser (K // 2) and finer (2 K, at most the leaves),
+    each only where it differs from K."""
+    out = {"coarse": max(1, k // 2), "fine": min(n_leaves, 2 * k)}
+    return {name: level for name, level in out.items() if level != k}
+
+
+def hierarchy_html(view: RunView, k: int) -> str:
+    """The section of the clusters' hierarchy: the dendrogram of the run's clusters, then each level
+    of :func:`levels` with its clusters' prototypes and their relation to the run's clusters."""
+    head = '<section id="hierarchy"><h2>Hierarchy of the clusters</h2>'
+    if view.tree is None:
+        return head + "<p>This run has no hierarchy.npz (fitted before runs kept their cluster tree).</p></section>"
+    parts = [head, "<p>How the run's clusters join, and the clusters one level coarser and one finer "
+                   "(<code>deepclust recut</code> writes any level), each with its prototypes: the images "
+                   "nearest its mean embedding.</p>",
+             f'<img class="figure" src="data:image/png;base64,{plot_dendrogram(view.tree)}" '
+             'alt="dendrogram of the clusters">']
+    for name, level in levels(k, view.tree.n_leaves).items():
+        parts.append(level_html(view, name, cut(view.tree, level), level))
+    return "\n".join(parts + ["</section>"])
+
+
+def level_html(view: RunView, name: str, labels: np.ndarray, level: int) -> str:
+    """One level: per cluster (largest first), its size, the run's clusters it joins or is part of,
+    and its prototypes."""
+    sizes = np.bincount(labels, minlength=level)
+    typical, _ = typical_images(view.embedding, labels, level)
+    word = "coarser" if name == "coarse" else "finer"
+    parts = [f'<div class="level" id="level-{name}"><h3>{level} clusters ({word})</h3>']
+    for c in np.argsort(-sizes, kind="stable"):
+        if sizes[c] == 0:
+            continue
+        runs = np.unique(view.clusters[labels == c]).tolist()
+        what = ("joins clusters " + ", ".join(map(str, runs)) if len(runs) > 1 else f"part of cluster {runs[0]}"
+                if name == "fine" else f"cluster {runs[0]}")
+        thumbs = "".join(f'<img class="thumb" src="data:image/png;base64,{thumbnail(view.images.images[i])}" '
+                         f'alt="" title="image {int(i)}">' for i in typical[c][:PROTOTYPES])
+        parts.append(f'<div class="node" id="{name}-{c}"><h4>{name} {c} <span>{sizes[c]} images, '
+                     f'{html.escape(what)}</span></h4><div class="row">{thumbs}</div></div>')
+    return "\n".join(parts + ["</div>"])
+
+
+def plot_dendrogram(tree: Hierarchy) -> str:
+    """The dendrogram of how the run's clusters join (the tree above them; leaves named by the
+    run's cluster numbers)."""
+    from matplotlib.figure import Figure
+    from scipy.cluster.hierarchy import dendrogram
+
+    k, n_leaves = tree.n_clusters, tree.n_leaves
+    z = tree.linkage
+
+    def leaf_of(node: int) -> int:
+        while node >= n_leaves:
+            node = int(z[node - n_leaves, 0])
+        return node
+
+    fig = Figure(figsize=(min(12, 2 + 0.35 * k), 2.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    if k > 1:
+        dendrogram(z, truncate_mode="lastp", p=k, ax=ax, color_threshold=0, above_threshold_color="C0",
+                   leaf_label_func=lambda node: str(tree.groups[leaf_of(int(node))]), leaf_rotation=0)
+    ax.set_xlabel("cluster"), ax.set_ylabel("Ward merge cost")
+    return _png(fig)
+
+
 def summary_html(view: RunView, k: int) -> str:
     m, cfg = view.metrics, view.config
     rows = [("method", cfg.method), ("data", cfg.data.spec), ("images", len(view.clusters)), ("clusters", k),
@@ -413,6 +489,7 @@ img.figure {{ max-width: 100%; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 2px; align-items: center; }}
 .row.atypical {{ margin-top: 3px; opacity: 0.85; }}
 .row.atypical span {{ font-size: 0.8em; color: #666; width: 7em; }}
+.node h4 {{ font-size: 0.9em; margin: 0.5em 0 0.2em; }} .node h4 span {{ font-weight: normal; color: #666; }}
 img.thumb {{ width: 64px; height: 64px; object-fit: contain; image-rendering: pixelated; background: #000; }}
 </style></head>
 <body><h1>{title}</h1>

@@ -4,11 +4,12 @@ evidence of each automatic choice (``Config.resolution``), into one frozen Confi
  - views: an ``auto`` preset chosen from the pixels (``view_rules.py``), fields given explicitly win;
  - network: the backbone for the image size and channels, the input shape recorded;
  - images: a set whose images are all identical is refused (nothing to cluster);
- - clusters: K when not given (``auto``) estimated from the pixels of the training images, never
-   from their labels (``structure/n_clusters.py``: the best silhouette of spectral clustering of the
-   pixels' PCA over K = 2..30). Pixels, because every method needs K before training (PCP's
-   floor, DeepCluster's K', DCCM's head, JULE's target); head / features / eigenvectors from the
-   method's defaults;
+ - clusters: K when not given (``auto``): where no method of the run reads K while it trains
+   (``Method.needs_k_to_train``: instance discrimination, AND, PAD), left to be read off the learned
+   features after training (``scoring.settle_n_clusters``, ``structure/n_clusters.py``); else
+   estimated from the pixels of the training images (PCP's floor, DeepCluster's K', DCCM's head,
+   JULE's target, SCAN's heads need it before training), never from their labels, and checked on the
+   learned features after training; head / features / eigenvectors from the method's defaults;
  - epochs: fitted to ``train.budget`` by timing the real training step (``budget.py``) when none are
    given.
 The resolved configuration is what ``config.yaml`` holds: resolving it again changes nothing and
@@ -54,12 +55,10 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     n = len(images)
     if n < 2:
         raise DataError(f"data '{images.spec}' has {n} image(s); at least 2 are needed")
-    if _identical(images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
-        raise DataError(f"all {n} images are identical: nothing to cluster")
     method = method_class(cfg.method)
     method.check_data(cfg.options, n)
     notes: dict = {}
-    cluster = _resolve_cluster(cfg.cluster, method.cluster_head, cfg.data, images, notes)
+    cluster = _resolve_cluster(cfg.cluster, method, cfg.data, images, notes)
     net = _resolve_net(cfg.net, cluster.features, images)
     views = _resolve_views(cfg.views, images, notes)
     world = cfg.train.devices * cfg.train.num_nodes
@@ -77,25 +76,34 @@ def resolve(cfg: Config, images: ImageSet, started: float | None = None) -> Conf
     return dataclasses.replace(resolved, resolution=notes)
 
 
-def _resolve_cluster(cl: ClusterConfig, defaults: tuple[str, str, int], data: DataConfig, images: ImageSet,
+def _resolve_cluster(cl: ClusterConfig, method: type, data: DataConfig, images: ImageSet,
                      notes: dict) -> ClusterConfig:
-    """K estimated from the pixels of the training images when not given (never from the labels:
-    the evidence goes to ``notes["n_clusters"]``); the head, features and eigenvector count from
-    the method's ``defaults`` (chosen on the development data), the features from the stage the
-    head adds to the run where it names the layer its head reads (``Method.cluster_features``)."""
-    k = cl.n_clusters
-    if k is None:
-        train = training_subset(data, images)
-        k, notes["n_clusters"] = estimate_from_pixels(pixel_sample(train, PIXEL_SAMPLE), seed=0)
-        if not train.in_memory and len(train) > PIXEL_SAMPLE:
-            notes["n_clusters"]["pixels_of"] = f"a seeded sample of {PIXEL_SAMPLE} of the {len(train)} streamed images"
-    if k > len(images):
-        raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
-    head, features, eigenvectors = defaults
+    """K when not given: left to be read off the learned features after training where no method of
+    the run reads K while it trains (``Method.needs_k_to_train``), else estimated from the pixels of
+    the training images (never from the labels: the evidence goes to ``notes["n_clusters"]``); the
+    head, features and eigenvector count from the ``method`` class's defaults (``Method.cluster_head``,
+    chosen on the development data), the features from the stage the head adds to the run where it
+    names the layer its head reads (``Method.cluster_features``)."""
+    head, features, eigenvectors = method.cluster_head
     head = head if cl.head == "auto" else cl.head
     stage = stage_class(head)
     if stage is not None and stage.cluster_features is not None:  # the layer a stage's head reads
         features = stage.cluster_features
+    k = cl.n_clusters
+    needing = [c.name for c in (method, stage) if c is not None and c.needs_k_to_train] if k is None else []
+    train = training_subset(data, images) if needing else None
+    sample = pixel_sample(train, PIXEL_SAMPLE) if needing else None
+    if _identical(images):  # any K would split them arbitrarily (DeepCluster cannot whiten them)
+        raise DataError(f"all {len(images)} images are identical: nothing to cluster")
+    if needing:
+        k, found = estimate_from_pixels(sample, seed=0)
+        notes["n_clusters"] = {**found, "when": "before training", "needed_by": needing}
+        if not train.in_memory and len(train) > PIXEL_SAMPLE:
+            notes["n_clusters"]["pixels_of"] = f"a seeded sample of {PIXEL_SAMPLE} of the {len(train)} streamed images"
+    elif k is None:
+        notes["n_clusters"] = {"k": None, "when": "after training", "trained_without_k": method.name}
+    if k is not None and k > len(images):
+        raise ConfigError(f"n_clusters (K={k}) is larger than the number of images (N={len(images)})")
     return dataclasses.replace(cl, n_clusters=k, head=head,
                                features=features if cl.features == "auto" else cl.features,
                                eigenvectors=eigenvectors if cl.eigenvectors is None else cl.eigenvectors)
@@ -141,13 +149,36 @@ def _announce(notes: dict) -> None:
 
 
 def describe_n_clusters(note: dict) -> str:
-    """The stderr line of an estimated K: which K, and why."""
+    """The stderr line of an estimated K: which K, from what, why, and the runner-up."""
+    if note.get("k") is None:
+        return (f"n_clusters auto: {note['trained_without_k']} trains without K; K is read off its learned "
+                "features after training")
+    if note.get("role") == "check":
+        verdict = "agrees with" if note["agrees"] else "differs by more than 20% from"
+        return (f"n_clusters check: {_found(note)} {verdict} the K = {note['k_before']} estimated from the "
+                "pixels before training (kept); set --n-clusters to choose K")
+    if note.get("role") == "estimate":  # read off the learned features
+        return f"n_clusters {note['k']} (auto): {_found(note)}; set --n-clusters to choose K"
     if "silhouette" not in note:
         return f"n_clusters {note['k']} (auto) from the {note['features']}: {note['criterion']}"
     score = note["silhouette"][str(note["k"])]
     lo, hi = note["k_range"]
+    runner = note.get("runner_up")
+    second = f", runner-up K = {runner['k']} ({runner['score']:.3f})" if runner else ""
     return (f"n_clusters {note['k']} (auto): the best silhouette ({score:.3f}) of spectral clustering of the "
-            f"{note['features']} for K = {lo}..{hi} on {note['n_images']} images; set --n-clusters to choose K")
+            f"{note['features']} for K = {lo}..{hi} on {note['n_images']} images{second}; "
+            "set --n-clusters to choose K")
+
+
+def _found(note: dict) -> str:
+    """K read off the learned features, in words: the K, the criterion and its score, the runner-up."""
+    if "scores" not in note:  # the graph's components, or too little to compare
+        return f"K = {note['k']} from {note['features']} after training: {note['criterion']}"
+    lo, hi = note["k_range"]
+    runner = note.get("runner_up")
+    second = f", runner-up K = {runner['k']} ({runner['score']:.3f})" if runner else ""
+    return (f"K = {note['k']} from {note['features']} after training: {note['criterion']} "
+            f"{note['scores'][str(note['k'])]:.3f} over K = {lo}..{hi} on {note['n_images']} images{second}")
 
 
 def training_subset(data: DataConfig, images: ImageSet) -> ImageSet:

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 from .config import read_yaml
 from .errors import ConfigError, DataError, DeepclustError, WriteError
-from .io import save_text
+from .io import ensure_dir, save_text
 from .locks import claim_run_dir, machine_activity
 
 
@@ -58,8 +58,10 @@ def is_launched_child() -> bool:
 
 
 # the files a run writes (runs.py, train.py); a start that left no checkpoint is cleared of these only
-RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "head.npz", "embeddings.npy", "labels.npy")
+RUN_FILES = ("config.yaml", "log.jsonl", "model.safetensors", "head.npz", "embeddings.npy", "labels.npy",
+             "hierarchy.npz")
 MARKER = ".deepclust-run"  # written by fit into a run directory before anything else
+MARKER_TEXT = json.dumps({"deepclust": "run directory", "written_by": "deepclust fit"}) + "\n"
 OWN_FILES = (*RUN_FILES, "metrics.json", MARKER)  # what the run is made of: never an output's target
 # every name the tool writes into a run directory (its outputs too); --overwrite replaces nothing else
 TOOL_FILES = (*OWN_FILES, "report.html", "clusters.csv", "clusters.parquet")
@@ -153,9 +155,33 @@ def has_marker(out: Path) -> bool:
     return marker.is_file() and not marker.is_symlink()
 
 
-def mark_run(out: Path) -> None:
-    """Write the marker that makes ``out`` recognisable as the tool's (fit's first file)."""
-    save_text(out / MARKER, json.dumps({"deepclust": "run directory", "written_by": "deepclust fit"}) + "\n")
+WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
+
+
+@contextmanager
+def work_dir(out: Path, *, overwrite: bool, primary: bool, config_text: str) -> Iterator[Path]:
+    """The directory a run is written to while the block runs, made and marked: ``out``, or for
+    ``--overwrite`` a rebuild beside it under a name made unique here (``.OUT.partial-XXXXXXXX``: never a
+    name of the user's) that replaces ``out`` when the block ends (:func:`swap_in`) and is removed if it
+    fails (the old run untouched). Its first files: the marker that makes it recognisable as the
+    tool's, then the resolved ``config.yaml``. Launched ranks, which write nothing, are told it by the
+    environment."""
+    if not primary:
+        yield Path(os.environ.get(WORK_ENV) or out)
+        return
+    work = unique_dir(out, "partial") if overwrite else out
+    try:
+        ensure_dir(work)
+        save_text(work / MARKER, MARKER_TEXT)  # first: what makes the directory recognisable as the tool's
+        save_text(work / "config.yaml", config_text)
+        os.environ[WORK_ENV] = str(work)
+        yield work
+    except BaseException:
+        if overwrite:  # the rebuild this process made
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if overwrite:
+        swap_in(work, out)
 
 
 def fit_config(out: Path) -> bool:

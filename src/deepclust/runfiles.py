@@ -11,6 +11,9 @@ file and what is wrong:
    ``config.yaml`` makes (read through a memory map in blocks: checking it holds no second copy);
  - ``labels.npy``: N integers in [0, K), K the run's cluster count (:meth:`RunFiles.n_clusters`);
  - ``head.npz``: :meth:`heads.ClusterHead.load`'s checks;
+ - ``hierarchy.npz``: the merge tree of the run's clusters (``structure/hierarchy.py``): ``leaves`` one
+   leaf per row of ``labels.npy``, ``groups`` one cluster per leaf, ``linkage`` a scipy linkage array
+   over the leaves, and its cut at the run's cluster count the clusters of ``labels.npy``;
  - ``model.safetensors``: a readable safetensors file of finite tensors with the keys and shapes of
    the network ``config.yaml`` describes (compared on the meta device: nothing is allocated).
 """
@@ -28,8 +31,9 @@ from .config import Config
 from .configure import build_config
 from .errors import DataError, DeepclustError
 from .heads import ClusterHead
+from .structure.hierarchy import Hierarchy, cut
 from .nets import EmbeddingNet
-from .train import build_network
+from .methods import build_network
 from .rundir import read_run_config
 
 BLOCK_ROWS = 65_536  # rows of embeddings.npy checked at a time
@@ -125,6 +129,12 @@ class RunFiles:
     def head(self) -> ClusterHead:
         return ClusterHead.load(self.file("head.npz"))
 
+    def hierarchy(self) -> Hierarchy:
+        """``hierarchy.npz``, checked against ``labels.npy`` (whose clusters are its cut)."""
+        path = self.file("hierarchy.npz")
+        labels, _ = self.outputs(keep=False)
+        return read_hierarchy(path, labels)
+
     def state(self) -> dict[str, torch.Tensor]:
         """``model.safetensors``: finite tensors with the keys and shapes of the run's network."""
         from safetensors.torch import load_file
@@ -182,6 +192,35 @@ def _read_metrics(path: Path, cfg: Config) -> dict[str, Any]:
     if "n_clusters" in metrics and k is not None and metrics["n_clusters"] != k:
         raise damaged(path, f"n_clusters is {metrics['n_clusters']} but config.yaml's K is {k}")
     return metrics
+
+
+def read_hierarchy(path: Path, labels: np.ndarray) -> Hierarchy:
+    """The merge tree in ``path`` of the partition ``labels``; a damaged file is one DataError line."""
+    from scipy.cluster.hierarchy import is_valid_linkage
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            tree = {key: z[key] for key in ("leaves", "linkage", "groups")}
+    except Exception as e:  # noqa: BLE001 - not an npz, a missing key, a damaged zip, pickled objects
+        raise damaged(path, f"cannot be read: {_reason(e)}") from None
+    leaves, linkage, groups = tree["leaves"], tree["linkage"], tree["groups"]
+    if groups.ndim != 1 or groups.dtype.kind not in "iu" or not groups.size or groups.min() < 0:
+        raise damaged(path, "groups must be one cluster number (>= 0) per leaf")
+    n_leaves = len(groups)
+    if leaves.shape != labels.shape or leaves.dtype.kind not in "iu" or leaves.min() < 0 or leaves.max() >= n_leaves:
+        raise damaged(path, f"leaves must be one leaf in [0, {n_leaves}) for each of the run's {len(labels)} images")
+    if linkage.shape != (n_leaves - 1, 4) or linkage.dtype.kind != "f" or not np.isfinite(linkage).all():
+        raise damaged(path, f"linkage must be a finite ({n_leaves - 1}, 4) float array for {n_leaves} leaves")
+    try:
+        is_valid_linkage(linkage.astype(np.float64), throw=True)
+    except (ValueError, TypeError) as e:
+        raise damaged(path, f"linkage is not a merge tree: {_reason(e)}") from None
+    hier = Hierarchy(leaves.astype(np.int64), linkage.astype(np.float64), groups.astype(np.int64))
+    if not np.array_equal(hier.groups[hier.leaves], labels) or np.bincount(hier.leaves, minlength=n_leaves).min() == 0:
+        raise damaged(path, "its leaves are not parts of the clusters of labels.npy")
+    if not np.array_equal(cut(hier, hier.n_clusters), np.unique(labels, return_inverse=True)[1].ravel()):
+        raise damaged(path, f"its cut into {hier.n_clusters} clusters is not the partition of labels.npy")
+    return hier
 
 
 def _read_labels(path: Path, k: int) -> np.ndarray:

@@ -14,8 +14,6 @@ atomic files, nothing lost). Here:
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,15 +28,12 @@ from .datapath import announce as announce_path
 from .datapath import open_data
 from .data import ImageSet
 from .data.sources import MAX_LISTED
-from .io import ensure_dir, save_array, save_bytes, save_json, save_text
-from .rundir import (check_out, claimed_run_dir, finished_run, is_launched_child, mark_run, real_out, swap_in,
-                     unique_dir)
-from .resolution import resolve, training_subset, view_spec
+from .io import save_array, save_bytes, save_json, save_npz, save_text
+from .rundir import check_out, claimed_run_dir, finished_run, is_launched_child, real_out, work_dir
+from .resolution import describe_n_clusters, resolve, training_subset, view_spec
 from .scoring import compute_metrics
+from .structure.hierarchy import build_hierarchy
 from .train import Trainer, TrainResult, extract_features, make_fabric
-
-WORK_ENV = "DEEPCLUST_RUN_WORK"  # the directory rank 0 writes, for the ranks Fabric launches
-
 
 def fit_run(cfg: Config, *, overwrite: bool = False, fabric=None, images: ImageSet | None = None,
             started: float | None = None) -> dict[str, Any]:
@@ -78,31 +73,8 @@ def _fit(cfg: Config, out: Path, resume: bool, overwrite: bool, fabric, primary:
     cfg = dataclasses.replace(cfg, resolution={**cfg.resolution, "data": path})
     if not is_launched_child():  # which, and why, once the resolution has refused nothing
         announce_path(path, cfg)
-    work = _work_dir(out, overwrite, primary)
-    try:
-        if primary:
-            mark_run(work)  # first thing: what makes the directory recognisable as the tool's
-            save_text(work / "config.yaml", cfg.to_yaml())
-        metrics = _train(cfg, images, work, resume, fabric)
-    except BaseException:
-        if overwrite and primary:  # the rebuild this process made; the old run is untouched
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if overwrite and primary:
-        swap_in(work, out)
-    return metrics
-
-
-def _work_dir(out: Path, overwrite: bool, primary: bool) -> Path:
-    """The directory the run is written to: ``out``, or for ``--overwrite`` a rebuild beside it under
-    a name made unique here (``.OUT.partial-XXXXXXXX``: never a name of the user's). Launched ranks,
-    which write nothing, are told it by the environment."""
-    if not primary:
-        return Path(os.environ.get(WORK_ENV) or out)
-    work = unique_dir(out, "partial") if overwrite else out
-    ensure_dir(work)
-    os.environ[WORK_ENV] = str(work)
-    return work
+    with work_dir(out, overwrite=overwrite, primary=primary, config_text=cfg.to_yaml()) as work:
+        return _train(cfg, images, work, resume, fabric)
 
 
 def _train(cfg: Config, images: ImageSet, work: Path, resume: bool, fabric) -> dict[str, Any]:
@@ -126,15 +98,25 @@ def _write_outputs(cfg: Config, images: ImageSet, result: TrainResult, work: Pat
     trained = np.flatnonzero(images.split == 0) if cfg.data.train_on == "train" else None
     metrics, head = compute_metrics(cfg, images, features, embedding, own=result.own, trained_rows=trained,
                                     layers=layers)
+    if (found := metrics.pop("n_clusters_found", None)) is not None:  # K read off the learned features
+        print(f"deepclust: {describe_n_clusters(found)}", file=sys.stderr)
+        if found["role"] == "check":  # beside the pixels' estimate
+            cfg = dataclasses.replace(cfg, resolution={**cfg.resolution, "n_clusters_check": found})
+        else:  # the run trained without K: K is the run's from now on (config.yaml before metrics.json)
+            cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, n_clusters=found["k"]),
+                                      resolution={**cfg.resolution, "n_clusters": found})
+            save_text(work / "config.yaml", cfg.to_yaml())
+    tree = build_hierarchy(features, head.labels_, seed=cfg.train.seed)  # the merge tree of the clusters
     save_model(work, result.net)
     head.save(work / "head.npz")
     save_array(work / "embeddings.npy", embedding.astype(np.float32))
     save_array(work / "labels.npy", head.labels_.astype(np.int64))
+    save_npz(work / "hierarchy.npz", leaves=tree.leaves, linkage=tree.linkage, groups=tree.groups)
     ips = result.images_per_second
     metrics = {"method": cfg.method, "data": cfg.data.spec, "epochs": result.epochs,
                "train_seconds": round(result.train_seconds, 2),
                "images_per_second": round(ips, 1) if ips is not None else None, **metrics,
-               "resolution": cfg.resolution,  # views chosen from the data, budget plan
+               "resolution": cfg.resolution,  # views chosen from the data, budget plan, K
                "skipped_images": {"count": len(images.skipped), "first": images.skipped[:MAX_LISTED]}}
     save_json(work / "metrics.json", metrics)  # written last: its presence marks a finished run
     return metrics

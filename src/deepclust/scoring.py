@@ -3,6 +3,7 @@ labels), and, when labels exist, every head's scores, the kNN accuracy and the c
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -12,6 +13,7 @@ from .config import ClusterConfig, Config
 from .data import ImageSet
 from .evaluate import clustering_scores, collapse_report, head_scores, knn_report
 from .heads import ClusterHead, OwnClusters, fit_heads
+from .structure.n_clusters import estimate_from_features
 
 # JULE's agglomeration (its "RC" clusters) on the embedding only: about 1 s at N = 10,000 on 128-d
 # features, 4 s on 784-d pixels (niced, on the shared 2-core CPU); a 1024-d backbone would cost more.
@@ -44,13 +46,17 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     and its assignment map), by the cluster head that reads them (``method``: the configured
     method's; a stage's under its name), kept for ``trained_rows`` where given.
 
+    ``cluster.n_clusters`` None: K is read off ``features`` first (:func:`settle_n_clusters`).
+
     Keys: n_images, n_clusters, cluster_head, cluster_features, cluster_sizes, collapse (report),
-    head_seconds, cluster_head_choice (the graph head: the partition it kept and why); with labels:
+    head_seconds, cluster_head_choice (the graph head: the partition it kept and why),
+    n_clusters_found (K read off the features, or its check of a K from the pixels); with labels:
     acc, nmi, nmi_geometric, ari (the chosen head), ``heads`` (every post-hoc head on the backbone
     and embedding layers, and each method's own clusters where it has them: acc / nmi / ari /
     seconds each), kmeans_embedding_acc / _nmi / _ari (the papers' protocol),
     knn_top1 (test split against train split when both exist, else leave-one-out), knn_protocol.
     """
+    cfg, found = settle_n_clusters(cfg, features)
     cl, labels, seed = cfg.cluster, images.labels, cfg.train.seed
     chosen = (cl.head, cl.features)
     layers = {"embedding": embedding, **(layers or {}), cl.features: features}
@@ -71,6 +77,8 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
                          "cluster_sizes": sizes, "collapse": collapse}
     if head.note is not None:  # the evidence of the head's own choice (the graph head's modularities)
         m["cluster_head_choice"] = head.note
+    if found is not None:  # K read off the features (runs.py records it with the run's resolution)
+        m["n_clusters_found"] = found
     if labels is not None:
         m.update(clustering_scores(labels, pred))
         m["heads"] = head_scores(labels, [(*c, fitted[c][0].labels_, fitted[c][1]) for c in combos])
@@ -78,6 +86,25 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
         m.update({f"kmeans_embedding_{key}": km[key] for key in SCORES})
         m.update(knn_report(embedding, features, labels, images.split, **knn))
     return _plain(m), head
+
+
+def settle_n_clusters(cfg: Config, features: np.ndarray) -> tuple[Config, dict | None]:
+    """K read off the learned ``features`` (``structure.n_clusters.estimate_from_features``, never
+    labels): where the run trained without K (``cluster.n_clusters`` None: no method of the run needs
+    it while training), the configuration with that K and the evidence (``role: estimate``); where K
+    was estimated from the pixels before training, the configuration as it is and the same estimate
+    as a check of it (``role: check``); else (K given) nothing."""
+    pixels = cfg.resolution.get("n_clusters")
+    if cfg.cluster.n_clusters is not None and not (pixels and pixels.get("when") == "before training"):
+        return cfg, None
+    k, note = estimate_from_features(features, seed=cfg.train.seed)
+    where = f"the learned features (layer {cfg.cluster.features})"
+    if cfg.cluster.n_clusters is None:
+        found = {"k": k, "role": "estimate", "when": "after training", "features": where, **note}
+        return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, n_clusters=k)), found
+    before = cfg.cluster.n_clusters
+    return cfg, {"k": k, "role": "check", "when": "after training", "features": where, "k_before": before,
+                 "agrees": abs(k - before) <= 0.2 * before, **note}
 
 
 def score_heads(cluster: ClusterConfig, seed: int, images: ImageSet, layers: dict[str, np.ndarray],

@@ -50,7 +50,7 @@ from .evaluate import knn_top1
 from .heads import OwnClusters
 from .imagesource import image_source, images_to_tensor
 from .io import append_text, ensure_dir, save_text, save_torch
-from .methods import DiscoveryContext, FeatureRequest, Method, Step, method_class, run_methods
+from .methods import DiscoveryContext, FeatureRequest, Method, Step, build_network, run_methods
 from .nets import EmbeddingNet, sync_batchnorm
 from .views import BatchViews, ViewSpec, draw_generator
 
@@ -91,10 +91,6 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def build_network(cfg: Config, shape) -> EmbeddingNet:
-    """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained."""
-    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
-                        head=method_class(cfg.method).embedding_head)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -210,7 +206,7 @@ class Trainer:
         self.cluster_heads, classes = list(run), list(run.values())  # what reads each one's own clusters
         self.net = build_network(cfg, (c, h, w))
         self.views = BatchViews(view_spec if view_spec is not None else ViewSpec(), c)
-        shapes = self._tap_shapes()
+        shapes = self.net.tap_shapes()
         info = {"tap_shapes": shapes, "shallow_layer": self.net.shallow_layer}
         dims = {k: int(np.prod(v)) for k, v in shapes.items()}
         self.methods: list[Method] = [classes[0](cfg, n, dims, **info)]
@@ -228,16 +224,6 @@ class Trainer:
     def method(self) -> Method:
         """The configured method, the run's first."""
         return self.methods[0]
-
-    def _tap_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-sample shape of every tap, for methods that size their own modules from it."""
-        with torch.no_grad():
-            was = self.net.training
-            self.net.eval()
-            x = torch.zeros(1, *self.images.shape[1:])
-            taps = self.net.taps(x, tuple(self.net.layer_names()))
-            self.net.train(was)
-        return {k: tuple(v.shape[1:]) for k, v in taps.items()}
 
     # -- collectives -----------------------------------------------------------------------------
     @property
@@ -558,7 +544,8 @@ class Trainer:
         if self.rank != 0:
             return
         path = self.out_dir / "log.jsonl"
-        if append is None:
+        if append is None:  # the run's start: its directory made if it is not there yet
+            ensure_dir(self.out_dir)
             save_text(path, "".join(json.dumps(r) + "\n" for r in history))
         else:
             append_text(path, json.dumps(append) + "\n")
@@ -569,9 +556,7 @@ class Trainer:
         t_start = time.perf_counter()
         epoch, history = self.start(resume)
         self.clock = (t_start, self.timing["train_seconds"])
-        if self.rank == 0:
-            ensure_dir(self.out_dir)
-            self._write_log(history)
+        self._write_log(history)
         ends, first = [], 0  # the run's epoch at which each method ends; the current one's first
         for place, method in enumerate(self.methods):
             t = self.begin(place)

@@ -46,8 +46,8 @@ def scan_rows(p: Tensor, partner: Tensor, anchor_mean: Tensor, entropy_weight: f
 def scan_objective(p: Tensor, neighbours: Tensor, entropy_weight: float, block: int = 4096) -> Tensor:
     """Eq 2 of every head on a whole data set, no gradient: (H,) = mean over all (image, mined
     neighbour) pairs of -log <p_i, p_j>, minus lambda H(mean p). p: (N, H, K); neighbours: (N, k).
-    The head with the lowest value is kept (the authors' ``scan_evaluate``, which weighs the entropy
-    by 1; here by the training weight). Rows in blocks: no (N, k, H, K) tensor."""
+    The authors' ``scan_evaluate`` ranks heads by it with lambda = 1, and so does the stage
+    (``methods.scan.SELECTION_ENTROPY_WEIGHT``). Rows in blocks: no (N, k, H, K) tensor."""
     total = torch.zeros(p.shape[1], dtype=torch.float64, device=p.device)
     for start in range(0, len(p), block):
         rows = p[start:start + block].double()

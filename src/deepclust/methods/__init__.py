@@ -14,9 +14,11 @@ import dataclasses
 
 from ..config import Config
 from ..errors import ConfigError
+from ..nets import EmbeddingNet
 from .anchor_neighbourhood import AnchorNeighbourhoodDiscovery
 from .base import DiscoveryContext, FeatureRequest, Method, Step
 from .dccm import Dccm
+from .dec import Dec
 from .deepcluster import DeepCluster
 from .instance import InstanceDiscrimination
 from .jule import Jule
@@ -56,6 +58,14 @@ def option_flags() -> dict[str, tuple[str, str]]:
     return flags
 
 
+def build_network(cfg: Config, shape) -> EmbeddingNet:
+    """The network ``cfg`` describes for images of ``shape`` (C, H, W), untrained, with the configured
+    method's embedding head (``Method.embedding_head``) and its backbone options (JULE's ip1)."""
+    method = method_class(cfg.method)
+    return EmbeddingNet(cfg.net.backbone, shape[0], tuple(shape[1:]), dim=cfg.net.dim, sobel=cfg.net.sobel,
+                        head=method.embedding_head, backbone_options=method.backbone_options(cfg.options))
+
+
 def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = None, **net_info) -> Method:
     """The configured method for ``n_images`` training images; ``net_info``: ``tap_shapes``,
     ``shallow_layer`` (see ``Method.__init__``)."""
@@ -66,6 +76,7 @@ def build_method(cfg: Config, n_images: int, tap_dims: dict[str, int] | None = N
 # what they learn (their ``assignment_map``).
 STAGES: dict[str, type[Method]] = {
     "scan": Scan,
+    "dec": Dec,
 }
 METHOD_HEAD = "method"  # the cluster head that reads the configured method's own clusters
 
@@ -84,4 +95,4 @@ def run_methods(cfg: Config) -> dict[str, type[Method]]:
 
 
 __all__ = ["METHODS", "METHOD_HEAD", "STAGES", "DiscoveryContext", "FeatureRequest", "Method", "Step",
-           "build_method", "method_class", "option_flags", "run_methods", "stage_class"]
+           "build_method", "build_network", "method_class", "option_flags", "run_methods", "stage_class"]

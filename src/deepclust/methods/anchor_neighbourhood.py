@@ -46,6 +46,7 @@ class AndOptions:
 
 class AnchorNeighbourhoodDiscovery(Method):
     name = "and"
+    needs_k_to_train = False  # neighbourhoods of the bank, never K
     Options = AndOptions
 
     @classmethod

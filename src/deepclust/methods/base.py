@@ -52,6 +52,8 @@ What a method may own and ask for:
    rate (``learning_rate``, set each epoch or, ``rate_per_step``, each step) follows
    ``optim.schedule`` by default (``step`` milestones, fixed or fractions of ``schedule_length``,
    ``cosine`` over it, or Caffe's ``inv`` per step); SCAN's is constant.
+ - its network's build options (``backbone_options``, a class question of its options, passed by
+   ``methods.build_network`` to ``nets.build_backbone``: JULE's ``ip1``); none by default.
  - its optimiser (``make_optimizer``: ``cfg.optim``'s by default) over the network's parameters it
    trains (``network_parameters``; ``trains_network`` False keeps the network frozen, in eval mode)
    and its modules'.
@@ -176,6 +178,10 @@ class Method:
     # benchmarks/results/dev-choices-*.json). Spectral on the backbone layer with 2K eigenvectors is
     # the best or tied-best way for instance discrimination, AND, PCP and DeepCluster there.
     cluster_head: tuple[str, str, int] = ("spectral", "backbone", 2)
+    # Whether the method reads K (``n_clusters()``) while it trains (its structure, modules or length);
+    # each method declares it. A run none of whose methods does is trained without K when K is not
+    # given, and K is read off its learned features afterwards (``scoring.settle_n_clusters``).
+    needs_k_to_train: bool = True
     # A method added to the run by its cluster head (``methods.STAGES``): the layer that head reads
     # when ``cluster.features`` is auto (None: the configured method's choice above).
     cluster_features: str | None = None
@@ -202,6 +208,12 @@ class Method:
     @property
     def options(self):
         return self.options_of(self.cfg)
+
+    @classmethod
+    def backbone_options(cls, options: Any) -> dict[str, Any]:
+        """Keywords of ``nets.build_backbone`` that the method's options set (``methods.build_network``
+        passes them; JULE: its ip1). None by default."""
+        return {}
 
     @classmethod
     def check_data(cls, options: Any, n_images: int) -> None:

@@ -66,6 +66,7 @@ class DeepClusterOptions:
 
 class DeepCluster(Method):
     name = "deepcluster"
+    needs_k_to_train = True  # k-means at K (or K') every epoch, its classifier K-way
     Options = DeepClusterOptions
     uses_bank = False
     embedding_head = False

@@ -12,6 +12,7 @@ from .base import Method, Step
 
 class InstanceDiscrimination(Method):
     name = "instance"
+    needs_k_to_train = False  # instance discrimination: no clusters while it trains
 
     def batch_loss(self, step: Step) -> Tensor:
         x, idx, bank = step.outputs[0]["embedding"], step.idx, step.bank

@@ -7,10 +7,16 @@ The recurrence (Alg 1, Sec 3.6), in periods of ``train.epochs`` epochs each (the
    pixels (``ctx.images``), L2-normalised as the paper does; no merges (the authors' code trains
    its first period on the initial clusters);
  * period p >= 1: features of every image (un-augmented ``embedding`` = ip1 L2-normalised: the
-   network has no projection head; Table 9's ip1 -> l2-norm -> wt-loss, where ``jule_cnn``'s ip1 is
-   Linear -> BN -> ReLU, a departure from the paper's Linear), the directed kNN graph of
-   Eq 4 rebuilt from them (K_s = 20, a = 1), then ceil(eta x n_c) greedy merges by Eq 7 (K_c = 5,
-   lambda = 1; ``period_merges``), never past the target n_c* (``cluster.n_clusters``);
+   network has no projection head; Table 9's ip1 -> l2-norm -> wt-loss; ``options.ip1`` says what
+   ``jule_cnn``'s ip1 is: ``linear``, the paper's and the authors' models' Linear, or ``bn_relu``,
+   Linear -> BN -> ReLU), the directed kNN graph of Eq 4 rebuilt from them (K_s = 20, a = 1), then
+   ceil(eta x n_c) greedy merges by Eq 7 (K_c = 5, lambda = 1; ``period_merges``), never past the
+   target n_c* (``cluster.n_clusters``). With ``options.small_fraction`` > 0 (ours) Eq 7's merge
+   sequence goes on past ceil(eta x n_c) and each period is cut at its last point where m = n_c -
+   ceil(eta x n_c) clusters hold at least that fraction of the mean size n / m, the smaller ones
+   then joining the large cluster they share the most kNN edge weight with (the plain cut where no
+   point has m such clusters; ``structure.agglomeration.merge_clusters``, ``min_size``); 0 is the
+   paper's cut after exactly ceil(eta x n_c) merges;
  * every period trains the network on the weighted triplet loss of Eq 35 (``losses.jule``;
    gamma = 2, margin 0.2) against the current clusters; Alg 1 trains once more after the merges
    that reach n_c* (its step 6 precedes the test of step 10), so the run ends with the period whose
@@ -27,10 +33,15 @@ periods (4: period 0 and three merging ones, what eta = 0.9 needs from ~N/4 init
 to 10 for N from about 4,000 to 40,000). Discoveries are at every period's first epoch.
 
 The rate: ``optim.schedule: inv`` counts the run's optimiser steps without restarting per period,
-as the authors' ``train.lua`` does (its iteration counter runs over the whole recurrence; the paper
-sets the base rate 0.01 "for each partially unrolled period"). Torch's ``optim.sgd``, which they
-call, dampens momentum by default (dampening = momentum): their step is about a tenth of PyTorch's
-undampened SGD at momentum 0.9; not matched here.
+as both of the authors' codes do: the Caffe original that the paper ran (Sec 4.1.2: "We use Caffe";
+jwyang/JULE-Caffe ``src/caffe/solver.cpp``: ``UpdateModels`` trains from the solver's run-wide
+``iter_``, which the inv policy reads) and the Torch port (``train.lua``: ``iter = epoch *
+(#indices) + t - 1``, ``epoch`` counted over the whole recurrence). The paper's text sets the base
+rate 0.01 "for each partially unrolled period", which could be read as a restart every period; we
+follow the code. The momentum: Caffe's ``SGDSolver::ComputeUpdateValue`` keeps history = rate x
+gradient + momentum x history, undampened, as PyTorch's SGD (``dampening`` 0) here; the Torch port
+calls ``optim.sgd``, whose dampening defaults to the momentum (v = 0.9 v + 0.1 g): its steps are
+about a tenth of the Caffe original's and ours at momentum 0.9.
 
 Batches (ours; the authors' code draws uniform batches, where clusters of ~4 images rarely meet in
 a batch of 100): each epoch the images of every cluster, in a seeded random order, are cut into
@@ -56,6 +67,7 @@ from torch import Tensor
 from ..config import option
 from ..errors import ConfigError
 from ..losses.jule import weighted_triplet_loss
+from ..nets import IP1
 from ..structure.agglomeration import (
     MODES,
     agglomerate,
@@ -87,23 +99,35 @@ class JuleOptions:
     alpha: float = option(0.0, low=-1, low_open=True)  # alpha of Eq 21
     per_cluster: int = option(4, low=2)  # same-cluster rows drawn together into a batch (ours)
     planned_periods: int = option(4, low=1)  # the length planned before the first discovery (ours)
-    # the final cut sets aside clusters under this fraction of the mean size n / n_c* (ours; see
-    # structure.agglomeration.merge_clusters, min_size); 0: the paper's plain cut
+    # the small-cluster rule (ours): every period's cut sets aside clusters under this fraction of the
+    # mean size n / (clusters after the period), Eq 7 merging past ceil(eta n_c) until that many large
+    # clusters remain (structure.agglomeration.merge_clusters, min_size); 0: the paper's plain cut
     small_fraction: float = option(0.05, low=0, high=1)
+    # jule_cnn's ip1 before the L2 normalisation: "linear" (JULE Table 9: ip1 -> l2-norm; the authors'
+    # Torch models_def/*.lua nn.Linear -> nn.Normalize(2)) or "bn_relu" (Linear -> BN -> ReLU, the other
+    # backbones' last layer); other backbones have no ip1 (ignored). Linear measured better in the
+    # paper's settings on digits and USPS, SF and RC (benchmarks/results/ablation-jule-ip1-*.json);
+    # jule-cpu keeps bn_relu (its own measurement, in its comment)
+    ip1: str = option("linear", choices=IP1)
 
 
 class Jule(Method):
     name = "jule"
     reads_images = True  # period 0: the initial clusters of the raw pixels (ctx.images)
+    needs_k_to_train = True  # merges until n_c* = K: its length
     Options = JuleOptions
     uses_bank = False
-    embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss; ours ip1 -> BN -> ReLU first)
+    embedding_head = False  # ip1, L2-normalised (Table 9: ip1 -> l2-norm -> wt-loss; what ip1 is: options.ip1)
     taps = ("embedding",)
     cluster_head = ("method", "embedding", 2)  # SF: the recurrence's own clusters (RC: --cluster-head agglomerative)
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
         super().__init__(cfg, n_images, tap_dims, **net_info)
         self.target = self.n_clusters()
+
+    @classmethod
+    def backbone_options(cls, options: JuleOptions) -> dict[str, Any]:
+        return {"ip1": options.ip1}  # jule_cnn's ip1 (JULE Table 9)
 
     @classmethod
     def check_data(cls, options: JuleOptions, n_images: int) -> None:

@@ -78,6 +78,7 @@ class PadOptions:
 
 class Pad(Method):
     name = "pad"
+    needs_k_to_train = False  # SCS groups of the bank kNN graph, never K
     Options = PadOptions
     n_views = 2
     # Development data (issue 29): agglomeration of the embedding's kNN graph (heads.agglomerative_labels,

@@ -89,6 +89,7 @@ class PcpOptions:
 
 class ProgressiveClusterPurification(Method):
     name = "pcp"
+    needs_k_to_train = True  # its floor N_t0 = max(K, N // images_per_cluster) (Eq 1)
     Options = PcpOptions
     n_views = 2
 

@@ -15,14 +15,24 @@ learns (``scan.backbone``) and its modules, the heads:
    backbone output; SCAN's head) trained with the network; a global batch is A anchors, every image
    once an epoch, followed by one neighbour of each drawn uniformly from its k (the authors'
    ``NeighborsDataset``); both augmented (as the authors'); one forward for both halves;
- - self-labelling epochs (Sec 3.3, optional): at their start the head with the lowest Eq 2 over the
-   whole data (its mined pairs; no labels) is chosen and only it trains further: the un-augmented
+ - the head kept across epochs (the authors' ``scan.py``: after every epoch ``scan_evaluate`` ranks
+   the heads by Eq 2 with the entropy weighed by 1 on their validation data, and the model of the
+   lowest loss so far is saved and used at the end): every SCAN epoch after the first starts with a
+   discovery that scores, over the whole data (its mined pairs; no labels), the heads the last epoch
+   left and the head kept before, by Eq 2 with lambda 1 (:data:`SELECTION_ENTROPY_WEIGHT`); the
+   lowest is kept, as its eval-mode affine map (the structure: checkpointed, so a resumed run keeps
+   it). The network is not kept with it (the loop owns it): with ``scan.backbone: frozen`` this is
+   SCAN's rule exactly; with the network trained, a head kept from an earlier epoch competes on the
+   features of the current network, so the choice is always of a map of the features the run saves;
+ - self-labelling epochs (Sec 3.3, optional): at their start the kept head goes into the slot of the
+   live head of the lowest loss (``reset_parameters``) and only it trains further: the un-augmented
    image (the weak view, no gradient) gives the target where its top probability > 0.99, the
    augmented image (the strong view) is trained with a cross-entropy weighted n / count_c per class
    of the global batch's confident targets (the authors' class balancing);
- - the final clusters: the argmax of the kept head (chosen again at the end when no self-labelling
-   ran), an affine map of the features, so ``predict`` assigns new images through it (a ``linear``
-   head.npz, as DCCM's).
+ - the final clusters: the argmax of the kept head (the last epoch's heads scored against it at the
+   end when no self-labelling ran; the self-labelled head otherwise, as the authors' ``selflabel.py``
+   keeps its last model), an affine map of the features, so ``predict`` assigns new images through
+   it (a ``linear`` head.npz, as DCCM's).
 
 Choices, written down:
  - Imbalance: Eq 2's entropy term pulls towards equal clusters (its maximum is the uniform mean
@@ -31,10 +41,17 @@ Choices, written down:
    without them the largest cluster's confident targets dominate the cross-entropy and the small
    clusters are absorbed (the collapse SCAN's users report on a 60/40 two-class set). Self-labelling
    is off by default (``scan.self_label_epochs: 0``): it sharpens what Eq 2 found and cannot repair it.
- - The head is chosen by the training objective (Eq 2 with the configured lambda) on the whole data
-   set, where the authors' ``scan_evaluate`` weighs the entropy by 1, and among the heads whose
-   argmax leaves no cluster empty when there are any (a lower lambda lets heads empty clusters:
-   on digits subsampled 10:1, lambda = 1 kept a head with two empty clusters).
+ - The head is chosen as the authors' ``scan_evaluate`` chooses it (Eq 2, entropy weighed by 1) on
+   the whole data set (every image its own validation: the stage has no held-out split), among the
+   heads whose argmax leaves no cluster empty when there are any (training with lambda = 1 let
+   heads empty clusters: on digits subsampled 10:1 every head had two empty clusters).
+ - Sizes: the entropy term asks for equal clusters and is kept as SCAN's. Size priors that follow the
+   data were tried on development data (heads trained on frozen PAD features of digits and its 10:1
+   subset) and not adopted: the cluster sizes of the embedding's agglomerative partition, alone or
+   halfway to equal sizes (a KL divergence to the sorted profile, either direction); each head's own
+   sizes of the epoch before, floored; a floor on each cluster's share instead of the entropy; heads
+   trained with lambdas spread from 5 down to 1. Each either emptied clusters or left some of a few
+   images, or cost the balanced set what it gained on the 10:1 subset.
  - Neighbours come from a full pass of the embedding, not a method's memory bank: every method has
    an embedding, the bank holds features of augmented images of past epochs.
  - ``scan.backbone: frozen`` trains the heads only, the network in eval mode (the authors'
@@ -87,6 +104,10 @@ class ScanOptions:
 
 
 PROBABILITIES = FeatureRequest("cluster_probabilities")
+# The entropy's weight in the head choice: the authors' ``scan_evaluate`` ranks heads by consistency
+# minus the entropy of the mean prediction, weight 1 (their training weight, ``scan.entropy_weight``,
+# is 5).
+SELECTION_ENTROPY_WEIGHT = 1.0
 EMBEDDING = FeatureRequest("embedding")
 
 
@@ -103,6 +124,7 @@ class Scan(Method):
 
     name = "scan"
     Options = ScanOptions
+    needs_k_to_train = True  # its K-way heads
     uses_bank = False
     cluster_features = "backbone"  # SCAN's heads read the backbone output
 
@@ -119,7 +141,8 @@ class Scan(Method):
         d = self.tap_dims[self.layer]
         norm = [nn.BatchNorm1d(d, affine=False)] if s.normalise else []
         self.modules["heads"] = nn.Sequential(*norm, nn.Linear(d, s.heads * self.k))
-        self.best: int | None = None  # set by final_clusters when no self-labelling chose a head
+        self.best: int | None = None  # the live head final_clusters kept (None: an earlier epoch's map)
+        self.final_map: tuple[Tensor, Tensor] | None = None  # the map final_clusters kept (None: self-labelled)
 
     @classmethod
     def options_of(cls, cfg):
@@ -133,8 +156,10 @@ class Scan(Method):
 
     @classmethod
     def discovers_at(cls, cfg, epoch: int) -> bool:
+        """Epoch 0 mines the neighbours; every later SCAN epoch starts by scoring the heads the epoch
+        before left (the head kept across epochs), and so does the self-labelling's first."""
         s = cls.options_of(cfg)
-        return epoch == 0 or (s.self_label_epochs > 0 and epoch == s.epochs)
+        return epoch < s.epochs or (s.self_label_epochs > 0 and epoch == s.epochs)
 
     def self_labelling(self, epoch: int) -> bool:
         return epoch >= self.options.epochs
@@ -164,24 +189,62 @@ class Scan(Method):
     def plain_views(self, epoch: int) -> tuple[int, ...]:
         return (0,) if self.self_labelling(epoch) else ()  # the weak view: the image itself
 
-    # -- structure: mined neighbours, then the chosen head ----------------------------------
+    # -- structure: mined neighbours, then the head kept across epochs ------------------------
     def discovery_features(self, epoch: int) -> tuple[FeatureRequest, ...]:
-        return (EMBEDDING,) if epoch == 0 else (PROBABILITIES,)
+        return (EMBEDDING,) if epoch == 0 else (PROBABILITIES, FeatureRequest(self.layer))
 
     def discover(self, ctx: DiscoveryContext) -> Structure:
+        """Epoch 0: the mined neighbours. Later: the head kept so far (SCAN's ``scan.py`` keeps the
+        lowest ``scan_evaluate`` loss over its epochs) against the heads the last epoch left, all
+        scored on the current features; at the self-labelling's start also the head it trains."""
         if ctx.epoch == 0:
             neighbours = mine_neighbours(ctx.features(EMBEDDING.tap).float(), self.options.neighbours)
             return {"neighbours": neighbours.long().cpu()}
-        return {"neighbours": self.structure["neighbours"].cpu(),
-                "best": torch.tensor(self.lowest_loss_head(ctx.features(PROBABILITIES.tap)))}
+        keep = self.keep_best(ctx.features(PROBABILITIES.tap), ctx.features(self.layer), ctx.epoch - 1)
+        out = {"neighbours": self.structure["neighbours"].cpu(), **{k: v.cpu() for k, v in keep.items()}}
+        if self.self_labelling(ctx.epoch):  # the slot self-labelling trains: the kept head goes there
+            out["best"] = keep["kept_slot"].clone()
+        return out
+
+    def selection_loss(self, probabilities: Tensor) -> Tensor:
+        """(H,) SCAN's head-selection loss of every head on the whole data: Eq 2 over all (image,
+        mined neighbour) pairs with the entropy weighed by :data:`SELECTION_ENTROPY_WEIGHT` (the
+        authors' ``scan_evaluate``), +inf for a head whose argmax leaves a cluster empty when some
+        head leaves none (labels never enter)."""
+        neighbours = self.structure["neighbours"].to(probabilities.device)
+        loss = scan_objective(probabilities.float(), neighbours, SELECTION_ENTROPY_WEIGHT)
+        full = clusters_used(probabilities) == self.k
+        return loss.masked_fill(~full, float("inf")) if full.any() else loss
 
     def lowest_loss_head(self, probabilities: Tensor) -> int:
-        """The head with the lowest Eq 2 over the whole data set among those whose argmax leaves no
-        cluster empty (all heads when none does; labels never enter)."""
-        neighbours = self.structure["neighbours"].to(probabilities.device)
-        loss = scan_objective(probabilities.float(), neighbours, self.options.entropy_weight)
-        full = clusters_used(probabilities) == self.k
-        return int((loss.masked_fill(~full, float("inf")) if full.any() else loss).argmin())
+        """The head of the lowest :meth:`selection_loss`."""
+        return int(self.selection_loss(probabilities).argmin())
+
+    def keep_best(self, probabilities: Tensor, features: Tensor, epoch: int) -> dict[str, Tensor]:
+        """The head to keep after the stage's ``epoch`` (from 0): the lowest :meth:`selection_loss`
+        among the live heads (``probabilities``, (N, H, K)) and the head kept before (its saved map
+        applied to the same ``features``; a tie keeps the newer). Returns its map (``kept_weight``, ``kept_bias``:
+        argmax(weight x + bias) of the layer), the epoch that trained it, its loss, ``kept_slot``
+        (the live head of the lowest loss) and ``kept_live`` (whether the kept head is that one)."""
+        h, old = self.options.heads, "kept_weight" in self.structure
+        if old:
+            extra = self.kept_probabilities(features).to(probabilities.device)
+            probabilities = torch.cat([probabilities, extra[:, None]], dim=1)
+        loss = self.selection_loss(probabilities)
+        live = int(loss[:h].argmin())
+        slot = {"kept_slot": torch.tensor(live)}
+        if not old or loss[live] <= loss[h]:
+            weight, bias = self.head_map(live)
+            return {"kept_weight": weight, "kept_bias": bias, "kept_epoch": torch.tensor(epoch),
+                    "kept_loss": loss[live].double().cpu(), "kept_live": torch.tensor(True), **slot}
+        return {**{k: self.structure[k].cpu() for k in ("kept_weight", "kept_bias", "kept_epoch")},
+                "kept_loss": loss[h].double().cpu(), "kept_live": torch.tensor(False), **slot}
+
+    def kept_probabilities(self, features: Tensor) -> Tensor:
+        """(N, K) the kept head's probabilities of ``features`` (its map in float64, softmax)."""
+        w, b = self.structure["kept_weight"].double(), self.structure["kept_bias"].double()
+        x = features.flatten(1).double().to(w.device)
+        return torch.softmax(x @ w.T + b, dim=-1).float()
 
     def describe(self, labels: np.ndarray | None) -> dict[str, Any]:
         if self.structure is None:
@@ -189,6 +252,9 @@ class Scan(Method):
         out: dict[str, Any] = {}
         if "best" in self.structure:
             out["scan_head"] = int(self.structure["best"])
+        if "kept_epoch" in self.structure:  # the head kept across epochs so far
+            out["scan_kept_epoch"] = int(self.structure["kept_epoch"])
+            out["scan_kept_loss"] = round(float(self.structure["kept_loss"]), 6)
         if labels is not None:  # SCAN's Fig 2 diagnostic: the share of mined neighbours of one class
             nb = self.structure["neighbours"].cpu().numpy()
             out["neighbour_purity"] = round(float((labels[nb] == labels[:, None]).mean()), 4)
@@ -237,22 +303,58 @@ class Scan(Method):
 
     # -- the kept head ------------------------------------------------------------------------
     def final_features(self) -> tuple[FeatureRequest, ...]:
-        return (PROBABILITIES,)
+        return (PROBABILITIES, FeatureRequest(self.layer))
 
     def final_clusters(self, ctx: DiscoveryContext) -> np.ndarray:
+        """The clusters of the head kept across epochs (the last epoch's heads scored too), or, after
+        self-labelling, of the head it trained (SCAN's ``selflabel.py`` keeps its last model)."""
         p = ctx.features(PROBABILITIES.tap)
-        self.best = int(self.structure["best"]) if "best" in self.structure else self.lowest_loss_head(p)
-        return p[:, self.best].argmax(dim=1).cpu().numpy()
+        if "best" in self.structure:
+            self.best, self.final_map = int(self.structure["best"]), None
+            return p[:, self.best].argmax(dim=1).cpu().numpy()
+        keep = self.keep_best(p, ctx.features(self.layer), self.options.epochs - 1)
+        self.best = int(keep["kept_slot"]) if bool(keep["kept_live"]) else None
+        self.final_map = (keep["kept_weight"], keep["kept_bias"])
+        x = ctx.features(self.layer).flatten(1).float().cpu()
+        return (x @ keep["kept_weight"].float().T + keep["kept_bias"].float()).argmax(dim=1).numpy()
+
+    def reset_parameters(self) -> list[nn.Parameter]:
+        """At the self-labelling's start, where the head kept across the SCAN epochs is an earlier
+        epoch's, its map goes into the slot self-labelling trains, and the heads' Linear is returned
+        (the loop drops its optimiser state): SCAN's self-labelling starts from the kept model.
+        Nothing otherwise."""
+        s = self.structure or {}
+        if "best" not in s or bool(s.get("kept_live", True)):
+            return []
+        *norm, linear = self.modules["heads"]
+        rows = slice(int(s["best"]) * self.k, (int(s["best"]) + 1) * self.k)
+        a, c = s["kept_weight"].double(), s["kept_bias"].double()
+        if norm:  # undo the fold of head_map: weight = A sigma, bias = c + A mu
+            mean, sd = norm[0].running_mean.double(), torch.sqrt(norm[0].running_var.double() + norm[0].eps)
+            a, c = a * sd, c + a @ mean
+        with torch.no_grad():
+            linear.weight[rows] = a.to(linear.weight)
+            linear.bias[rows] = c.to(linear.bias)
+        return [linear.weight, linear.bias]
 
     @torch.no_grad()
-    def assignment_map(self) -> AssignmentMap:
-        """The kept head in eval mode is affine (the BatchNorm with its running statistics, then the
-        Linear) and its softmax keeps the order, so the cluster is argmax(A x + c) of the layer."""
-        best = self.best if self.best is not None else int(self.structure["best"])
+    def head_map(self, slot: int) -> tuple[Tensor, Tensor]:
+        """Head ``slot`` in eval mode as an affine map of the layer, (K, D) and (K,) float32 on the
+        CPU: the BatchNorm with its running statistics folded into the Linear (softmax keeps the
+        order, so its cluster is argmax(A x + c))."""
         *norm, linear = self.modules["heads"]
-        rows = slice(best * self.k, (best + 1) * self.k)
+        rows = slice(slot * self.k, (slot + 1) * self.k)
         a, c = linear.weight[rows].double(), linear.bias[rows].double()
         if norm:
             scale = 1 / torch.sqrt(norm[0].running_var.double() + norm[0].eps)
             a, c = a * scale, c - (a * scale) @ norm[0].running_mean.double()
-        return AssignmentMap(self.layer, a.float().cpu().numpy(), c.float().cpu().numpy())
+        return a.float().cpu(), c.float().cpu()
+
+    def assignment_map(self) -> AssignmentMap:
+        """The kept head as argmax(A x + c) of the layer (:meth:`head_map`, or the map kept from an
+        earlier epoch)."""
+        if self.final_map is not None:
+            a, c = self.final_map
+        else:
+            a, c = self.head_map(self.best if self.best is not None else int(self.structure["best"]))
+        return AssignmentMap(self.layer, a.float().numpy(), c.float().numpy())

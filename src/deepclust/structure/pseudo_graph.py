@@ -40,6 +40,36 @@ def pseudo_labels(probabilities: Tensor, threshold: float = 0.9) -> tuple[Tensor
 
 
 @dataclass(frozen=True)
+class BlockGraph:
+    """The pseudo-graph (Eq 2) and pseudo-labels (Eq 7-8) of a block of images predicted at once, for
+    the authors' per-block schedule (Cory-M/DCCM main.py ``train``: ``comp_simi`` and ``mask`` of the
+    block's predictions once, then every mini-batch of the block's repeated passes indexes them,
+    ``mask[address,:][:,address]``). Made once per block (``of``); a mini-batch only indexes it."""
+
+    where: Tensor  # (N,) int64: each image's row in the block, -1 outside it
+    similarity: Tensor  # (n, n) float32 cosine of the block's predictions (Sec 3.1)
+    graph: Tensor  # (n, n) bool, Eq 2
+    labels: Tensor  # (n,) int64, Eq 7
+    confident: Tensor  # (n,) bool, Eq 8
+
+    @classmethod
+    def of(cls, probabilities: Tensor, rows: Tensor, n_images: int, graph_threshold: float,
+           label_threshold: float) -> "BlockGraph":
+        """From the block's predictions ``probabilities`` (n, K) of the images ``rows`` (n,) of N."""
+        where = torch.full((n_images,), -1, dtype=torch.int64, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        similarity = prediction_similarity(probabilities)
+        labels, confident = pseudo_labels(probabilities, label_threshold)
+        return cls(where, similarity, pseudo_graph(similarity, graph_threshold), labels, confident)
+
+    def batch(self, gidx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(graph (B, B), similarity (B, B), labels (B,), confident (B,)) of a global batch of the
+        block's images (dataset indices ``gidx``)."""
+        at = self.where[gidx]
+        return self.graph[at][:, at], self.similarity[at][:, at], self.labels[at], self.confident[at]
+
+
+@dataclass(frozen=True)
 class MiPairs:
     """For each local anchor row: its positive partner (an index of the global batch, -1: none) and
     ``negatives`` partners (global indices, -1: none), chosen from the pseudo-graph."""
@@ -57,9 +87,13 @@ def mi_pairs(graph: Tensor, similarity: Tensor, positions: Tensor, generator: to
     Positives (W_ij = 1, j != i): ``nearest`` = the most similar, ``random`` = a random one, ``topn`` =
     the partner of a row among the B most similar pairs of the batch (other rows get none).
     Negatives (W_ij = 0): ``random`` = distinct random ones, ``farthest`` = the least similar ones.
-    A row without a candidate gets -1 (its term is dropped). The authors' utils/sampling.py raises
-    only when a row has fewer than two non-neighbours ('threshold is too low'); a row without a
-    neighbour gets ``topk``'s pick among zeros, a non-neighbour, as its positive there."""
+    A row without a candidate gets -1 (its term is dropped). The authors' utils/sampling.py (V1 only)
+    raises only when a row has fewer than two non-neighbours ('threshold is too low', lines 19-20),
+    and takes a row's negatives as the first two non-neighbours in the batch's (shuffled) order
+    (lines 4-21); its positive is ``topk`` of the row's 0/1 mask with the row's own entry cut out,
+    used as an index into the uncut batch (lines 24-30): a neighbour rather than the most similar one
+    (for a neighbour after the row, the map one place before it), and for a row without a neighbour a
+    non-neighbour."""
     if strategy not in PAIR_STRATEGIES:
         raise ConfigError(f"pair strategy '{strategy}' is not one of {', '.join(PAIR_STRATEGIES)}")
     b = graph.shape[0]
@@ -87,17 +121,18 @@ def _best(score: Tensor, allowed: Tensor, k: int) -> Tensor:
 
 
 def _top_pairs(sim: Tensor, allowed: Tensor, n: int) -> Tensor:
-    """V4: the ``n`` most similar allowed pairs (i < j) of the batch; each row's partner there."""
+    """V4: the ``n`` most similar allowed pairs (i < j) of the batch; each row's partner is its most
+    similar one among them (-1: in none). A mask of the chosen pairs and a max per row, not writes of
+    several pairs to one row's entry, whose order is undefined on CUDA."""
     b = sim.shape[0]
     upper = torch.triu(allowed, diagonal=1)
     flat = sim.masked_fill(~upper, float("-inf")).flatten()
     val, idx = flat.topk(min(n, flat.numel()))
-    idx = idx[~torch.isinf(val)].flip(0)  # least similar first, so the most similar pair is written last
-    rows, cols = idx // b, idx % b
-    partner = torch.full((b,), -1, dtype=torch.int64, device=sim.device)
-    partner[cols] = rows
-    partner[rows] = cols
-    return partner
+    chosen = torch.zeros(b * b, dtype=torch.bool, device=sim.device)
+    chosen[idx[~torch.isinf(val)]] = True  # distinct indices: no two writes to one entry
+    chosen = chosen.view(b, b)
+    best, partner = sim.masked_fill(~(chosen | chosen.T), float("-inf")).max(dim=1)
+    return partner.masked_fill(torch.isinf(best), -1)
 
 
 def bcubed(graph_rows: Tensor, labels: Tensor) -> tuple[float, float]:
