@@ -293,7 +293,7 @@ def test_dccm_block_kill_in_the_middle_of_a_block_then_resume(tmp_path, small_np
     killed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in killed] == list(range(DCCM_BLOCK_KILL + 1))
     assert killed[-1]["phase"] == killed[-2]["phase"] == "epoch 0 block 1" and "discovery_seconds" not in killed[-1]
-    fit_run(build_config({"out": str(out), "train": {"progress": False}}), resume=True)
+    resume_run(build_config({"out": str(out), "train": {"progress": False}}))
     got = _outputs(out)
     assert [r["epoch"] for r in got["log"]] == list(range(len(block_reference["log"])))
     for mine, theirs in zip(got["log"], block_reference["log"]):

@@ -459,12 +459,13 @@ def test_the_block_schedule_is_refused_by_a_time_budget_and_checks_its_epochs(tm
     """train.epochs counts passes over the data in blocks, which the budget's plan of mini-batch epochs
     cannot price: it asks for the epochs instead of planning wrongly. A block's passes split evenly."""
     from deepclust.budget import method_schedule
+    from deepclust.methods import Dccm
     from deepclust.errors import ConfigError
 
     layer = smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x", options=BLOCK)
     with pytest.raises(ConfigError, match="give train.epochs"):
-        method_schedule(build_config(layer))(3)
-    assert method_schedule(build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x")))(3) == (3, 3, 0)
+        method_schedule(Dccm, build_config(layer))(3)
+    assert method_schedule(Dccm, build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x")))(3) == (3, 3, 0)
     with pytest.raises(ConfigError, match="block_epochs"):
         build_config(smoke_layer("dccm", f"npz:{small_npz}", tmp_path / "x", options={**BLOCK, "block_epochs": 3}))
 

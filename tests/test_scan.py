@@ -410,7 +410,7 @@ def test_the_kept_head_survives_a_kill_and_resume(tmp_path, small_npz):
 
     from conftest import ROOT
 
-    from deepclust.runs import fit_run
+    from deepclust.runs import fit_run, resume_run
 
     def layer(out):
         return _scan_layer(f"npz:{small_npz}", out, scan={"epochs": 3, "self_label_epochs": 0})
@@ -421,7 +421,7 @@ def test_the_kept_head_survives_a_kill_and_resume(tmp_path, small_npz):
     p = subprocess.run([sys.executable, str(ROOT / "tests" / "_workers.py"), "kill", json.dumps(spec)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == -9, p.stderr[-3000:]
-    fit_run(build_config({"out": str(tmp_path / "run"), "train": {"progress": False}}), resume=True)
+    resume_run(build_config({"out": str(tmp_path / "run"), "train": {"progress": False}}))
     logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("ref", "run")]
     assert [r.get("scan_kept_epoch") for r in logs[0]][3:] == [r.get("scan_kept_epoch") for r in logs[1]][3:]
     assert all("scan_kept_epoch" in r for r in logs[0][3:])  # discoveries at the second and third SCAN epochs
