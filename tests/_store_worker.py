@@ -1,13 +1,14 @@
 """Worker processes for ``tests/test_store.py``, run as
 
-    python tests/_store_worker.py rss  SPEC_JSON   # prints {"growth": bytes, "path": ...} as its last line
+    python tests/_store_worker.py rss  SPEC_JSON   # prints {"growth": bytes, "anon": bytes, "path": ...} last
     python tests/_store_worker.py kill SPEC_JSON   # dies by SIGKILL in the middle of a streamed epoch
     python tests/_store_worker.py write SPEC_JSON  # dies by SIGKILL while writing a store
 
 rss: a warm-up run of the same configuration on ``warm`` (the libraries loaded, numba compiled, the
 allocator's pools grown for the network and a batch of this image size), then the peak resident
 memory reset (``/proc/self/clear_refs``: 5 resets VmHWM; ``ru_maxrss`` cannot be reset) and the
-measured run: its growth is VmHWM after it less VmRSS before it.
+measured run: ``growth`` is VmHWM after it less VmRSS before it (the store's file pages included),
+``anon`` the sampled peak of RssAnon during it less RssAnon before it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
+class _AnonPeak:
+    """The peak of ``RssAnon`` (the process's own memory, without the store's file pages that the
+    kernel may reclaim at will) sampled every millisecond by a thread: the images a run holds stay
+    for the whole run, so a sampled peak cannot miss them."""
+
+    def __init__(self) -> None:
+        import threading
+        self.peak, self.done = _status("RssAnon"), threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, _status("RssAnon"))
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
 def rss(spec: dict) -> None:
     from deepclust.configure import build_config
     from deepclust.runs import fit_run
@@ -33,9 +55,11 @@ def rss(spec: dict) -> None:
     fit_run(build_config(spec["warm"]))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status("VmRSS")
+    base, anon = _status("VmRSS"), _status("RssAnon")
+    sampler = _AnonPeak()
     metrics = fit_run(build_config(spec["layer"]))
-    print(json.dumps({"growth": _status("VmHWM") - base, "path": metrics["resolution"]["data"]["path"]}))
+    print(json.dumps({"growth": _status("VmHWM") - base, "anon": sampler.stop() - anon,
+                      "path": metrics["resolution"]["data"]["path"]}))
 
 
 def kill(spec: dict) -> None:

@@ -306,8 +306,11 @@ def _rss_spec(tmp_path, name: str) -> dict:
 def test_a_streamed_pad_run_does_not_hold_the_images(tmp_path):
     """The same PAD run (2,000 colour images of 96 px, 55 MB decoded, held twice in memory: the array
     and its channels-first tensor) in memory and streamed (the cap between the estimates), each after a warm-up
-    run of the same shape; peak growth of resident memory measured with malloc's mmap threshold fixed
-    (so that freed blocks leave the resident set)."""
+    run of the same shape; peak growth of the process's anonymous memory (RssAnon, sampled: the store's
+    file pages are the kernel's to reclaim and vary run to run) with malloc's mmap threshold fixed (so
+    that freed blocks leave the resident set). The bound lies between a streamed run that held one copy
+    (0.5 of ``held`` saved) and one that holds none (1.0): measured 0.90-1.02 on this machine, while
+    VmHWM's growth varied by 26 MB run to run (a CI run saved 0.78 by it)."""
     growth = {}
     for name in ("memory", "stream"):
         spec = _rss_spec(tmp_path, name)
@@ -318,9 +321,9 @@ def test_a_streamed_pad_run_does_not_hold_the_images(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         result = json.loads(p.stdout.strip().splitlines()[-1])
         assert result["path"] == name
-        growth[name] = result["growth"]
+        growth[name] = result["anon"]
     held = 2 * 2000 * 96 * 96 * 3
-    assert growth["memory"] - growth["stream"] > 0.8 * held, growth
+    assert growth["memory"] - growth["stream"] > 0.7 * held, growth
     assert np.array_equal(np.load(tmp_path / "memory-big" / "labels.npy"), np.load(tmp_path / "stream-big" / "labels.npy"))
 
 
