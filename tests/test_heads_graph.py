@@ -12,7 +12,8 @@ import pytest
 import scipy.sparse as sp
 
 from deepclust.evaluate import cluster_acc
-from deepclust.heads import GRAPH_MARGIN, ClusterHead, cluster_head, fit_head, graph_choice, graph_labels
+from deepclust.heads import (GRAPH_MARGIN, GRAPH_STABILITY_MARGIN, ClusterHead, cluster_head, fit_head, graph_choice,
+                             graph_labels)
 from deepclust.structure.clustering import cosine_silhouette, kmeans, modularity, split_half_stability
 from deepclust.structure.knn import knn_graph
 
@@ -64,7 +65,7 @@ def test_a_worse_agglomerative_partition_gives_way_to_the_spectral_one():
     labels, note = graph_labels(x, 5, n_components=5)
     s, st = note["silhouette"], note["stability"]
     assert note["kept"] == "spectral" and s["spectral"] - s["agglomerative"] > GRAPH_MARGIN
-    assert st["spectral"] > st["agglomerative"]
+    assert st["spectral"] - st["agglomerative"] > GRAPH_STABILITY_MARGIN
     assert s["agglomerative"] == pytest.approx(cosine_silhouette(x, agg), abs=1e-4)
     assert cluster_acc(y, labels) > cluster_acc(y, agg) + 0.1
 
@@ -106,8 +107,10 @@ def test_spectral_must_win_both_judges():
     assert tie["kept"] == "agglomerative" and "stability" not in tie
     better = graph_choice(x, {"agglomerative": scrambled, "spectral": truth}, 5, n_components=5)
     assert better["silhouette"]["spectral"] > better["silhouette"]["agglomerative"] and "stability" in better
-    assert better["kept"] == ("spectral" if better["stability"]["spectral"] > better["stability"]["agglomerative"]
-                              else "agglomerative")
+    gap = better["stability"]["spectral"] - better["stability"]["agglomerative"]
+    assert better["kept"] == ("spectral" if gap > GRAPH_STABILITY_MARGIN else "agglomerative")
+    assert graph_choice(x, {"agglomerative": scrambled, "spectral": truth}, 5, n_components=5,
+                        stability_margin=gap + 0.01)["kept"] == "agglomerative"
     assert graph_choice(x, {"agglomerative": scrambled, "spectral": truth}, 5, margin=2.0)["kept"] == "agglomerative"
 
 
