@@ -396,14 +396,14 @@ def budget_section(results: dict[str, dict]) -> str:
 def stage_section(results: dict[str, dict]) -> str:
     """The clustering stage on balanced and imbalanced development data (cluster_stage.py)."""
     parts = []
-    for r in sorted(of_kind(results, "cluster-stage"), key=lambda r: (r["data"], r["ratio"])):
+    for r in sorted(of_kind(results, "cluster-stage"), key=lambda r: (r["data"], r["ratio"], r.get("date", ""))):
         rows = [[head, fmt(s["acc"]), fmt(s["nmi"]), fmt(s["ari"]), f"{s['runs_with_empty_cluster']} of {s['acc']['n']}",
                  str(s["smallest_cluster"]), fmt(s.get("spectral_embedding_acc")),
                  f"{s['acc_minus_spectral_embedding']:+.3f}" if "acc_minus_spectral_embedding" in s else "-"]
                 for head, s in r["summary"].items()]
         sizes = r["class_sizes"]
         parts += [f"### {r['data']}, largest class {r['ratio']:g} times the smallest ({r['n_images']} images, "
-                  f"classes {max(sizes)}..{min(sizes)})", "",
+                  f"classes {max(sizes)}..{min(sizes)}), commit {(r.get('commit') or '?')[:7]}", "",
                   f"`{r['command']}`: {show(r['method'])}, {r['epochs']} epochs, then the head; spectral = the "
                   "spectral head on the embedding of the runs without a learned stage; K = the class count.", "",
                   table(["cluster.head", "ACC", "NMI", "ARI", "runs with an empty cluster", "smallest cluster",
