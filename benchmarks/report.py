@@ -434,14 +434,14 @@ def budget_section(results: dict[str, dict]) -> str:
 def stage_section(results: dict[str, dict]) -> str:
     """The clustering stage on balanced and imbalanced development data (cluster_stage.py)."""
     parts = []
-    for r in sorted(of_kind(results, "cluster-stage"), key=lambda r: (r["data"], r["ratio"])):
+    for r in sorted(of_kind(results, "cluster-stage"), key=lambda r: (r["data"], r["ratio"], r.get("date", ""))):
         rows = [[head, fmt(s["acc"]), fmt(s["nmi"]), fmt(s["ari"]), f"{s['runs_with_empty_cluster']} of {s['acc']['n']}",
                  str(s["smallest_cluster"]), fmt(s.get("spectral_embedding_acc")),
                  f"{s['acc_minus_spectral_embedding']:+.3f}" if "acc_minus_spectral_embedding" in s else "-"]
                 for head, s in r["summary"].items()]
         sizes = r["class_sizes"]
         parts += [f"### {r['data']}, largest class {r['ratio']:g} times the smallest ({r['n_images']} images, "
-                  f"classes {max(sizes)}..{min(sizes)})", "",
+                  f"classes {max(sizes)}..{min(sizes)}), commit {(r.get('commit') or '?')[:7]}", "",
                   f"`{r['command']}`: {show(r['method'])}, {r['epochs']} epochs, then the head; spectral = the "
                   "spectral head on the embedding of the runs without a learned stage; K = the class count.", "",
                   table(["cluster.head", "ACC", "NMI", "ARI", "runs with an empty cluster", "smallest cluster",
@@ -450,25 +450,32 @@ def stage_section(results: dict[str, dict]) -> str:
 
 
 def weak_section(results: dict[str, dict]) -> str:
-    """The graph head's rule on weakened development features (weak_features.py)."""
+    """The agglomerative and graph heads on weakened development features (weak_features.py)."""
     parts = []
+
+    def head(x: dict) -> str:
+        return f"{x['acc']:.3f} ({x['largest_over_share']:.1f}x{', ' + str(x['empty']) + ' empty' if x['empty'] else ''})"
+
     for r in of_kind(results, "weak-features"):
-        rows = [[x["data"], x["features"], f"{x['ratio']:g}:1", f"{x['knn_top1']:.3f}",
-                 f"{x['agglomerative']['acc']:.3f} ({x['agglomerative']['largest_over_share']:.1f}x)",
-                 f"{x['spectral']['acc']:.3f}", f"{x['kmeans']['acc']:.3f}",
-                 f"{x['agglomerative']['modularity']:.3f} / {x['spectral']['modularity']:.3f}",
-                 f"{x['modularity_gap']:+.3f}", x["graph"]["kept"], f"{x['graph']['acc']:.3f}"] for x in r["rows"]]
-        s, m = r["summary"], r["summary"]["margins"]
+        rows = [[x["data"], x["features"], f"{x['ratio']:g}:1", f"{x['knn_top1']:.3f}", head(x["agglomerative_before"]),
+                 head(x["agglomerative"]), head(x["spectral"]), f"{x['kmeans']['acc']:.3f}",
+                 f"{x['agglomerative']['silhouette']:.3f} / {x['spectral']['silhouette']:.3f}",
+                 f"{x['graph_before']['acc']:.3f}", f"{x['graph']['kept']} {x['graph']['acc']:.3f}"] for x in r["rows"]]
+        s, m = r["summary"], r["summary"]["silhouette_margins"]
+        means = ", ".join(f"{h.replace('_', ' ')} {fmt(s[h]['acc'])} (largest cluster up to "
+                          f"{s[h]['largest_over_share_max']:.1f}x its share)" for h in
+                          ("agglomerative_before", "agglomerative", "spectral", "graph_before", "graph"))
         parts += [f"`{r['command']}`. ACC of each head on the same features (in brackets: the largest cluster "
-                  "over its share N / K); modularity of the agglomerative and spectral partitions on the cosine "
-                  f"10-NN graph, and their gap; the graph head (margin {r['rows'][0]['graph']['margin']:g}) and "
-                  "the partition it kept.", "",
-                  table(["data", "features", "classes", "kNN top-1", "agglomerative", "spectral", "k-means",
-                         "modularity agg / spec", "gap", "graph kept", "graph ACC"], rows), "",
-                  f"Mean ACC over the {s['rows']} cases: graph {fmt(s['acc']['graph'])}, agglomerative "
-                  f"{fmt(s['acc']['agglomerative'])}, spectral {fmt(s['acc']['spectral'])}, k-means "
-                  f"{fmt(s['acc']['kmeans'])}. Margins from {m['best_from']:g} to {m['best_to']:g} keep the better of "
-                  f"agglomerative and spectral in {m['best_count']} of {m['of']} cases.", ""]
+                  "over its share N / K, and empty clusters); agglomerative before = Eq 12 as JULE trains with it, "
+                  "after = the size-aware head; the cosine silhouettes of the two partitions the graph head "
+                  "compares; the graph head before (modularity margin 0.06, the old agglomerative partition) and "
+                  "after (the higher silhouette: the partition kept).", "",
+                  table(["data", "features", "classes", "kNN top-1", "agglomerative before", "agglomerative",
+                         "spectral", "k-means", "silhouette agg / spec", "graph before", "graph"], rows), "",
+                  f"Mean ACC over the {s['rows']} cases: {means}. The graph head kept the better of its two "
+                  f"partitions in {s['graph_before']['kept_the_better_of_two']} cases before and "
+                  f"{s['graph']['kept_the_better_of_two']} after; silhouette margins from {m['best_from']:g} to "
+                  f"{m['best_to']:g} would keep it in {m['best_count']} of {m['of']}.", ""]
     return "\n".join(parts)
 
 
@@ -491,7 +498,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, dict]], str]]] = [
     ("Beside other libraries", peers_section),
     ("Reading clusters off the features", heads_section),
     ("The clustering stage on imbalanced data", stage_section),
-    ("The graph head on weak features", weak_section),
+    ("The agglomerative and graph heads on weak features", weak_section),
     ("Ablations", ablations_section),
     ("Development sweeps", dev_section),
     ("The time budget", budget_section),

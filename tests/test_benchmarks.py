@@ -554,44 +554,57 @@ def test_cluster_stage_refuses_a_ratio_below_one(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--ratio" in r.stderr
 
 
-def test_weak_features_rows_follow_the_modularity_gap_and_the_summary_counts_them():
+def test_weak_features_rows_score_each_head_and_both_guards():
     import weak_features
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 100)
     centres = rng.normal(0, 1, (4, 16))
     from deepclust.evaluate import cluster_acc
-    from deepclust.heads import graph_labels
+    from deepclust.heads import fit_head, graph_labels
 
     cases = [centres[y] + noise * rng.normal(0, 1, (400, 16)) for noise in (0.3, 2.5)]
     rows = [weak_features.case_row(x, y, 4) for x in cases]
     for x, r in zip(cases, rows):
-        assert set(r) >= {"knn_top1", "agglomerative", "spectral", "kmeans", "graph", "modularity_gap"}
-        assert r["graph"]["kept"] == ("spectral" if r["modularity_gap"] > r["graph"]["margin"] else "agglomerative")
+        assert set(r) >= {"knn_top1", *weak_features.HEADS}
+        assert r["agglomerative"]["acc"] == round(cluster_acc(y, fit_head(x, "agglomerative", 4).labels_), 4)
+        gap = r["spectral"]["modularity"] - r["agglomerative_before"]["modularity"]
+        assert r["graph_before"]["kept"] == ("spectral" if gap > 0.06 else "agglomerative_before")
         labels, note = graph_labels(x, 4, n_components=4)  # the row's choice is the library head's
-        assert note["kept"] == r["graph"]["kept"]
+        assert note["kept"] == r["graph"]["kept"] and note["silhouette"][note["kept"]] == r[note["kept"]]["silhouette"]
         assert r["graph"]["acc"] == round(cluster_acc(y, labels), 4)
     assert rows[0]["graph"]["acc"] == 1.0 and rows[0]["knn_top1"] > rows[1]["knn_top1"]
+    assert rows[0]["kmeans"]["empty"] == 0 and rows[0]["spectral"]["largest_over_share"] == 1.0
     s = weak_features.summary(rows)
-    assert s["rows"] == 2 and s["acc"]["graph"]["n"] == 2
-    assert s["gap_where_agglomerative_won"].get("n", 0) + s["gap_where_agglomerative_lost"].get("n", 0) == 2
-    sweep = weak_features.margin_sweep([{"agglomerative": {"acc": 0.9}, "spectral": {"acc": 0.5}, "modularity_gap": 0.02},
-                                        {"agglomerative": {"acc": 0.2}, "spectral": {"acc": 0.6}, "modularity_gap": 0.3}])
-    assert sweep["best_count"] == 2 and sweep["best_from"] == pytest.approx(0.02) and sweep["best_to"] == pytest.approx(0.2975)
+    better = sum(r["graph"]["acc"] == max(r["agglomerative"]["acc"], r["spectral"]["acc"]) for r in rows)
+    assert s["rows"] == 2 and s["graph"]["acc"]["n"] == 2 and s["graph"]["kept_the_better_of_two"] == better >= 1
+    sweep = weak_features.margin_sweep([{"agglomerative": {"acc": 0.9, "silhouette": 0.2},
+                                         "spectral": {"acc": 0.5, "silhouette": 0.21}},
+                                        {"agglomerative": {"acc": 0.2, "silhouette": 0.1},
+                                         "spectral": {"acc": 0.6, "silhouette": 0.15}}])
+    assert sweep["at_0"] == 1 and sweep["best_count"] == 2
+    assert sweep["best_from"] == pytest.approx(0.01) and sweep["best_to"] == pytest.approx(0.0475)
 
 
-def test_report_shows_each_weak_feature_case_and_the_margin_interval():
+def test_report_shows_each_weak_feature_case_before_and_after():
+    def head(acc, share, empty=0, **more):
+        return {"acc": acc, "nmi": acc, "largest_over_share": share, "empty": empty, **more}
+
     row = {"data": "usps", "features": "pixels+noise 1", "ratio": 10.0, "knn_top1": 0.6,
-           "agglomerative": {"acc": 0.15, "largest_over_share": 9.3, "modularity": 0.06},
-           "spectral": {"acc": 0.52, "modularity": 0.54}, "kmeans": {"acc": 0.5},
-           "modularity_gap": 0.48, "graph": {"kept": "spectral", "acc": 0.52, "margin": 0.06}}
-    acc = {h: common.mean_std([v]) for h, v in (("graph", 0.52), ("agglomerative", 0.15), ("spectral", 0.52),
-                                                   ("kmeans", 0.5))}
+           "agglomerative_before": head(0.15, 9.3, modularity=0.06, silhouette=-0.1),
+           "agglomerative": head(0.44, 2.6, modularity=0.4, silhouette=0.01),
+           "spectral": head(0.52, 1.3, 1, modularity=0.54, silhouette=0.02), "kmeans": head(0.5, 1.2),
+           "graph_before": {"kept": "spectral", **head(0.52, 1.3, 1)},
+           "graph": {"kept": "spectral", "margin": 0.0, **head(0.52, 1.3, 1)}}
+    summary = {h: {"acc": common.mean_std([row[h]["acc"]]), "largest_over_share_max": row[h]["largest_over_share"],
+                   "kept_the_better_of_two": 1} for h in ("agglomerative_before", "agglomerative", "spectral",
+                                                          "graph_before", "graph")}
     r = {"benchmark": "weak-features", "command": "weak_features.py", "rows": [row],
-         "summary": {"rows": 1, "acc": acc, "margins": {"best_count": 1, "of": 1, "best_from": 0.0, "best_to": 0.475}}}
+         "summary": {"rows": 1, **summary,
+                     "silhouette_margins": {"at_0": 1, "best_count": 1, "of": 1, "best_from": 0.0, "best_to": 0.0075}}}
     text = report.weak_section({"weak-features": r})
-    assert "| usps | pixels+noise 1 | 10:1 | 0.600 | 0.150 (9.3x) | 0.520 |" in text
-    assert "+0.480 | spectral | 0.520 |" in text and "Margins from 0 to 0.475" in text
+    assert "| usps | pixels+noise 1 | 10:1 | 0.600 | 0.150 (9.3x) | 0.440 (2.6x) | 0.520 (1.3x, 1 empty) | 0.500 |" in text
+    assert "| 0.010 / 0.020 | 0.520 | spectral 0.520 |" in text and "from 0 to 0.0075 would keep it in 1 of 1" in text
 
 
 def test_weak_features_refuses_negative_noise(tmp_path):

@@ -1,6 +1,8 @@
-"""The ``graph`` cluster head (``heads.graph_labels``): JULE's agglomeration kept unless its partition
-fits the kNN graph clearly worse than spectral clustering's, by modularity
-(``structure.clustering.modularity``); both checked without a network."""
+"""The ``graph`` cluster head (``heads.graph_labels``): JULE's agglomeration kept unless spectral
+clustering's partition wins two judges that read neither head's graph, the cosine silhouette on the
+features (``structure.clustering.cosine_silhouette``) and the split-half stability
+(``structure.clustering.split_half_stability``); and the modularity of a partition of a graph
+(``structure.clustering.modularity``, which the benchmarks report); checked without a network."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import pytest
 import scipy.sparse as sp
 
 from deepclust.evaluate import cluster_acc
-from deepclust.heads import GRAPH_MARGIN, ClusterHead, cluster_head, fit_head, graph_labels
-from deepclust.structure.clustering import modularity
+from deepclust.heads import (GRAPH_MARGIN, GRAPH_STABILITY_MARGIN, ClusterHead, cluster_head, fit_head, graph_choice,
+                             graph_labels)
+from deepclust.structure.clustering import cosine_silhouette, kmeans, modularity, split_half_stability
 from deepclust.structure.knn import knn_graph
 
 
@@ -54,13 +57,73 @@ def test_separated_clusters_keep_the_agglomerative_partition():
     assert cluster_acc(y, labels) == 1.0
 
 
-def test_chaining_agglomeration_gives_way_to_the_spectral_partition():
+def test_a_worse_agglomerative_partition_gives_way_to_the_spectral_one():
+    """Overlapping blobs: agglomeration of the kNN graph does worse than spectral clustering, and the
+    silhouette on the features, which reads neither head's graph, shows it."""
     x, y = noisy_blobs(2.0)
     agg = fit_head(x, "agglomerative", 5).labels_
     labels, note = graph_labels(x, 5, n_components=5)
-    q = note["modularity"]
-    assert note["kept"] == "spectral" and q["spectral"] - q["agglomerative"] > GRAPH_MARGIN
+    s, st = note["silhouette"], note["stability"]
+    assert note["kept"] == "spectral" and s["spectral"] - s["agglomerative"] > GRAPH_MARGIN
+    assert st["spectral"] - st["agglomerative"] > GRAPH_STABILITY_MARGIN
+    assert s["agglomerative"] == pytest.approx(cosine_silhouette(x, agg), abs=1e-4)
     assert cluster_acc(y, labels) > cluster_acc(y, agg) + 0.1
+
+
+def test_non_convex_clusters_keep_the_agglomerative_partition():
+    """Two concentric rings (test_heads_agglomerative.rings): the agglomerative partition is the
+    truth; the silhouette does not give it away to a convex cut."""
+    from test_heads_agglomerative import rings
+
+    x, y = rings(300, seed=0)
+    labels, note = graph_labels(x, 2)
+    assert note["kept"] == "agglomerative" and cluster_acc(y, labels) == 1.0
+
+
+def test_the_cosine_silhouette_is_scikit_learns_without_pairwise_distances():
+    """Equal to ``silhouette_score(metric="cosine")`` (N^2 distances) with a singleton cluster and
+    unused label values, in any block size; refused for one cluster."""
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 7)) + np.repeat(rng.normal(size=(3, 7)) * 2, 100, axis=0)
+    labels = np.repeat([0, 2, 5], 100)
+    labels[7] = 9  # a singleton: s = 0
+    want = silhouette_score(x, labels, metric="cosine")
+    assert cosine_silhouette(x, labels) == pytest.approx(want, abs=1e-12)
+    assert cosine_silhouette(x, labels, block=17) == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="two clusters"):
+        cosine_silhouette(x, np.zeros(300, np.int64))
+
+
+def test_spectral_must_win_both_judges():
+    """Given partitions: the silhouette decides first (a tie keeps the agglomerative one, and no
+    stability is needed); where it favours spectral, the stability of each head on random halves
+    decides."""
+    x, y = noisy_blobs(1.0, seed=4)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    truth, scrambled = y.copy(), np.random.default_rng(0).permutation(y)
+    tie = graph_choice(x, {"agglomerative": truth, "spectral": truth}, 5)
+    assert tie["kept"] == "agglomerative" and "stability" not in tie
+    better = graph_choice(x, {"agglomerative": scrambled, "spectral": truth}, 5, n_components=5)
+    assert better["silhouette"]["spectral"] > better["silhouette"]["agglomerative"] and "stability" in better
+    gap = better["stability"]["spectral"] - better["stability"]["agglomerative"]
+    assert better["kept"] == ("spectral" if gap > GRAPH_STABILITY_MARGIN else "agglomerative")
+    assert graph_choice(x, {"agglomerative": scrambled, "spectral": truth}, 5, n_components=5,
+                        stability_margin=gap + 0.01)["kept"] == "agglomerative"
+    assert graph_choice(x, {"agglomerative": scrambled, "spectral": truth}, 5, margin=2.0)["kept"] == "agglomerative"
+
+
+def test_split_half_stability_tells_structure_from_noise():
+    """k-means finds the same 5 blobs from either half (adjusted Rand index near 1) and nothing
+    reproducible in structureless noise (near 0)."""
+    x, _ = noisy_blobs(0.3, seed=5)
+    noise = np.random.default_rng(6).normal(size=x.shape).astype(np.float32)
+    partition = lambda z: kmeans(z, 5, seed=0, n_init=5)[0]  # noqa: E731
+    assert split_half_stability(x, partition, 5) > 0.9
+    assert split_half_stability(noise, partition, 5) < 0.3
+    with pytest.raises(ValueError, match="4 rows"):
+        split_half_stability(x[:3], partition, 5)
 
 
 def test_the_margin_decides():
@@ -71,7 +134,7 @@ def test_the_margin_decides():
 def test_graph_head_saves_reloads_and_votes_new_points(tmp_path):
     x, y = noisy_blobs(0.5, seed=1)
     head = cluster_head(x, "graph", 5)
-    assert head.kind == "graph" and head.note["kept"] == "agglomerative"
+    assert head.kind == "graph" and head.note["kept"] in ("agglomerative", "spectral")
     head.save(tmp_path / "head.npz")
     loaded = ClusterHead.load(tmp_path / "head.npz")
     assert loaded.kind == "graph"
@@ -112,7 +175,7 @@ def test_scored_heads_reuse_the_graph_heads_partitions(monkeypatch):
 
     def counted(name, fn):
         def wrapper(*a, **k):
-            calls[name] += 1
+            calls[name] += a[0].shape[0] == len(x)  # fits on all images (the stability judge fits halves)
             return fn(*a, **k)
         return wrapper
 

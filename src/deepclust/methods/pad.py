@@ -86,8 +86,9 @@ class Pad(Method):
     # ACC 0.979 +- 0.001 against 0.932 +- 0.087 for spectral on the embedding with K eigenvectors (the
     # earlier default, dev-choices-*.json); digits, --budget 2m, 3 seeds (backbone-budget-digits):
     # NMI 0.913 against 0.889. The spectral head stays one --cluster-head away. Since then the graph
-    # head (heads.graph_labels): that partition unless it chains into one large cluster on weak
-    # features, which the kNN graph's modularity shows (benchmarks/weak_features.py, digits and USPS).
+    # head (heads.graph_labels): that partition (size-aware since issue 42) unless spectral
+    # clustering's wins both of its label-free judges, the silhouette on the features and the
+    # split-half stability (benchmarks/weak_features.py, digits and USPS).
     cluster_head = ("graph", "embedding", 1)
 
     def __init__(self, cfg, n_images: int, tap_dims: dict[str, int] | None = None, **net_info):
