@@ -75,7 +75,7 @@ def compute_metrics(cfg: Config, images: ImageSet, features: np.ndarray, embeddi
     m: dict[str, Any] = {"n_images": len(images), "n_clusters": k, "cluster_head": cl.head,
                          "cluster_features": cl.features, "head_seconds": round(head_seconds, 3),
                          "cluster_sizes": sizes, "collapse": collapse}
-    if head.note is not None:  # the evidence of the head's own choice (the graph head's modularities)
+    if head.note is not None:  # the evidence of the head's own choice (the graph head's judges: silhouettes, stabilities)
         m["cluster_head_choice"] = head.note
     if found is not None:  # K read off the features (runs.py records it with the run's resolution)
         m["n_clusters_found"] = found
