@@ -18,8 +18,9 @@ own; the run's part is that less ``memory_before_mb`` (the interpreter and the l
    this CPU's), no checkpoint, K-means head: images/s of the epoch (log.jsonl), the run's seconds
    (the final feature pass and the head included) and peak memory.
  - ``discovery``: PAD's own ``discover`` on a 1.28M x 128 bank (unit vectors drawn around 1,000
-   centres: neighbourhoods, not noise): the bank's exact kNN (faiss above 20,000 rows) and the SCS
-   search; seconds and peak memory.
+   centres: neighbourhoods, not noise): the bank's kNN (``structure.knn``: exact up to 250,000 rows,
+   faiss's inverted-file index above, its recall against the exact search measured on 1,000 rows
+   after the discovery) and the SCS search; seconds and peak memory (before the recall check).
  - ``compare``: at --compare-n images (or --compare-data, e.g. mnist-test), instance discrimination and
    PAD for --epochs epochs in memory and streamed, the same configuration (full softmax): images/s
    (the median of the epochs after the first) and the ratio streamed / in memory (goal >= 0.9).
@@ -130,8 +131,23 @@ def part_discovery(n: int, dim: int, seed: int) -> dict:
     structure = pad.discover(ctx)
     seconds = time.perf_counter() - t0
     groups = structure["groups"].numpy()
+    peak = memory_mb()
     return {"seconds": round(seconds, 2), "groups": int(groups.max()) + 1, "memory_before_mb": round(before, 1),
-            "peak_memory_mb": round(memory_mb(), 1)}
+            "peak_memory_mb": round(peak, 1), **knn_recall(pad.bank.features.numpy(), pad.options.neighbours, seed)}
+
+
+def knn_recall(bank, k: int, seed: int, queries: int = 1000) -> dict:
+    """The kNN search the discovery used (``structure.knn.topk_cosine``, ``auto``: exact up to EXACT_MAX
+    rows, faiss's inverted-file index above) against the exact search, for ``queries`` random rows: the
+    share of the true k + 1 nearest (the row itself included) it found."""
+    from deepclust.structure.knn import EXACT_MAX, topk_cosine
+
+    rows = np.sort(np.random.default_rng(seed).choice(len(bank), queries, replace=False))
+    _, found = topk_cosine(bank[rows], bank, k + 1)
+    _, exact = topk_cosine(bank[rows], bank, k + 1, backend="faiss")
+    recall = float(np.mean([np.intersect1d(a, b).size / (k + 1) for a, b in zip(found, exact)]))
+    return {"knn_search": "exact" if len(bank) <= EXACT_MAX else "faiss IVF (approximate)",
+            "knn_recall": round(recall, 4), "knn_recall_queries": queries}
 
 
 def spawned(fn, *args):
