@@ -28,6 +28,7 @@ from PIL import Image
 from conftest import ROOT, assert_one_line_error, run_cli, smoke_layer
 from test_contract import WORKER, _env, _free_port, _outputs, _same_record
 
+from deepclust import inference
 from deepclust import io as dio
 from deepclust.config import merge_layers
 from deepclust.configure import build_config
@@ -143,6 +144,24 @@ def test_a_run_that_does_not_fit_streams_says_so_reuses_the_store_and_equals_mem
     monkeypatch.delenv(MEMORY_ENV)
     small = run_cli(*args[:-1], str(tmp_path / "small"))
     assert "images held in memory" in small.stderr and "fit in" in small.stderr
+
+
+def test_evaluate_predict_and_the_report_stream_a_run_that_streamed(tmp_path, small_npz, monkeypatch):
+    """A run whose images did not fit is read again through its store by the commands of a finished
+    run (``datapath.inference_images``): never loaded whole (``StoredImages`` refuses conversion), the
+    same answers as the images held in memory."""
+    proc = _fit_streamed(tmp_path, small_npz, monkeypatch)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    streamed = inference.evaluate_run(run, write=False), inference.predict_run(run, f"npz:{small_npz}")
+    assert isinstance(streamed[1][1].images, store.StoredImages)
+    report = run_cli("report", "--run", str(run), "--out", str(tmp_path / "page.html"))
+    assert report.returncode == 0 and "streamed from the store" in report.stderr, report.stderr
+    monkeypatch.delenv(MEMORY_ENV)
+    held = inference.evaluate_run(run, write=False), inference.predict_run(run, f"npz:{small_npz}")
+    assert isinstance(held[1][1].images, np.ndarray)
+    assert streamed[0]["acc"] == held[0]["acc"] and streamed[0]["cluster_sizes"] == held[0]["cluster_sizes"]
+    assert np.array_equal(streamed[1][0], held[1][0])
 
 
 def _yaml(tmp_path, layer: dict):
@@ -349,15 +368,26 @@ def test_kill_in_the_middle_of_a_streamed_epoch_then_resume(tmp_path, small_npz,
 
 
 @pytest.mark.slow
-def test_two_nodes_streaming_from_one_store_equal_one_process(tmp_path, small_npz, in_memory):
-    """``--num-nodes 2`` as torchrun starts it on two machines (NODE_RANK 0 and 1, one process each,
-    MASTER_ADDR / MASTER_PORT / WORLD_SIZE), both on localhost over gloo, both streaming from one store
-    on a shared file system (both write it: the first rename wins, the other opens it)."""
+def _launcher_env(launcher: str, rank: int, port: str) -> dict[str, str]:
+    """What each launcher sets for the task of ``rank`` of two, one a machine: torchrun's variables,
+    or srun's (``--nodes 2 --ntasks-per-node 1``), which Fabric's SLURMEnvironment reads."""
+    if launcher == "torchrun":
+        return dict(RANK=str(rank), LOCAL_RANK="0", NODE_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=port)
+    return dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(rank),
+                SLURM_LOCALID="0", SLURM_NODEID=str(rank), SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID="1",
+                SLURM_JOB_NAME="deepclust", MASTER_PORT=port)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_nodes_streaming_from_one_store_equal_one_process(tmp_path, small_npz, in_memory, launcher):
+    """``--num-nodes 2`` as torchrun or srun starts it on two machines (one process each), both on
+    localhost over gloo, both streaming from one store on a shared file system (both write it: the
+    first rename wins, the other opens it)."""
     layer = _layer("pad", small_npz, tmp_path / "run", tmp_path / "store", train={"num_nodes": 2})
     cap, port = stream_cap(layer, (300, 1, 8, 8)), str(_free_port())
     procs = [subprocess.Popen([sys.executable, WORKER, "ddp", json.dumps({"layers": {"pad": layer}})],
-                              env=_env(RANK=str(r), LOCAL_RANK="0", NODE_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **{MEMORY_ENV: cap}),
+                              env=_env(**_launcher_env(launcher, r, port), **{MEMORY_ENV: cap}),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)

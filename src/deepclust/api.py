@@ -36,13 +36,13 @@ from .config import FLAG_ONLY_OPTIONS, SHORT_OPTIONS, read_yaml, set_dotted
 from .configure import build_config, run_config
 from .data import ImageSet
 from .data.sources import check_labels, finalise, normalise_layout, read_image, resize_all, to_uint8
+from .datapath import inference_images
 from .errors import ConfigError, DataError
 from .evaluate import clustering_scores
 from .heads import ClusterHead
 from .inference import network_from_state
 from .io import ensure_dir, save_bytes
 from .methods import option_flags
-from .resolution import load_data
 from .rundir import check_replaceable, swap_in, unique_dir
 from .runfiles import RunFiles
 from .runs import fit_run
@@ -236,7 +236,7 @@ class Clusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def _features(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
         cfg = self.config_
-        images = load_data(cfg.data, X) if isinstance(X, str) else as_image_set(X, cfg.data.resize)
+        images = inference_images(cfg, X) if isinstance(X, str) else as_image_set(X, cfg.data.resize)
         state = load_safetensors(self.run_files_["model.safetensors"])
         net, views = network_from_state(cfg, images, state, "in memory")
         return extract_features(net, views, images.images, layer=cfg.cluster.features)

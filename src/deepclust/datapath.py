@@ -22,6 +22,7 @@ The run is the same on either path (the same rows for the same indices, ``tests/
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,9 +54,10 @@ def device_memory(cfg: Config) -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, dict]:
+def open_data(cfg: Config, images: ImageSet | None = None, *, training: bool = True) -> tuple[ImageSet, dict]:
     """The run's images (``images``: given in memory, as ``Clusterer`` does) and the note of the path
-    taken (module docstring; :func:`announce` says it on stderr)."""
+    taken (module docstring; :func:`announce` says it on stderr). ``training`` False: read for
+    inference (no method's discovery will read every pixel at once)."""
     data, allowed, device = cfg.data, allowed_memory(), device_memory(cfg)
     kind, arg = ("array", "") if images is not None else classify(data.spec)
     shape = _shape(images) if images is not None else probe(kind, arg, data.split.lower(), data.resize)
@@ -75,7 +77,8 @@ def open_data(cfg: Config, images: ImageSet | None = None) -> tuple[ImageSet, di
         check_training(cfg, len(images), images.channels, *images.image_size)  # the estimate was a floor
         note.update(path="memory", reason=f"{_estimate(memory)} fit in {_allowed(allowed)}")
     else:
-        images, streamed = _streamed(cfg, kind, arg, images if images is not None else loaded, shape, allowed)
+        images, streamed = _streamed(cfg, kind, arg, images if images is not None else loaded, shape, allowed,
+                                     training)
         reason = (f"{_estimate(memory)} do not fit in {_allowed(allowed)}" if not fits(memory, allowed) else
                   f"the decoded images ({human(decoded)}) exceed {DEVICE_SHARE:.0%} of the GPU's {human(device)}")
         note.update(path="stream", reason=reason, **streamed)
@@ -111,7 +114,20 @@ def describe(note: dict) -> str:
     return f"images streamed from the store {note['store']} ({done}): {note['reason']}"
 
 
-def _streamed(cfg: Config, kind: str, arg: str, loaded: ImageSet | None, shape, allowed) -> tuple[ImageSet, dict]:
+def inference_images(cfg: Config, spec: str | None = None) -> ImageSet:
+    """The images a finished run's command reads (evaluate, predict, the report, ``Clusterer.predict``
+    on a data spec): ``cfg.data``'s, or ``spec``'s with the run's split and resize, by the same rule
+    as a fit (:func:`open_data`): held where a run of them would fit, else streamed from a store (the
+    run's own for the run's data; another spec's default store, never the run's)."""
+    if spec is not None and spec != cfg.data.spec:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spec=spec, store=None))
+    images, note = open_data(cfg, training=False)
+    announce(note, cfg)
+    return images
+
+
+def _streamed(cfg: Config, kind: str, arg: str, loaded: ImageSet | None, shape, allowed,
+              training: bool = True) -> tuple[ImageSet, dict]:
     """The run's images read from its store (written first when absent), after the checks that
     streaming can run at all."""
     n, parts = shape[0], training_parts(cfg, *shape, streamed=True)
@@ -120,7 +136,7 @@ def _streamed(cfg: Config, kind: str, arg: str, loaded: ImageSet | None, shape, 
     check_fits(f"training on {n} image(s) of {shape[1]}x{shape[2]}x{shape[3]}, streamed from a store,", parts,
                "even streamed, the bank, the kNN structures and the batches must fit: use fewer or smaller "
                "images, a smaller --batch-size or --dim, or allow more memory (DEEPCLUST_MEMORY)", allowed)
-    for cls in (method_class(cfg.method), stage_class(cfg.cluster.head)):
+    for cls in (method_class(cfg.method), stage_class(cfg.cluster.head)) if training else ():
         if cls is not None and cls.reads_images:
             raise DataError(f"{cls.name} reads every image's pixels at once (its initial clusters) and the "
                             f"{n} images do not fit in {_allowed(allowed)}; use fewer or smaller images (--resize)")

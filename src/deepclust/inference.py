@@ -19,7 +19,8 @@ from .heads import HEADS, ClusterHead, OwnClusters
 from .io import save_json
 from .methods import METHOD_HEAD, build_network, stage_class
 from .nets import EmbeddingNet
-from .resolution import load_data, view_spec
+from .datapath import inference_images
+from .resolution import view_spec
 from .runfiles import RunFiles, damaged
 from .structure.hierarchy import cut
 from .evaluate import knn_report, probe_report
@@ -80,7 +81,7 @@ def trained_head(files: RunFiles, cfg: Config) -> ClusterHead | None:
 def fitted_images(run: Path, cfg: Config, n: int, purpose: str) -> ImageSet:
     """The images a run of ``n`` was fitted on, read again through its data spec (DataError in one
     line when the data no longer holds ``n`` images; ``purpose`` names who needs them)."""
-    images = load_data(cfg.data)
+    images = inference_images(cfg)
     if len(images) != n:
         raise DataError(f"run {run} clustered {n} images but its data '{cfg.data.spec}' now has "
                         f"{len(images)}; {purpose} needs the images the run was fitted on")
@@ -99,7 +100,7 @@ def evaluate_run(run: str | Path, *, data: str | None = None, overrides: dict | 
     files.outputs(keep=False)
     prior, state = files.metrics(), files.state()
     saved = trained_head(files, cfg)
-    images = load_data(cfg.data, data)
+    images = inference_images(cfg, data)
     net, views = network_from_state(cfg, images, state, files.path)
     features, embedding = extract_features(net, views, images.images, layer=cfg.cluster.features)
     if cfg.cluster.n_clusters > len(images):
@@ -160,7 +161,7 @@ def compare_heads(run: str | Path, combos=ALL_HEADS) -> list[dict]:
     Needs labels for the scores (the heads never see them)."""
     files = RunFiles(run)
     cfg = files.config()
-    images = load_data(cfg.data)
+    images = inference_images(cfg)
     net, views = load_network(files, cfg, images)
     layers = {}
     for layer in {f for _, f in combos}:
@@ -178,7 +179,7 @@ def predict_run(run: str | Path, data: str, *, split: str = "all",
     cfg = files.config({"data": data_layer})
     files.outputs(keep=False)
     state, head = files.state(), files.head()
-    images = load_data(cfg.data, data)
+    images = inference_images(cfg, data)
     net, views = network_from_state(cfg, images, state, files.path)
     features, _ = extract_features(net, views, images.images, layer=cfg.cluster.features)
     check_head_width(files, head, features, cfg.cluster.features)

@@ -51,10 +51,20 @@ from .locks import claim_run_dir, machine_activity
 
 
 def is_launched_child() -> bool:
-    """True in the processes Fabric / torchrun start for ranks other than 0 (they write nothing)."""
+    """True in the processes Fabric / torchrun / srun start for ranks other than 0 (they write nothing)."""
     if "RANK" in os.environ:
         return os.environ["RANK"] != "0"
+    if "SLURM_NTASKS" in os.environ and _slurm_launched():  # srun's tasks: Fabric reads SLURM_PROCID
+        return os.environ.get("SLURM_PROCID", "0") != "0"
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def _slurm_launched() -> bool:
+    """Whether Fabric takes its ranks from SLURM's variables (its ``SLURMEnvironment.detect``: a task
+    of srun, not an interactive allocation's shell); lightning imported only under SLURM."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect()
 
 
 # the files a run writes (runs.py, train.py); a start that left no checkpoint is cleared of these only

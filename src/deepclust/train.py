@@ -76,8 +76,11 @@ def make_fabric(train: TrainConfig):
     if world > 1:
         atexit.unregister(close_process_group)  # one entry however many runs a process makes
         atexit.register(close_process_group)
-    return Fabric(accelerator=accelerator, devices=train.devices, num_nodes=train.num_nodes,
-                  strategy=strategy, precision=precision)
+    try:
+        return Fabric(accelerator=accelerator, devices=train.devices, num_nodes=train.num_nodes,
+                      strategy=strategy, precision=precision)
+    except (ValueError, RuntimeError) as e:  # e.g. SLURM's tasks per node other than --devices
+        raise ConfigError(f"cannot start {world} process(es) on {accelerator}: {str(e).splitlines()[0].strip()}") from None
 
 
 def close_process_group() -> None:
