@@ -105,6 +105,21 @@ def per_data(table, figure, setting, metric, a, b, key, note="", data=OUR_DATA) 
 
 JULE_PAPER = "-paper"  # tag of the paper presets' results (jule-usps, jule-mnist-test): accuracy.py --tag paper
 JULE_PAPER_NOTE = "the paper preset (its departures: the lines below)"
+# USPS's paper-preset runs are the jule-ip1 ablation's row of the preset's own options (ablation.py --table
+# jule-ip1 --config jule-usps: the preset with options.ip1=linear, options.small_fraction=0.05, as it is);
+# the ablation records the method's own clusters (SF) and the agglomerative head (RC) per run
+JULE_USPS_PAPER = ("ablation-jule-ip1-usps", "ip1 Linear -> L2 (paper), small_fraction 0.05")
+ABLATION_KEYS = {"method:acc": "own_acc", "method:nmi_geometric": "own_nmi_geometric",
+                 "agglomerative/embedding:acc": "agglomerative_acc",
+                 "agglomerative/embedding:nmi_geometric": "agglomerative_nmi_geometric"}
+
+
+def jule_paper(method: str, data: str, key: str) -> Source:
+    """The paper preset's result of ``method`` on ``data`` by ``key``: USPS's JULE rows from the
+    jule-ip1 ablation (the same preset and seeds), else accuracy.py's ``--tag paper`` file."""
+    if method == "jule" and data == "usps" and key in ABLATION_KEYS:
+        return Source(JULE_USPS_PAPER[0], ABLATION_KEYS[key], JULE_USPS_PAPER[1])
+    return accuracy(method, data + JULE_PAPER if method == "jule" else data, key)
 
 
 def jule(table, a_name, b_name, metric, a_key, b_method, b_key, figures, distance=False) -> list[Claim]:
@@ -120,9 +135,8 @@ def jule(table, a_name, b_name, metric, a_key, b_method, b_key, figures, distanc
         rows.append(Claim(table, text, setting, metric, accuracy("jule", d, a_key), accuracy(b_method, d, b_key),
                           paper=paper))
         if fig:  # the paper preset beside jule-cpu; the baseline is the same
-            b_data = d + JULE_PAPER if b_method == "jule" else d
-            rows.append(Claim(table, text, setting, metric, accuracy("jule", d + JULE_PAPER, a_key),
-                              accuracy(b_method, b_data, b_key), JULE_PAPER_NOTE, paper=paper))
+            rows.append(Claim(table, text, setting, metric, jule_paper("jule", d, a_key),
+                              jule_paper(b_method, d, b_key), JULE_PAPER_NOTE, paper=paper))
     return rows
 
 
@@ -275,7 +289,8 @@ def jule_rows(a: str, b: str, keys=SF_RC_NMI) -> tuple[tuple[str, Source, Source
                  for d in ("digits", "usps") for name, key in keys)
 
 
-# Where the presets named after a paper (jule-usps, jule-mnist-test, jule-mnist) differ from it; one line each
+# Where the presets named after a paper (jule-usps, jule-mnist-test, jule-mnist; dccm-cifar10, -cifar100-20,
+# -stl10) differ from it; one line each
 DEPARTURES: dict[str, list[Departure]] = {
     "JULE (Yang, Parikh & Batra, CVPR 2016)": [
         Departure("Table 9, Sec 4.1.2", "ip1 -> l2-norm (the authors' Torch models_def/*.lua and Caffe prototxt: "
@@ -303,6 +318,36 @@ DEPARTURES: dict[str, list[Departure]] = {
                   "a ~4-image cluster, so Eq 35 would have few positives in the first periods"),
         Departure("Table 1", "USPS: 11,000 images (Roweis's copy)", "USPS: 9,298 images (7,291 + 2,007, "
                   "../shared/data/usps.npz)", "the data available here"),
+    ],
+    "DCCM (Wu et al., ICCV 2019)": [
+        Departure("Algorithm 1, Sec 4", "per mini-batch: the graph and labels of each mini-batch's originals; "
+                  "200 epochs", "the authors' schedule (options.schedule block; main.py train, cfgs/cifar10.yaml): "
+                  "blocks of 1,000 images predicted once, 10 passes of 31 mini-batches of 32, two draws each "
+                  "(620 steps a block, 7.44M in 200 epochs of 60,000 images)",
+                  "the paper's length is its code's: 200 epochs per mini-batch of 256 are 47k steps, about "
+                  "1/160 of the authors'; not measured against the per-mini-batch loop at the paper's length "
+                  "(benchmarks/dccm_schedules.py compares the two on development data)"),
+        Departure("Sec 4 (the authors' main.py)", "RMSprop lr 1e-4, no decay", "RMSprop lr 1e-4, constant "
+                  "(before issue 44: a step decay at epochs 80/120/160)", "as the authors' main.py", kept=False),
+        Departure("Sec 6.4, cfgs/cifar10.yaml layers [7, 19]", "S: the output after the second conv layer "
+                  "(the authors' module 7: conv2's max-pool, 14x14 at 32 px)", "S after conv2's max-pool "
+                  "(before issue 44: before it, 28x28, four times the discriminator's work)", "as the authors' code",
+                  kept=False),
+        Departure("Sec 6.4", "D: the first fc layer (the authors' code: module 19, the K-way Linear's output)",
+                  "D: the first fc layer, after its ReLU, as the paper", "the paper's words; the authors' code "
+                  "gives the discriminator a K-dim D", kept=False),
+        Departure("Eq 9", "the pseudo-label loss, a cross-entropy (the authors' WeightedBCE: a binary "
+                  "cross-entropy averaged over the K outputs, about CE / K)", "a cross-entropy with alpha 5",
+                  "the paper's Eq 9; the pseudo-label term weighs about K times the authors' code's", kept=False),
+        Departure("Eq 12, 15", "local robustness on the transformed views, the total over the originals and "
+                  "the views (the authors' code trains the transformed view only)", "both, as Eq 15 "
+                  "(options.original_terms true)", "the paper's equation; original_terms false gives the "
+                  "authors' code", kept=False),
+        Departure("the authors' models/cifar_C4_L2.py", "BatchNorm without running statistics; kaiming-normal "
+                  "convolutions, every Linear an identity at start", "the block's prediction normalises the "
+                  "backbone's BatchNorm by running statistics (the head's by the block's own); PyTorch's default "
+                  "initialisation but the head's identity Linear", "the network is the project's shared "
+                  "dccm_cnn (eval-mode discovery pass); not measured"),
     ],
 }
 
