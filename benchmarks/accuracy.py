@@ -15,6 +15,11 @@ nothing and record "n/a (no tuned settings)" unless it is given.
 as the last line; RESULTS is benchmarks/results/ or $DEEPCLUST_RESULTS_DIR. Each run records its full
 resolved configuration and, when the data has labels, the scores of every cluster head. The script
 refuses to start (exit 2) while a deepclust fit or another benchmark runs on the machine.
+
+--k-auto runs as a user who does not know K (``cluster.n_clusters: auto``, the default): each run
+records the K it settled on with its evidence (``k_estimate``: criterion, score, runner-up) and its
+distance from the number of classes, and, on the same trained network, the scores at the classes'
+K (``at_classes``: ``deepclust evaluate --n-clusters K``, the heads refitted; labels only score).
 """
 
 from __future__ import annotations
@@ -63,9 +68,9 @@ def seed_config(method: str, spec: str, seed: int, args, out: str):
     from deepclust.config import read_yaml, set_dotted
     from deepclust.configure import build_config
 
+    k = "auto" if args.k_auto else class_count(spec, args.split)  # the papers' K (--set wins)
     layer: dict = {"method": method, "data": {"spec": spec, "split": args.split},
-                   "train": {"seed": seed, "progress": False}, "out": out,
-                   "cluster": {"n_clusters": class_count(spec, args.split)}}  # the papers' K (--set wins)
+                   "train": {"seed": seed, "progress": False}, "out": out, "cluster": {"n_clusters": k}}
     if args.epochs is not None:
         layer["train"]["epochs"] = args.epochs
     for item in args.set:
@@ -111,6 +116,22 @@ def heads_summary(runs: list[dict]) -> dict:
     return out
 
 
+def k_auto_record(metrics: dict, out: str, classes: int) -> dict:
+    """A K-auto run's estimate (metrics.json's ``resolution.n_clusters``) with its distance from the
+    number of classes, and the run re-scored at that number (the heads refitted on the same network:
+    ``inference.evaluate_run``), with the largest cluster over its share N / K."""
+    from deepclust.inference import evaluate_run
+
+    note = (metrics.get("resolution") or {}).get("n_clusters") or {}
+    k = metrics.get("n_clusters")
+    at = evaluate_run(out, overrides={"cluster": {"n_clusters": classes}}, write=False)
+    sizes = at.get("cluster_sizes") or []
+    return {"k_estimate": note, "k_classes": classes, "k_relative_error": round(abs(k - classes) / classes, 3),
+            "at_classes": {**{key: at.get(key) for key in ("acc", "nmi", "ari", "cluster_sizes", "cluster_head_choice")},
+                           "largest_over_share": round(max(sizes) * classes / sum(sizes), 2) if sizes else None,
+                           "heads": at.get("heads")}}
+
+
 def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
     from deepclust.runs import fit_run
 
@@ -126,9 +147,10 @@ def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
 
                 m[probe_key(protocol, layer)] = probe_run(out, protocol, features=layer, write=False)["top1"]
             config = resolved_config(out, cfg)
+            known_k = k_auto_record(m, out, class_count(spec, args.split)) if args.k_auto else {}
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        run = {"seed": seed, **{k: m.get(k) for k in (*RUN_KEYS, *probe_keys(args))}, "config": config}
+        run = {"seed": seed, **{k: m.get(k) for k in (*RUN_KEYS, *probe_keys(args))}, **known_k, "config": config}
         if planned := run_plan(m):
             run["planned"] = planned
         if heads is not None:
@@ -158,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "labels score only): alone, a linear probe on the embeddings (linear_top1); else "
                         "each of linear / mlp (DCCM's one hidden layer of 200 units) on the embeddings or a "
                         "layer of the network, e.g. mlp:conv4 mlp:fc (mlp_top1_conv4, mlp_top1_fc)")
+    p.add_argument("--k-auto", action="store_true", help="K not given (auto): record the estimate, and the "
+                                                         "scores at the classes' K on the same network")
     p.add_argument("--quick", action="store_true", help="one seed, 2 epochs: a smoke test of the script")
     args = p.parse_args(argv)
     if args.method in PIXEL_BASELINES:
@@ -192,6 +216,14 @@ def probe_keys(args) -> list[str]:
     return [key for key in (probe_key(p, layer) for p, layer in args.probe) if key not in RUN_KEYS]
 
 
+def k_auto_summary(runs: list[dict]) -> dict:
+    """The K each seed settled on, how many fell within 20% of the classes' count (the issue's bar),
+    and the scores at the classes' K over the seeds."""
+    at = [r["at_classes"] for r in runs]
+    return {"k_found": [r["n_clusters"] for r in runs], "k_within_20pct": sum(r["k_relative_error"] <= 0.2 for r in runs),
+            **{f"{key}_at_classes": mean_std([a.get(key) for a in at]) for key in ("acc", "nmi", "largest_over_share")}}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     spec = data_spec(args.data)
@@ -207,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             keys = (*SCORES, *probe_keys(args))
         summary = {k: mean_std([r.get(k) for r in out["runs"]]) for k in keys
                    if any(r.get(k) is not None for r in out["runs"])}
+        if args.k_auto and args.method not in PIXEL_BASELINES:
+            summary |= k_auto_summary(out["runs"])
         save_result(name, {"method": args.method, "data": args.data, "spec": spec, "split": args.split,
                            "seeds": args.seeds, "quick": args.quick, "summary": summary,
                            "wall_seconds": round(time.perf_counter() - t0, 1), **out},

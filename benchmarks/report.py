@@ -210,6 +210,33 @@ def accuracy_row(r: dict) -> list[str]:
             str(r.get("chosen_on", "-")), f"`{r['stem']}`"]
 
 
+def k_auto_section(results: dict[str, dict]) -> str:
+    """Runs that were not given K (accuracy.py --k-auto): the K each seed settled on after training,
+    its criterion and runner-up, and the same network's scores at the classes' K."""
+    rows = []
+    for r in accuracy_runs(results):
+        if "k_found" not in (r.get("summary") or {}):
+            continue
+        s, run0 = r["summary"], r["runs"][0]
+        note = run0.get("k_estimate") or {}
+        runner = note.get("runner_up") or {}
+        score = (note.get("scores") or {}).get(str(s["k_found"][0]), "?")
+        evidence = (f"{note.get('criterion', '?')}: {score}; runner-up K = {runner.get('k', '?')} "
+                    f"({runner.get('score', '?')})") if note else "-"
+        rows.append([r["data_name"], show(r["method"]) + (f" ({r['tag']})" if r["tag"] else ""), str(len(r["seeds"])),
+                     ", ".join(str(k) for k in s["k_found"]), str(run0.get("k_classes", "-")),
+                     f"{s['k_within_20pct']} of {len(r['seeds'])}", evidence, fmt(s.get("acc_at_classes")),
+                     fmt(s.get("nmi_at_classes")), fmt(s.get("largest_over_share_at_classes"), 2),
+                     fmt(stats(r, "knn_top1")), f"`{r['stem']}`"])
+    if not rows:
+        return ""
+    return "\n".join(["K not given (`cluster.n_clusters: auto`, the default): the K each seed's run settled on "
+                      "after training and the evidence of seed 0's; then the same trained network re-scored at "
+                      "the classes' K (`evaluate --n-clusters`), with its largest cluster over its share N / K.", "",
+                      table(["data", "method", "seeds", "K found", "classes", "within 20%", "criterion, seed 0",
+                             "ACC at the classes' K", "NMI", "largest / share", "kNN top-1", "file"], rows)])
+
+
 def run_heads_section(results: dict[str, dict]) -> str:
     """Every cluster head scored in the accuracy runs themselves (``heads_summary``: JULE's SF
     clusters are method/embedding, its RC clusters agglomerative/embedding; DCCM's own head is
@@ -494,6 +521,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, dict]], str]]] = [
     ("Summary", headline),
     ("Accuracy per data set", accuracy_section),
     ("Every head of the accuracy runs", run_heads_section),
+    ("The number of clusters from the learned features", k_auto_section),
     ("The papers' tables", papers_section),
     ("Beside other libraries", peers_section),
     ("Reading clusters off the features", heads_section),
