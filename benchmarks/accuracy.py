@@ -68,7 +68,7 @@ def seed_config(method: str, spec: str, seed: int, args, out: str):
     from deepclust.config import read_yaml, set_dotted
     from deepclust.configure import build_config
 
-    k = "auto" if args.k_auto else class_count(spec, args.split)  # the papers' K (--set wins)
+    k = "auto" if getattr(args, "k_auto", False) else class_count(spec, args.split)  # the papers' K (--set wins)
     layer: dict = {"method": method, "data": {"spec": spec, "split": args.split},
                    "train": {"seed": seed, "progress": False}, "out": out, "cluster": {"n_clusters": k}}
     if args.epochs is not None:
@@ -147,7 +147,7 @@ def deep_method(method: str, spec: str, seeds: list[int], args) -> dict:
 
                 m[probe_key(protocol, layer)] = probe_run(out, protocol, features=layer, write=False)["top1"]
             config = resolved_config(out, cfg)
-            known_k = k_auto_record(m, out, class_count(spec, args.split)) if args.k_auto else {}
+            known_k = k_auto_record(m, out, class_count(spec, args.split)) if getattr(args, "k_auto", False) else {}
         finally:
             shutil.rmtree(out, ignore_errors=True)
         run = {"seed": seed, **{k: m.get(k) for k in (*RUN_KEYS, *probe_keys(args))}, **known_k, "config": config}

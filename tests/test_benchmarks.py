@@ -125,6 +125,38 @@ def test_accuracy_records_each_seeds_config_and_heads(private_dirs, monkeypatch)
     assert r["summary"]["acc"]["median"] == pytest.approx(0.91) and r["summary"]["train_seconds"]["max"] == 12.0
 
 
+def test_accuracy_k_auto_records_the_estimate_and_the_scores_at_the_classes_k(private_dirs, monkeypatch):
+    """--k-auto: the run is not given K; each seed records the K it settled on (with its evidence and
+    its distance from the 10 classes) and the same run re-scored at 10 (``evaluate_run``'s override)."""
+    import accuracy
+    import deepclust.inference as inference
+    import deepclust.runs as runs
+
+    given, evaluated = [], []
+
+    def fake_fit(cfg):
+        given.append(cfg.cluster.n_clusters)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.yaml").write_text(cfg.to_yaml())
+        k = 12 + cfg.train.seed
+        return {"acc": 0.8, "n_clusters": k, "heads": [{"head": "graph"}], "resolution": {"n_clusters": {
+            "k": k, "criterion": "modularity", "scores": {str(k): 0.7}, "runner_up": {"k": 10, "score": 0.69}}}}
+
+    def fake_evaluate(out, overrides, write):
+        evaluated.append(overrides)
+        return {"acc": 0.9, "nmi": 0.85, "cluster_sizes": [100] * 9 + [200]}
+
+    monkeypatch.setattr(runs, "fit_run", fake_fit)
+    monkeypatch.setattr(inference, "evaluate_run", fake_evaluate)
+    accuracy.main(["--method", "pad", "--data", "digits", "--seeds", "0", "1", "--k-auto", "--chosen-on", "digits"])
+    r = json.loads((private_dirs[0] / "accuracy-pad-digits.json").read_text())
+    assert given == [None, None] and evaluated == [{"cluster": {"n_clusters": 10}}] * 2
+    assert [run["k_relative_error"] for run in r["runs"]] == [0.2, 0.3]
+    assert r["summary"]["k_found"] == [12, 13] and r["summary"]["k_within_20pct"] == 1
+    assert r["runs"][0]["at_classes"]["largest_over_share"] == pytest.approx(1.82)
+    assert r["summary"]["acc_at_classes"]["mean"] == pytest.approx(0.9)
+
+
 def test_accuracy_scores_each_probe_asked_for_under_its_own_name(private_dirs, monkeypatch, tmp_path):
     import accuracy
     import deepclust.inference as inference

@@ -112,16 +112,30 @@ def _jule_run(sf: float, rc: float) -> dict:
 def test_jule_paper_preset_rows_sit_beside_the_cpu_rows_with_their_distance_to_the_paper():
     """The paper presets' results (accuracy.py --tag paper) get their own line after jule-cpu's, both
     sides read from the same result, and the "why" gives our distance to the paper's own figures."""
-    results = {"accuracy-jule-usps-paper": {"method": "jule", "data": "usps", "command": "accuracy.py --config "
-                                            "jule-usps --tag paper", "runs": [_jule_run(0.90, 0.93)]}}
-    rows = _rows(tables(results), JULE, "JULE-RC 0.913 vs JULE-SF (the recurrence's own clusters) 0.858")
+    results = {"accuracy-jule-mnist-test-paper": {"method": "jule", "data": "mnist-test", "command": "accuracy.py "
+                                                  "--config jule-mnist-test --tag paper", "runs": [_jule_run(0.90, 0.93)]}}
+    rows = _rows(tables(results), JULE, "JULE-RC 0.915 vs JULE-SF (the recurrence's own clusters) 0.876")
     assert len(rows) == 2  # jule-cpu's, then the paper preset's
-    assert rows[0][2] == "-" and "accuracy-jule-usps;" in rows[0][5] + ";"
+    assert rows[0][2] == "-" and "accuracy-jule-mnist-test;" in rows[0][5] + ";"
     cpu, paper = rows
     assert paper[2] == "0.930 ± 0.000 vs 0.900 ± 0.000 (n = 1 / 1)" and paper[4] == "not measured"  # one seed
-    assert "jule-usps" in paper[3] and "the paper preset" in paper[5]
-    assert "A +0.017 from the paper's 0.913, B +0.042 from the paper's 0.858" in paper[5]
+    assert "jule-mnist-test" in paper[3] and "the paper preset" in paper[5]
+    assert "A +0.015 from the paper's 0.915, B +0.024 from the paper's 0.876" in paper[5]
     assert "from the paper's" not in cpu[5]  # nothing measured, no distance
+
+
+def test_usps_paper_preset_rows_read_the_ablation_row_of_the_presets_own_options():
+    """USPS's paper-preset runs are the jule-ip1 ablation's row that sets what jule-usps already sets
+    (the same preset, the same seeds): its SF and RC per run, not a second copy of the runs."""
+    row = {"variant": "ip1 Linear -> L2 (paper), small_fraction 0.05", "runs": [
+        {"seed": s, "own_nmi_geometric": sf, "agglomerative_nmi_geometric": rc} for s, sf, rc in
+        ((0, 0.90, 0.92), (1, 0.91, 0.92), (2, 0.90, 0.92))]}
+    results = {"ablation-jule-ip1-usps": {"table": "jule-ip1", "data": "usps", "config": "jule-usps",
+                                          "command": "ablation.py --table jule-ip1 --config jule-usps", "rows": [row]}}
+    rows = _rows(tables(results), JULE, "JULE-RC 0.913 vs JULE-SF (the recurrence's own clusters) 0.858")
+    paper = rows[1]
+    assert paper[2].startswith("0.920 ± 0.000 vs 0.903 ± 0.006 (n = 3 / 3)") and paper[4] == "reproduced"
+    assert "A +0.007 from the paper's 0.913" in paper[5]
 
 
 def test_every_departure_of_the_jule_presets_is_a_line_of_its_table_with_its_measurements():
