@@ -2,7 +2,7 @@
 network trained in a plain PyTorch loop, in the same run; the figure is the ratio (goal >= 1.5x).
 
     python benchmarks/throughput.py [--data mnist-test] [--methods instance and] [--epochs 2]
-        [--backbone jule_cnn] [--batch-size 128] [--workers 0 2] [--plain-epochs 2] [--limit N]
+        [--backbone jule_cnn] [--batch-size 128] [--workers 0 2] [--plain-epochs 2] [--limit N] [--tag T]
 
 deepclust: ``fit_run`` of the method with its defaults (views from the data, the method's own
 options) for --epochs epochs (for AND: per round, so 5 x --epochs in all); the rate is
@@ -25,7 +25,7 @@ loop over the worker counts. On a 2-core CPU, 0 workers leaves both cores to tor
 them for the transforms (each worker runs torch with one thread): both are measured.
 
 Also recorded: the raw forward+backward rate of the network with no augmentation and no bank.
-The result is saved as RESULTS/throughput-BACKBONE.json (RESULTS: benchmarks/results/ or
+The result is saved as RESULTS/throughput-BACKBONE[-TAG].json (RESULTS: benchmarks/results/ or
 $DEEPCLUST_RESULTS_DIR). The script refuses to start (exit 2) while a fit or another benchmark runs.
 """
 
@@ -242,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="jule_cnn")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=int, help="only the first N images (a smoke test; marked quick)")
+    p.add_argument("--tag", default="", help="suffix of the result's name (e.g. a subset of --methods, "
+                                             "which must not replace the file of all of them)")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -253,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    name = f"throughput-{args.backbone}" + (f"-limit{args.limit}" if args.limit else "")
+    name = (f"throughput-{args.backbone}" + (f"-{args.tag}" if args.tag else "")
+            + (f"-limit{args.limit}" if args.limit else ""))
     with exclusive(name), tempfile.TemporaryDirectory(prefix="deepclust-throughput-data-") as tmp:
         images, source = load_or_synthetic(args.data, args.limit)
         spec = write_npz(images, Path(tmp) / "images.npz")
