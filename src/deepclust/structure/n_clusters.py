@@ -66,28 +66,42 @@ def pixel_features(images: np.ndarray, dim: int = 50, seed: int = 0) -> np.ndarr
     return PCA(dim, random_state=seed, svd_solver="auto").fit_transform(x).astype(np.float32)
 
 
-def estimate_n_clusters(features: np.ndarray, *, k_min: int = 2, k_max: int = 30, n_neighbors: int = 10,
-                        seed: int = 0, max_images: int = 10_000, silhouette_sample: int = 3_000,
-                        n_init: int = 10) -> tuple[int, dict]:
-    """(K, evidence): the K in [k_min, k_max] whose spectral clustering of ``features`` has the
-    highest mean silhouette. Evidence: the criterion, the range, the images used and every K's score."""
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    rng = np.random.default_rng(seed)
+def _candidates(x: np.ndarray, rng: np.random.Generator, *, k_min: int, k_max: int, n_neighbors: int,
+                max_images: int):
+    """What both estimators do before scoring any K: at most ``max_images`` rows (a draw of ``rng``),
+    the range of K cut to what they allow, the cosine kNN graph, and the answers that need no score.
+    Returns (rows, graph, the evidence so far), or (rows, None, (K, evidence)) where it is decided:
+    too few images, features that do not vary, or the graph's components (K in range, each of at
+    least max(n_neighbors, 1% of the images))."""
     if len(x) > max_images:
         x = x[np.sort(rng.choice(len(x), max_images, replace=False))]
     n = len(x)
     k_max = min(k_max, n - 1, (n - 2) // 2)
     k_min = max(2, min(k_min, k_max))
     if k_max < 2:
-        return 1, {"criterion": "too few images to compare cluster counts", "n_images": n}
+        return x, None, (1, {"criterion": "too few images to compare cluster counts", "n_images": n})
     if not np.ptp(x, axis=0).any():
-        return 1, {"criterion": "the features do not vary: one cluster", "n_images": n}
+        return x, None, (1, {"criterion": "the features do not vary: one cluster", "n_images": n})
     graph = knn_graph(x, min(n_neighbors, n - 1))
+    note = {"k_range": [k_min, k_max], "n_images": n, "n_neighbors": min(n_neighbors, n - 1)}
     n_parts, parts = connected_components(graph, directed=False)
     sizes = np.bincount(parts)
     if k_min <= n_parts <= k_max and sizes.min() >= max(n_neighbors, n // 100):
-        return n_parts, {"criterion": COMPONENTS, "k_range": [k_min, k_max], "n_images": n,
-                         "n_neighbors": min(n_neighbors, n - 1), "component_sizes": sizes.tolist()}
+        return x, None, (n_parts, {"criterion": COMPONENTS, **note, "component_sizes": sizes.tolist()})
+    return x, graph, note
+
+
+def estimate_n_clusters(features: np.ndarray, *, k_min: int = 2, k_max: int = 30, n_neighbors: int = 10,
+                        seed: int = 0, max_images: int = 10_000, silhouette_sample: int = 3_000,
+                        n_init: int = 10) -> tuple[int, dict]:
+    """(K, evidence): the K in [k_min, k_max] whose spectral clustering of ``features`` has the
+    highest mean silhouette. Evidence: the criterion, the range, the images used and every K's score."""
+    rng = np.random.default_rng(seed)
+    x, graph, found = _candidates(np.ascontiguousarray(features, dtype=np.float32), rng, k_min=k_min, k_max=k_max,
+                                  n_neighbors=n_neighbors, max_images=max_images)
+    if graph is None:
+        return found
+    n, (k_min, k_max) = len(x), found["k_range"]
     with warnings.catch_warnings():  # LOBPCG's tolerance notes (many lines); its result is used either way
         warnings.simplefilter("ignore", UserWarning)
         emb = spectral_embedding(graph, 2 * k_max, seed=seed)
@@ -100,8 +114,7 @@ def estimate_n_clusters(features: np.ndarray, *, k_min: int = 2, k_max: int = 30
         sub = labels[sample]
         scores[k] = float(silhouette_score(x[sample], sub)) if len(np.unique(sub)) > 1 else -1.0
     ranked = sorted(scores, key=lambda k: (-scores[k], k))
-    note = {"criterion": CRITERION, "k_range": [k_min, k_max], "n_images": n, "n_neighbors": min(n_neighbors, n - 1),
-            "silhouette": {str(k): round(s, 4) for k, s in scores.items()}}
+    note = {"criterion": CRITERION, **found, "silhouette": {str(k): round(s, 4) for k, s in scores.items()}}
     if len(ranked) > 1:
         note["runner_up"] = {"k": ranked[1], "score": round(scores[ranked[1]], 4)}
     return ranked[0], note
@@ -120,22 +133,11 @@ def estimate_from_features(features: np.ndarray, *, k_min: int = 2, k_max: int =
     score and the runner-up (the second-best K, with its score)."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    rng = np.random.default_rng(seed)
-    if len(x) > max_images:
-        x = x[np.sort(rng.choice(len(x), max_images, replace=False))]
-    n = len(x)
-    k_max = min(k_max, n - 1, (n - 2) // 2)
-    k_min = max(2, min(k_min, k_max))
-    if k_max < 2:
-        return 1, {"criterion": "too few images to compare cluster counts", "n_images": n}
-    if not np.ptp(x, axis=0).any():
-        return 1, {"criterion": "the features do not vary: one cluster", "n_images": n}
-    graph = knn_graph(x, min(n_neighbors, n - 1))
-    note = {"k_range": [k_min, k_max], "n_images": n, "n_neighbors": min(n_neighbors, n - 1)}
-    n_parts, parts = connected_components(graph, directed=False)
-    sizes = np.bincount(parts)
-    if k_min <= n_parts <= k_max and sizes.min() >= max(n_neighbors, n // 100):
-        return n_parts, {"criterion": COMPONENTS, **note, "component_sizes": sizes.tolist()}
+    x, graph, note = _candidates(x, np.random.default_rng(seed), k_min=k_min, k_max=k_max, n_neighbors=n_neighbors,
+                                 max_images=max_images)
+    if graph is None:
+        return note
+    k_min, k_max = note["k_range"]
     with warnings.catch_warnings():  # LOBPCG's tolerance notes; its result is used either way
         warnings.simplefilter("ignore", UserWarning)
         emb = spectral_embedding(graph, 2 * k_max, seed=seed)
