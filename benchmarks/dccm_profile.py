@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from common import class_count, data_spec, load_labelled
-from throughput import PlainImages, torchvision_views
+from throughput import PlainImages, plain_step, torchvision_views
 
 PARTS = ("views", "forward", "structure", "losses", "discriminator", "discriminator_backward", "backward",
          "optimiser")
@@ -147,13 +147,7 @@ def plain_parts(net, images: np.ndarray, transform, batch: int, temperature: flo
 
     def step(views, idx):
         t0 = now()
-        embs = [net(v) for v in views]
-        loss = sum(F.cross_entropy(e @ bank.t() / temperature, idx) for e in embs) / len(embs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            bank[idx] = F.normalize(0.5 * bank[idx] + 0.5 * embs[0].detach(), dim=1)
+        plain_step(net, opt, bank, views, idx, temperature)
         return now() - t0
 
     return fetch, step

@@ -105,6 +105,18 @@ class PlainImages(torch.utils.data.Dataset):
         return (*[self.transform(img) for _ in range(self.n_views)], i)
 
 
+def plain_step(net, opt, bank, views, idx, temperature: float) -> None:
+    """One step of the plain loop: forward of each view, the instance loss over the whole bank (averaged
+    over the views), backward, optimiser step, the EMA (eta 0.5) of the batch's bank rows."""
+    embs = [net(v) for v in views]
+    loss = sum(F.cross_entropy(e @ bank.t() / temperature, idx) for e in embs) / len(embs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        bank[idx] = F.normalize(0.5 * bank[idx] + 0.5 * embs[0].detach(), dim=1)
+
+
 def plain_loop(net, images: np.ndarray, transform, *, n_views: int, batch: int, workers: int, epochs: int,
                temperature: float, lr: float) -> dict:
     """Train ``net`` the plain way (see the module docstring); images/s per epoch."""
@@ -118,13 +130,7 @@ def plain_loop(net, images: np.ndarray, transform, *, n_views: int, batch: int, 
     for _ in range(epochs):
         t0, seen = time.perf_counter(), 0
         for *views, idx in loader:
-            embs = [net(v) for v in views]
-            loss = sum(F.cross_entropy(e @ bank.t() / temperature, idx) for e in embs) / len(embs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                bank[idx] = F.normalize(0.5 * bank[idx] + 0.5 * embs[0].detach(), dim=1)
+            plain_step(net, opt, bank, views, idx, temperature)
             seen += len(idx)
         rates.append(round(seen / (time.perf_counter() - t0), 1))
     steady = rates[1:] or rates
