@@ -89,6 +89,19 @@ def test_features_modularity_over_k_on_blobs_that_touch():
     assert runner["score"] <= evidence["scores"]["6"] == max(evidence["scores"].values())
 
 
+def test_a_small_island_of_images_does_not_set_k():
+    """A few images far from the rest split the kNN graph in two, yet K is the rest's (a trained digits
+    embedding had an island of 27 of 1,797 images, and K came out 2): a component under half its even
+    share is not one of K clusters, so the graph is scored over K as usual."""
+    x, _ = make_blobs(n_samples=900, centers=6, n_features=6, cluster_std=2.5, center_box=(-12, 12), random_state=6)
+    island = np.random.default_rng(0).normal(200.0, 0.1, (30, 6))
+    found, evidence = estimate_from_features(np.vstack([x, island]))
+    assert evidence["component_sizes"] == [900, 30] and evidence["criterion"].startswith("modularity")
+    assert found in (6, 7), evidence  # the six blobs, and the island on its own or not
+    # the pixels' route shares the rule (its Euclidean silhouette itself is led to 2 by so far an island)
+    assert "components" not in estimate_n_clusters(np.vstack([x, island]))[1]["criterion"]
+
+
 def test_features_that_do_not_vary_or_are_too_few():
     assert estimate_from_features(np.ones((50, 4)))[0] == 1
     k, note = estimate_from_features(np.random.default_rng(0).standard_normal((5, 3)))

@@ -4,7 +4,7 @@ Criterion: the mean silhouette (Rousseeuw 1987, Euclidean, on the features) of n
 clustering (Ng, Jordan & Weiss 2002, the spectral head's algorithm: cosine kNN graph -> top
 eigenvectors of D^-1/2 W D^-1/2 -> rows L2-normalised -> k-means) for every K in [k_min, k_max];
 K is the best one. Except when the kNN graph itself falls into K in [k_min, k_max] connected
-components of at least max(n_neighbors, 1% of the images) each: then its normalised Laplacian has
+components of at least max(n_neighbors, half of N / K images) each: then its normalised Laplacian has
 eigenvalue 0 exactly K times (von Luxburg 2007, Prop 4), the ideal case, and K is that count (the
 eigensolver cannot separate a repeated eigenvalue's vectors, so the silhouette route would
 mis-cluster there). The graph and its eigenvectors are computed once, for 2 k_max components, and
@@ -72,7 +72,8 @@ def _candidates(x: np.ndarray, rng: np.random.Generator, *, k_min: int, k_max: i
     the range of K cut to what they allow, the cosine kNN graph, and the answers that need no score.
     Returns (rows, graph, the evidence so far), or (rows, None, (K, evidence)) where it is decided:
     too few images, features that do not vary, or the graph's components (K in range, each of at
-    least max(n_neighbors, 1% of the images))."""
+    least max(n_neighbors, half its even share N / 2K): a component under half its share is an island
+    of a few images, not one of K clusters -- 27 of 1,797 trained digits made K = 2 when 1% sufficed)."""
     if len(x) > max_images:
         x = x[np.sort(rng.choice(len(x), max_images, replace=False))]
     n = len(x)
@@ -86,8 +87,10 @@ def _candidates(x: np.ndarray, rng: np.random.Generator, *, k_min: int, k_max: i
     note = {"k_range": [k_min, k_max], "n_images": n, "n_neighbors": min(n_neighbors, n - 1)}
     n_parts, parts = connected_components(graph, directed=False)
     sizes = np.bincount(parts)
-    if k_min <= n_parts <= k_max and sizes.min() >= max(n_neighbors, n // 100):
-        return x, None, (n_parts, {"criterion": COMPONENTS, **note, "component_sizes": sizes.tolist()})
+    if n_parts > 1:
+        note["component_sizes"] = sizes.tolist()
+    if k_min <= n_parts <= k_max and sizes.min() >= max(n_neighbors, n // (2 * n_parts)):
+        return x, None, (n_parts, {"criterion": COMPONENTS, **note})
     return x, graph, note
 
 
@@ -128,7 +131,7 @@ def estimate_from_features(features: np.ndarray, *, k_min: int = 2, k_max: int =
     """(K, evidence): K in [k_min, k_max] read off learned ``features`` (rows L2-normalised here: the
     heads' cosine geometry): the K whose spectral clustering of the cosine kNN graph (the spectral
     head's, 2K eigenvectors) has the highest modularity on that graph; where the graph falls into
-    K in range components of at least max(n_neighbors, 1% of the images), their count (as
+    K in range components of at least max(n_neighbors, half of N / K images), their count (as
     :func:`estimate_n_clusters`). Evidence: the criterion, the range, the images used, every K's
     score and the runner-up (the second-best K, with its score)."""
     x = np.ascontiguousarray(features, dtype=np.float32)
