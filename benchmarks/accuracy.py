@@ -20,18 +20,26 @@ refuses to start (exit 2) while a deepclust fit or another benchmark runs on the
 records the K it settled on with its evidence (``k_estimate``: criterion, score, runner-up) and its
 distance from the number of classes, and, on the same trained network, the scores at the classes'
 K (``at_classes``: ``deepclust evaluate --n-clusters K``, the heads refitted; labels only score).
+
+--add-seeds runs only the seeds not yet in the result of the same name and adds them to it (the
+summary recomputed over all): each run records the commit it ran at, and the script refuses (exit 2,
+nothing written) when a seed is already there, or, before merging, when a new run's resolved
+configuration differs from the recorded runs' in anything but its seed (the new runs are then saved
+alone, as NAME-unmerged.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
 
 import numpy as np
 
-from common import NOT_TUNED, budget_plan_of, class_count, data_spec, exclusive, fail, mean_std, resolved_config, save_result
+from common import (NOT_TUNED, budget_plan_of, class_count, data_spec, exclusive, fail, git_state, mean_std,
+                    resolved_config, results_dir, save_result, slug)
 
 SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "linear_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
@@ -183,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k-auto", action="store_true", help="K not given (auto): record the estimate, and the "
                                                          "scores at the classes' K on the same network")
     p.add_argument("--quick", action="store_true", help="one seed, 2 epochs: a smoke test of the script")
+    p.add_argument("--add-seeds", action="store_true", help="add these seeds' runs to the result of the same "
+                                                            "name (same settings; refuses a seed already there)")
     args = p.parse_args(argv)
     if args.method in PIXEL_BASELINES:
         args.chosen_on = args.chosen_on or NOT_TUNED
@@ -224,12 +234,50 @@ def k_auto_summary(runs: list[dict]) -> dict:
             **{f"{key}_at_classes": mean_std([a.get(key) for a in at]) for key in ("acc", "nmi", "largest_over_share")}}
 
 
+def recorded(name: str, args) -> dict | None:
+    """--add-seeds: the result NAME already holds (its runs stamped with its commit), None without
+    --add-seeds; refuses when there is none, or it holds one of the seeds asked for."""
+    if not args.add_seeds:
+        return None
+    path = results_dir() / f"{slug(name)}.json"
+    if not path.is_file():
+        fail(f"--add-seeds: there is no {path} to add to")
+    old = json.loads(path.read_text())
+    if args.method in PIXEL_BASELINES or old.get("method") != args.method:
+        fail(f"--add-seeds: {path.name} is not a trained method's result for {args.method}")
+    if again := sorted(set(args.seeds) & {r["seed"] for r in old["runs"]}):
+        fail(f"--add-seeds: {path.name} already holds seed(s) {again}")
+    for run in old["runs"]:
+        run.setdefault("commit", old.get("commit"))
+        run.setdefault("dirty", old.get("dirty"))
+    return old
+
+
+def unseeded(config: dict) -> str:
+    """A run's resolved configuration without what differs between seeds (the seed, the run folder)."""
+    c = json.loads(json.dumps(config))
+    c.get("train", {}).pop("seed", None)
+    c.pop("out", None)
+    return json.dumps(c, sort_keys=True)
+
+
+def merged(name: str, old: dict, runs: list[dict], args) -> list[dict]:
+    """The recorded runs and the new ones, by seed; new runs whose settings differ are saved alone
+    as NAME-unmerged and the script stops (exit 2)."""
+    want = {unseeded(r["config"]) for r in old["runs"]}
+    if any(unseeded(r["config"]) not in want for r in runs):
+        save_result(f"{name}-unmerged", {"method": args.method, "data": args.data, "runs": runs}, chosen_on=args.chosen_on)
+        fail(f"--add-seeds: the new runs' settings differ from {name}'s; saved them as {name}-unmerged")
+    return sorted(old["runs"] + runs, key=lambda r: r["seed"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     spec = data_spec(args.data)
     name = (f"accuracy-{args.method}-{args.data}" + (f"-{args.tag}" if args.tag else "")
             + ("-quick" if args.quick else ""))
     with exclusive(name):
+        old = recorded(name, args)
         t0 = time.perf_counter()
         if args.method in PIXEL_BASELINES:
             out = pixel_baseline(args.method, spec, args.seeds, args.split)
@@ -237,13 +285,23 @@ def main(argv: list[str] | None = None) -> None:
         else:
             out = deep_method(args.method, spec, args.seeds, args)
             keys = (*SCORES, *probe_keys(args))
+            state = git_state()
+            for run in out["runs"]:
+                run |= {"commit": state["commit"], "dirty": state["dirty"]}
+        wall = round(time.perf_counter() - t0, 1)
+        if old is not None:
+            out["runs"] = merged(name, old, out["runs"], args)
+            out["heads_summary"] = heads_summary(out["runs"])
+            wall += old.get("wall_seconds") or 0.0
+        seeds = [r["seed"] for r in out["runs"]]
         summary = {k: mean_std([r.get(k) for r in out["runs"]]) for k in keys
                    if any(r.get(k) is not None for r in out["runs"])}
         if args.k_auto and args.method not in PIXEL_BASELINES:
             summary |= k_auto_summary(out["runs"])
         save_result(name, {"method": args.method, "data": args.data, "spec": spec, "split": args.split,
-                           "seeds": args.seeds, "quick": args.quick, "summary": summary,
-                           "wall_seconds": round(time.perf_counter() - t0, 1), **out},
+                           "seeds": seeds, "quick": args.quick, "summary": summary, "wall_seconds": wall,
+                           **({"earlier_commands": old.get("earlier_commands", []) + [old["command"]]} if old else {}),
+                           **out},
                     chosen_on=args.chosen_on)
 
 

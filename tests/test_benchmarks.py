@@ -157,6 +157,41 @@ def test_accuracy_k_auto_records_the_estimate_and_the_scores_at_the_classes_k(pr
     assert r["summary"]["acc_at_classes"]["mean"] == pytest.approx(0.9)
 
 
+def test_accuracy_add_seeds_merges_runs_of_the_same_settings_and_refuses_the_rest(private_dirs, monkeypatch):
+    """--add-seeds: the new seeds join the recorded ones (summary over all, each run its commit);
+    a seed already there, or other settings, is refused and the recorded result stays as it was."""
+    import accuracy
+    import deepclust.runs as runs
+
+    def fake_fit(cfg):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.yaml").write_text(cfg.to_yaml())
+        return {"acc": 0.5 + cfg.train.seed / 10, "nmi": 0.5, "epochs": cfg.train.epochs}
+
+    monkeypatch.setattr(runs, "fit_run", fake_fit)
+    base = ["--method", "instance", "--data", "digits", "--epochs", "2", "--chosen-on", "digits", "--no-heads"]
+    accuracy.main([*base, "--seeds", "0"])
+    path = private_dirs[0] / "accuracy-instance-digits.json"
+    first = json.loads(path.read_text())
+    accuracy.main([*base, "--seeds", "2", "1", "--add-seeds"])
+    r = json.loads(path.read_text())
+    assert r["seeds"] == [0, 1, 2] and [run["seed"] for run in r["runs"]] == [0, 1, 2]
+    assert r["summary"]["acc"]["n"] == 3 and r["summary"]["acc"]["mean"] == pytest.approx(0.6)
+    assert all(run["commit"] == first["commit"] for run in r["runs"])
+    assert r["earlier_commands"] == [first["command"]]
+    kept = path.read_text()
+    with pytest.raises(SystemExit) as again:
+        accuracy.main([*base, "--seeds", "1", "3", "--add-seeds"])
+    assert again.value.code == 2 and path.read_text() == kept
+    with pytest.raises(SystemExit) as other:
+        accuracy.main([*base[:4], "--epochs", "3", *base[6:], "--seeds", "3", "--add-seeds"])
+    assert other.value.code == 2 and path.read_text() == kept
+    unmerged = json.loads((private_dirs[0] / "accuracy-instance-digits-unmerged.json").read_text())
+    assert [run["seed"] for run in unmerged["runs"]] == [3]
+    with pytest.raises(SystemExit):
+        accuracy.main([*base[:2], "--data", "usps", *base[4:], "--seeds", "0", "--add-seeds"])
+
+
 def test_accuracy_scores_each_probe_asked_for_under_its_own_name(private_dirs, monkeypatch, tmp_path):
     import accuracy
     import deepclust.inference as inference
