@@ -253,19 +253,27 @@ def recorded(name: str, args) -> dict | None:
     return old
 
 
-def unseeded(config: dict) -> str:
-    """A run's resolved configuration without what differs between seeds (the seed, the run folder)."""
+def unseeded(config: dict, k_auto: bool) -> str:
+    """A run's resolved configuration without what each seed's run decides for itself: the seed, the
+    run folder, and where it was measured or read off the run, the budget's epochs and backbone and
+    (--k-auto) the K settled after training."""
     c = json.loads(json.dumps(config))
-    c.get("train", {}).pop("seed", None)
     c.pop("out", None)
+    train = c.setdefault("train", {})
+    train.pop("seed", None)
+    if train.get("budget") is not None:
+        train.pop("epochs", None)
+        c.setdefault("net", {}).pop("backbone", None)
+    if k_auto:
+        c.setdefault("cluster", {}).pop("n_clusters", None)
     return json.dumps(c, sort_keys=True)
 
 
 def merged(name: str, old: dict, runs: list[dict], args) -> list[dict]:
     """The recorded runs and the new ones, by seed; new runs whose settings differ are saved alone
     as NAME-unmerged and the script stops (exit 2)."""
-    want = {unseeded(r["config"]) for r in old["runs"]}
-    if any(unseeded(r["config"]) not in want for r in runs):
+    want = {unseeded(r["config"], args.k_auto) for r in old["runs"]}
+    if any(unseeded(r["config"], args.k_auto) not in want for r in runs):
         save_result(f"{name}-unmerged", {"method": args.method, "data": args.data, "runs": runs}, chosen_on=args.chosen_on)
         fail(f"--add-seeds: the new runs' settings differ from {name}'s; saved them as {name}-unmerged")
     return sorted(old["runs"] + runs, key=lambda r: r["seed"])
