@@ -226,15 +226,30 @@ def k_auto_section(results: dict[str, dict]) -> str:
         rows.append([r["data_name"], show(r["method"]) + (f" ({r['tag']})" if r["tag"] else ""), str(len(r["seeds"])),
                      ", ".join(str(k) for k in s["k_found"]), str(run0.get("k_classes", "-")),
                      f"{s['k_within_20pct']} of {len(r['seeds'])}", evidence, fmt(s.get("acc_at_classes")),
-                     fmt(s.get("nmi_at_classes")), fmt(s.get("largest_over_share_at_classes"), 2),
-                     fmt(stats(r, "knn_top1")), f"`{r['stem']}`"])
+                     fmt(s.get("nmi_at_classes")), largest(s.get("largest_over_share_at_classes")),
+                     fmt(stats(r, "knn_top1")), knn_gap(r), f"`{r['stem']}`"])
     if not rows:
         return ""
     return "\n".join(["K not given (`cluster.n_clusters: auto`, the default): the K each seed's run settled on "
                       "after training and the evidence of seed 0's; then the same trained network re-scored at "
                       "the classes' K (`evaluate --n-clusters`), with its largest cluster over its share N / K.", "",
                       table(["data", "method", "seeds", "K found", "classes", "within 20%", "criterion, seed 0",
-                             "ACC at the classes' K", "NMI", "largest / share", "kNN top-1", "file"], rows)])
+                             "ACC at the classes' K", "NMI", "largest / share (max)", "kNN top-1",
+                             "kNN top-1 - ACC (max)", "file"], rows)])
+
+
+def largest(s: dict | None) -> str:
+    """The largest cluster over its share: mean over the seeds, and the largest seed's."""
+    return "-" if not s else f"{s['mean']:.2f}" + (f" ({s['max']:.2f})" if s.get("n", 1) > 1 else "")
+
+
+def knn_gap(r: dict) -> str:
+    """How far each seed's ACC at the classes' K falls below its own kNN top-1: mean (largest)."""
+    gaps = [run["knn_top1"] - run["at_classes"]["acc"] for run in r["runs"]
+            if run.get("knn_top1") is not None and (run.get("at_classes") or {}).get("acc") is not None]
+    if not gaps:
+        return "-"
+    return f"{sum(gaps) / len(gaps):.3f}" + (f" ({max(gaps):.3f})" if len(gaps) > 1 else "")
 
 
 def run_heads_section(results: dict[str, dict]) -> str:

@@ -696,3 +696,17 @@ def test_git_state_is_dirty_for_code_but_not_for_rewritten_results(tmp_path):
     assert common.git_state(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.git_state(tmp_path)["dirty"] is True
+
+
+def test_report_k_auto_shows_the_largest_seed_and_each_seeds_distance_from_knn():
+    """The K-auto table: the K of each seed, the mean and the worst seed's largest cluster over its
+    share, and how far ACC at the classes' K falls below kNN top-1 (mean, and the worst seed)."""
+    runs = [{"seed": s, "knn_top1": knn, "k_estimate": {"criterion": "modularity", "scores": {"11": 0.8},
+                                                        "runner_up": {"k": 10, "score": 0.79}},
+             "k_classes": 10, "at_classes": {"acc": acc}} for s, knn, acc in ((0, 0.9, 0.8), (1, 0.8, 0.75))]
+    r = {"benchmark": "accuracy-pad-usps-k-auto-2m", "method": "pad", "data": "usps", "seeds": [0, 1], "runs": runs,
+         "summary": {"k_found": [11, 9], "k_within_20pct": 2, "knn_top1": common.mean_std([0.9, 0.8]),
+                     "acc_at_classes": common.mean_std([0.8, 0.75]),
+                     "largest_over_share_at_classes": common.mean_std([1.5, 2.7])}}
+    row = report.k_auto_section({"accuracy-pad-usps-k-auto-2m": r}).splitlines()[-1]
+    assert "| 11, 9 | 10 | 2 of 2 |" in row and "| 2.10 (2.70) |" in row and "| 0.075 (0.100) |" in row
