@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from common import (NOT_TUNED, budget_plan_of, class_count, data_spec, exclusive, fail, git_state, mean_std,
-                    resolved_config, results_dir, save_result, slug)
+                    resolved_config, result_path, save_result)
 
 SCORES = ("acc", "nmi", "nmi_geometric", "ari", "knn_top1", "linear_top1", "kmeans_embedding_acc", "kmeans_embedding_nmi",
           "kmeans_embedding_ari", "train_seconds", "images_per_second", "head_seconds")
@@ -239,7 +239,7 @@ def recorded(name: str, args) -> dict | None:
     --add-seeds; refuses when there is none, or it holds one of the seeds asked for."""
     if not args.add_seeds:
         return None
-    path = results_dir() / f"{slug(name)}.json"
+    path = result_path(name)
     if not path.is_file():
         fail(f"--add-seeds: there is no {path} to add to")
     old = json.loads(path.read_text())

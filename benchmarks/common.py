@@ -203,6 +203,11 @@ def provenance(chosen_on: str) -> dict[str, Any]:
     return {**git_state(), "torch_threads": torch.get_num_threads(), "chosen_on": chosen_on}
 
 
+def result_path(name: str) -> Path:
+    """Where the result NAME is saved: RESULTS/NAME.json (the name made safe for a file)."""
+    return results_dir() / f"{slug(name)}.json"
+
+
 def save_result(name: str, result: dict[str, Any], chosen_on: str | None = None) -> Path:
     """Write RESULTS/NAME.json and print the result as the last line of output.
 
@@ -211,12 +216,11 @@ def save_result(name: str, result: dict[str, Any], chosen_on: str | None = None)
     (``NOT_TUNED`` for benchmarks that tune nothing). ``chosen_on`` may also come in ``result``.
     """
     chosen = chosen_on or result.pop("chosen_on", None) or UNRECORDED
-    out_dir = results_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path = result_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **provenance(chosen),
               "machine": machine(), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               **result}
-    path = out_dir / f"{slug(name)}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
