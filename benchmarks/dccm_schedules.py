@@ -4,6 +4,7 @@ both with dccm-cpu's settings, over seeds, on one data set.
 
     python benchmarks/dccm_schedules.py --data digits --block-epochs 5
     python benchmarks/dccm_schedules.py --data usps --block-epochs 1
+    python benchmarks/dccm_schedules.py --data usps --block-epochs 1 --seeds 1 2 --add-seeds
     python benchmarks/dccm_schedules.py --data digits --block-epochs 1 --seeds 0 --quick   # a smoke test
 
 Per seed, first the block schedule: dccm-cpu with options.schedule block and the authors' block
@@ -13,28 +14,30 @@ batches of 256) with a time budget of the seconds the block run's fit took from 
 metrics, so the budget chooses its epochs to spend the same time (its calibration counts in its
 budget). Both rows record their training seconds, which show how equal the two were.
 
+--add-seeds runs only the seeds given and merges them into the two results already saved (as
+accuracy.py --add-seeds: refused, with nothing written, when a seed is there or the settings differ).
 Results, in accuracy.py's format (every seed's scores, resolved configuration and heads):
 RESULTS/accuracy-dccm-DATA-block-eE.json and RESULTS/accuracy-dccm-DATA-minibatch-at-block-eE.json.
 The settings are dccm-cpu's, chosen on digits (the development data). The script takes the machine
 (it refuses to start while a fit or another benchmark runs).
 
-How long (this 2-core CPU, estimated from dccm-cpu's recorded rates, 883 images/s on digits and 151
-on USPS in batches of 256, and a slower rate in mini-batches of 32): a data epoch of the block
-schedule trains about 20 x N images (10 passes, 2 draws; about 20 per-mini-batch epochs): digits
-(1,797 images, 2 blocks) 1-1.5 minutes, USPS (9,298 images, 10 blocks) 20-30 minutes; each seed then
-runs the per-mini-batch schedule as long. So --data digits --block-epochs 5: 10-15 minutes a seed,
-30-50 minutes for 3 seeds; --data usps --block-epochs 1: 40-60 minutes a seed, 2-3 hours for 3.
+How long (this 2-core CPU, measured): a data epoch of the block schedule trains about 20 x N images
+(10 passes, 2 draws; about 20 per-mini-batch epochs), and each seed then runs the per-mini-batch
+schedule as long. --data digits --block-epochs 5: the block run 116 s a seed (1,797 images, 2
+blocks), 4 minutes a seed with the other, 12 for 3 seeds; --data usps --block-epochs 1: the block run
+558 s (9,298 images, 10 blocks), about 19 minutes a seed, an hour for 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
 
-from accuracy import RUN_KEYS, SCORES, heads_summary, run_heads, seed_config
-from common import data_spec, exclusive, fail, mean_std, resolved_config, save_result
+from accuracy import RUN_KEYS, SCORES, heads_summary, run_heads, seed_config, unseeded
+from common import data_spec, exclusive, fail, git_state, mean_std, resolved_config, result_path, save_result
 
 CHOSEN_ON = "digits (dccm-cpu's settings; the block schedule's are the authors')"
 BLOCK = ["options.schedule=block", "options.block_size=1000", "options.block_repeats=10", "options.block_draws=2",
@@ -67,8 +70,41 @@ def result(runs: list[dict], args, schedule: str) -> dict:
     summary = {k: mean_std([r.get(k) for r in runs]) for k in (*SCORES, "fit_seconds")
                if any(r.get(k) is not None for r in runs)}
     return {"method": "dccm", "data": args.data, "spec": data_spec(args.data), "split": args.split,
-            "seeds": args.seeds, "quick": args.quick, "schedule": schedule, "block_epochs": args.block_epochs,
-            "summary": summary, "heads_summary": heads_summary(runs), "runs": runs}
+            "seeds": [r["seed"] for r in runs], "quick": args.quick, "schedule": schedule,
+            "block_epochs": args.block_epochs, "summary": summary, "heads_summary": heads_summary(runs), "runs": runs}
+
+
+def settings(config: dict) -> str:
+    """A run's configuration less what each seed's run decides for itself (accuracy.unseeded; and the
+    per-mini-batch run's budget, the seconds its block run took)."""
+    c = json.loads(unseeded(config, False))
+    c.get("train", {}).pop("budget", None)
+    return json.dumps(c, sort_keys=True)
+
+
+def recorded(name: str, args) -> dict | None:
+    """--add-seeds: the result NAME as saved, each run stamped with its commit; None without it.
+    Refuses (exit 2, nothing written) when there is no such result or it holds a seed asked for."""
+    if not args.add_seeds:
+        return None
+    path = result_path(name)
+    if not path.is_file():
+        fail(f"--add-seeds: there is no {path} to add to")
+    old = json.loads(path.read_text())
+    if again := sorted(set(args.seeds) & {r["seed"] for r in old["runs"]}):
+        fail(f"--add-seeds: {path.name} already holds seed(s) {again}")
+    old["runs"] = [{"commit": old.get("commit"), "dirty": old.get("dirty"), **r} for r in old["runs"]]
+    return old
+
+
+def merged(name: str, old: dict | None, runs: list[dict]) -> list[dict]:
+    """The recorded runs and the new ones, by seed; refuses (exit 2, nothing written) when the new
+    runs' settings differ from the recorded ones'."""
+    if old is None:
+        return runs
+    if {settings(r["config"]) for r in runs} - {settings(r["config"]) for r in old["runs"]}:
+        fail(f"--add-seeds: the new runs' settings differ from {name}'s; nothing saved")
+    return sorted(old["runs"] + runs, key=lambda r: r["seed"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-epochs", type=int, required=True,
                    help="passes over the data in blocks of the block schedule (its train.epochs)")
     p.add_argument("--quick", action="store_true", help="blocks of 200, 2 passes: a smoke test of the script")
+    p.add_argument("--add-seeds", action="store_true", help="add these seeds' runs to the two results of the "
+                   "same data and block epochs (refused when a seed is there or the settings differ)")
     args = p.parse_args(argv)
     if args.block_epochs < 1:
         fail("--block-epochs must be at least 1")
@@ -90,16 +128,24 @@ def main(argv: list[str] | None = None) -> None:
     spec = data_spec(args.data)
     block = BLOCK + (["options.block_size=200", "options.block_repeats=2"] if args.quick else [])
     tag = f"e{args.block_epochs}" + ("-quick" if args.quick else "")
+    names = {"block": f"accuracy-dccm-{args.data}-block-{tag}",
+             "minibatch": f"accuracy-dccm-{args.data}-minibatch-at-block-{tag}"}
     with exclusive(f"dccm-schedules-{args.data}-{tag}"):
-        blocks, minibatches = [], []
+        old = {schedule: recorded(name, args) for schedule, name in names.items()}
+        runs: dict[str, list[dict]] = {"block": [], "minibatch": []}
         for seed in args.seeds:
             run, seconds = one_run(spec, seed, block, args.block_epochs, args.split)
-            blocks.append(run)
+            runs["block"].append(run)
             budget = [f"train.budget={max(int(seconds), 1)}s", "train.epochs=none"]
-            minibatches.append(one_run(spec, seed, budget, None, args.split)[0])
-        save_result(f"accuracy-dccm-{args.data}-block-{tag}", result(blocks, args, "block"), chosen_on=CHOSEN_ON)
-        save_result(f"accuracy-dccm-{args.data}-minibatch-at-block-{tag}", result(minibatches, args, "minibatch"),
-                    chosen_on=CHOSEN_ON)
+            runs["minibatch"].append(one_run(spec, seed, budget, None, args.split)[0])
+        state = git_state()
+        for schedule, name in names.items():
+            new = [r | state for r in runs[schedule]]
+            runs[schedule] = merged(name, old[schedule], new)
+        for schedule, name in names.items():
+            earlier = {} if old[schedule] is None else {"earlier_commands": [
+                *old[schedule].get("earlier_commands", []), old[schedule].get("command")]}
+            save_result(name, result(runs[schedule], args, schedule) | earlier, chosen_on=CHOSEN_ON)
 
 
 if __name__ == "__main__":

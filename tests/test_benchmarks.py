@@ -192,6 +192,44 @@ def test_accuracy_add_seeds_merges_runs_of_the_same_settings_and_refuses_the_res
         accuracy.main([*base[:2], "--data", "usps", *base[4:], "--seeds", "0", "--add-seeds"])
 
 
+def test_dccm_schedules_add_seeds_merges_both_results_and_refuses_the_rest(private_dirs, monkeypatch):
+    """dccm_schedules.py --add-seeds: each seed's block run and its per-mini-batch run at the block run's
+    seconds join both results; a seed already there, or other settings, writes nothing."""
+    import dccm_schedules
+
+    asked = []
+
+    def fake_run(spec, seed, settings, epochs, split):
+        asked.append((seed, [s for s in settings if s.startswith("train.budget")]))
+        budget = next((s.split("=")[1] for s in settings if s.startswith("train.budget")), None)
+        block = [s for s in settings if s.startswith("options.block_size")]
+        config = {"out": f"/tmp/run-{seed}", "train": {"seed": seed, "epochs": epochs, "budget": budget},
+                  "options": {"block": block}}
+        return {"seed": seed, "acc": 0.5 + seed / 10, "nmi": 0.5, "fit_seconds": 10.0 + seed, "config": config}, 10.0 + seed
+
+    monkeypatch.setattr(dccm_schedules, "one_run", fake_run)
+    base = ["--data", "digits", "--block-epochs", "1"]
+    dccm_schedules.main([*base, "--seeds", "0"])
+    paths = [private_dirs[0] / f"accuracy-dccm-digits-{s}-e1.json" for s in ("block", "minibatch-at-block")]
+    first = [json.loads(p.read_text()) for p in paths]
+    dccm_schedules.main([*base, "--seeds", "2", "1", "--add-seeds"])
+    for path, before in zip(paths, first):
+        r = json.loads(path.read_text())
+        assert r["seeds"] == [0, 1, 2] and r["summary"]["acc"]["mean"] == pytest.approx(0.6)
+        assert r["runs"][0]["commit"] == before["commit"] and r["earlier_commands"] == [before["command"]]
+    assert asked[-2:] == [(1, []), (1, ["train.budget=11s"])]  # each seed's budget: its own block run's
+    kept = [p.read_text() for p in paths]
+    with pytest.raises(SystemExit) as again:
+        dccm_schedules.main([*base, "--seeds", "1", "3", "--add-seeds"])
+    assert again.value.code == 2
+    monkeypatch.setattr(dccm_schedules, "BLOCK", [*dccm_schedules.BLOCK, "options.block_size=500"])
+    with pytest.raises(SystemExit) as other:
+        dccm_schedules.main([*base, "--seeds", "3", "--add-seeds"])
+    assert other.value.code == 2 and [p.read_text() for p in paths] == kept
+    with pytest.raises(SystemExit):
+        dccm_schedules.main(["--data", "usps", "--block-epochs", "1", "--seeds", "0", "--add-seeds"])
+
+
 def test_accuracy_scores_each_probe_asked_for_under_its_own_name(private_dirs, monkeypatch, tmp_path):
     import accuracy
     import deepclust.inference as inference
