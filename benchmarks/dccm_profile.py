@@ -20,6 +20,10 @@ The plain step (what ``throughput.py``'s plain loop does per batch, on pre-made 
 the method class's ``n_views`` or ``--plain-views``): forward of each view, the instance-
 discrimination loss over an N x D bank, backward, SGD step, bank update; and, apart, the per-image
 PIL + torchvision transforms its DataLoader spends on a batch (0 workers).
+And the bound of the discriminator's arithmetic: its three matrix products (forward h1 W2^T, backward
+g2^T h1 and g2 W2) at the step's size (pairs x positions rows by the width), timed alone on this
+machine's BLAS: the step's time had T cost only those, and the images/s ratio that gives, the most a
+float32 implementation of Eq 14 at that width could reach here.
 Medians over ``--steps`` repetitions, the steps of the three kinds interleaved. ``--clock cpu`` (the
 default) reads the process's CPU time, which other work on a shared host disturbs far less than the
 wall clock (run it with OMP_NUM_THREADS=1 there: threads waiting for a busy core spin on CPU time);
@@ -105,10 +109,12 @@ def instrument(clock: Clock, stash: dict, trainer, t):
         with clock.part("losses" if torch.is_grad_enabled() else "structure"):
             return similarity(*args, **kwargs)
 
-    def timed_mi(disc, deep, shallow_all, *rest):
+    def timed_mi(disc, deep, shallow_all, positives, negatives):
         with clock.part("discriminator"):
-            out = mi(disc, deep, shallow_all, *rest)
+            out = mi(disc, deep, shallow_all, positives, negatives)
         stash.update(mi=out, inputs=[deep, shallow_all, *disc.parameters()])
+        pairs = int((positives >= 0).sum() + (negatives >= 0).sum())
+        stash["products"] = (pairs * shallow_all[0, 0].numel(), disc.net[2].weight.shape[0])
         return out
 
     def discriminator_backward():
@@ -128,6 +134,24 @@ def instrument(clock: Clock, stash: dict, trainer, t):
             else:
                 delattr(obj, name)
     return restore
+
+
+def products_ms(rows: int, width: int, repeats: int = 5) -> float:
+    """The discriminator's three matrix products at a step's size (``rows`` = pairs x positions by
+    ``width``: the forward's h1 W2^T, the backward's g2^T h1 and g2 W2; ``PairScores``), median ms:
+    the time no implementation of its loss in float32 can go under on this machine's BLAS, the other
+    work of T (the sum, the ReLUs, the gathers and scatters) left out."""
+    h1, w2 = torch.randn(rows, width), torch.randn(width, width)
+    out, square = torch.empty(rows, width), torch.empty(width, width)
+    times = []
+    for i in range(repeats + 1):  # the first warms up
+        t0 = now()
+        torch.mm(h1, w2.t(), out=out)
+        torch.mm(out.t(), h1, out=square)
+        torch.mm(out, w2, out=h1)
+        if i:
+            times.append(now() - t0)
+    return statistics.median(times) * 1e3
 
 
 def plain_parts(net, images: np.ndarray, transform, batch: int, temperature: float, lr: float, n_views: int):
@@ -230,6 +254,10 @@ def main(argv=None) -> None:
                     rows[k].append(clock.spent.get(k, 0.0))
     med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
     plain, with_data = med["plain_step"], med["plain_step"] + med["plain_data"]
+    rows_p, width = stash["products"]
+    floor = products_ms(rows_p, width)
+    # the step had T cost only its three products, the rest of the step as measured
+    floor_step = med["dccm_step"] - med["discriminator"] - med["discriminator_backward"] + floor
     print(json.dumps({
         "settings": {"data": args.data, "backbone": args.backbone, "batch_size": cfg.optim.batch_size,
                      "views": t.method.views_at(0), "options": vars(cfg.options), "steps": args.steps, "clock": args.clock, "plain_views": plain_views,
@@ -238,6 +266,12 @@ def main(argv=None) -> None:
         "ratio_to_plain_step": {k: round(v / plain, 2) for k, v in med.items()},
         "images_per_second_ratio": {"to_plain_compute": round(plain / med["dccm_step"], 3),
                                     "to_plain_with_its_data": round(with_data / med["dccm_step"], 3)},
+        "discriminator_products": {
+            "rows": rows_p, "width": width, "gflop": round(3 * 2 * rows_p * width * width / 1e9, 1),
+            "ms": round(floor, 1), "gflop_per_s": round(3 * 2 * rows_p * width * width / floor / 1e6, 1),
+            "step_ms_if_only_products": round(floor_step, 1),
+            "images_per_second_ratio_bound": {"to_plain_compute": round(plain / floor_step, 3),
+                                              "to_plain_with_its_data": round(with_data / floor_step, 3)}},
     }, indent=1))
 
 

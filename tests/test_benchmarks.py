@@ -296,6 +296,23 @@ def test_throughput_iterates_over_the_method_registry(capsys):
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_dccm_profile_prices_the_discriminators_products_at_the_steps_size(capsys):
+    """dccm_profile.py's bound: the three products of T's second layer at pairs x positions rows (the
+    batch's own pairs, at most 4 a row: own, nearest, two negatives), replacing T's measured parts."""
+    import dccm_profile
+
+    dccm_profile.main(["--data", "digits", "--batch-size", "16", "--steps", "1", "--clock", "wall",
+                       "--set", "options.discriminator_width=32"])
+    r = json.loads(capsys.readouterr().out)
+    bound, med = r["discriminator_products"], r["median_ms"]
+    positions = 16  # digits 8x8: jule_cnn's one conv, 4x4
+    assert bound["width"] == 32 and bound["rows"] % positions == 0
+    assert 16 * positions <= bound["rows"] <= 4 * 16 * positions
+    assert bound["gflop"] == round(6 * bound["rows"] * 32 * 32 / 1e9, 1)
+    expected = med["dccm_step"] - med["discriminator"] - med["discriminator_backward"] + bound["ms"]
+    assert bound["step_ms_if_only_products"] == pytest.approx(expected, abs=0.11)
+
+
 @pytest.mark.parametrize("preset,channels", [("digits", 1), ("natural", 3), ("dccm", 3)])
 def test_plain_loop_views_are_torchvision_per_image_transforms(preset, channels):
     from PIL import Image
