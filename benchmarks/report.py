@@ -315,7 +315,7 @@ def throughput_section(results: dict[str, dict]) -> str:
         s = r["settings"]
         rows = [[show(method), f"{m['deepclust_images_per_second']:.1f}",
                  f"{m['plain']['images_per_second']:.1f} ({m['plain']['num_workers']} workers)",
-                 f"{m['ratio']:.2f}x", f"{r['goal_ratio']}x"] for method, m in r["methods"].items()]
+                 f"{m['ratio']:.2f}x", f"{m.get('goal', r['goal_ratio'])}x"] for method, m in r["methods"].items()]
         parts += [f"`{r['command']}`: {r['n_images']} images of {s['image_size'][0]}x{s['image_size'][1]}, "
                   f"{s['backbone']}, batch {s['batch_size']}; images/s of training steps, median over epochs; "
                   f"the plain loop: {s.get('plain_input', 'see the script')}. Machine: {machines([r])}.", "",

@@ -1,5 +1,6 @@
 """Training throughput of every registered method (deepclust.methods.METHODS), each beside the same
-network trained in a plain PyTorch loop, in the same run; the figure is the ratio (goal >= 1.5x).
+network trained in a plain PyTorch loop, in the same run; the figure is the ratio (goal >= 1.5x;
+DCCM's 0.6x).
 
     python benchmarks/throughput.py [--data mnist-test] [--methods instance and] [--epochs 2]
         [--backbone jule_cnn] [--batch-size 128] [--workers 0 2] [--plain-epochs 2] [--limit N] [--tag T]
@@ -46,6 +47,9 @@ import torch.nn.functional as F
 from common import LIBRARY_DEFAULTS, class_count, data_spec, exclusive, fail, load_labelled, save_result, write_npz
 
 GOAL_RATIO = 1.5
+# DCCM's step adds its local discriminator (Eq 14: three 1x1 convolutions of width 512 at every position
+# of every (row, partner) pair), several times the plain loop's arithmetic: its goal is issue 44's 0.6x
+GOALS = {"dccm": 0.6}
 DEFAULT_DATA = "mnist-test"
 
 
@@ -199,7 +203,8 @@ def measure_method(method: str, spec: str, images, args) -> dict:
     best = max(plain, key=lambda p: p["images_per_second"])
     ratio = dc["images_per_second"] / best["images_per_second"]
     return {"deepclust_images_per_second": dc["images_per_second"], "deepclust": dc, "plain": best,
-            "plain_runs": plain, "ratio": round(ratio, 3), "meets_goal": ratio >= GOAL_RATIO,
+            "plain_runs": plain, "ratio": round(ratio, 3), "goal": GOALS.get(method, GOAL_RATIO),
+            "meets_goal": ratio >= GOALS.get(method, GOAL_RATIO),
             "n_views": n_views, "views": {k: v for k, v in vars(vspec).items()},
             "plain_transform": repr(transform), "backbone": cfg.net.backbone}
 
