@@ -36,8 +36,8 @@ import shutil
 import tempfile
 import time
 
-from accuracy import RUN_KEYS, SCORES, heads_summary, run_heads, seed_config, unseeded
-from common import data_spec, exclusive, fail, git_state, mean_std, resolved_config, result_path, save_result
+from accuracy import RUN_KEYS, SCORES, heads_summary, recorded, run_heads, seed_config, unseeded
+from common import data_spec, exclusive, fail, git_state, mean_std, resolved_config, save_result
 
 CHOSEN_ON = "digits (dccm-cpu's settings; the block schedule's are the authors')"
 BLOCK = ["options.schedule=block", "options.block_size=1000", "options.block_repeats=10", "options.block_draws=2",
@@ -82,21 +82,6 @@ def settings(config: dict) -> str:
     return json.dumps(c, sort_keys=True)
 
 
-def recorded(name: str, args) -> dict | None:
-    """--add-seeds: the result NAME as saved, each run stamped with its commit; None without it.
-    Refuses (exit 2, nothing written) when there is no such result or it holds a seed asked for."""
-    if not args.add_seeds:
-        return None
-    path = result_path(name)
-    if not path.is_file():
-        fail(f"--add-seeds: there is no {path} to add to")
-    old = json.loads(path.read_text())
-    if again := sorted(set(args.seeds) & {r["seed"] for r in old["runs"]}):
-        fail(f"--add-seeds: {path.name} already holds seed(s) {again}")
-    old["runs"] = [{"commit": old.get("commit"), "dirty": old.get("dirty"), **r} for r in old["runs"]]
-    return old
-
-
 def merged(name: str, old: dict | None, runs: list[dict]) -> list[dict]:
     """The recorded runs and the new ones, by seed; refuses (exit 2, nothing written) when the new
     runs' settings differ from the recorded ones'."""
@@ -131,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     names = {"block": f"accuracy-dccm-{args.data}-block-{tag}",
              "minibatch": f"accuracy-dccm-{args.data}-minibatch-at-block-{tag}"}
     with exclusive(f"dccm-schedules-{args.data}-{tag}"):
-        old = {schedule: recorded(name, args) for schedule, name in names.items()}
+        # accuracy.py's reading of a result to add to (a seed already there refused)
+        adding = argparse.Namespace(add_seeds=args.add_seeds, seeds=args.seeds, method="dccm")
+        old = {schedule: recorded(name, adding) for schedule, name in names.items()}
         runs: dict[str, list[dict]] = {"block": [], "minibatch": []}
         for seed in args.seeds:
             run, seconds = one_run(spec, seed, block, args.block_epochs, args.split)
