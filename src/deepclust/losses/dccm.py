@@ -145,7 +145,8 @@ class PairScores(torch.autograd.Function):
         with torch.autocast(h1.device.type, enabled=False):
             g = grad_scores.to(h2.dtype).reshape(-1, 1)
             g2 = ctx.workspace.get("grad_h2", tuple(h2.shape), h2, ctx.capacity)  # dL/d(W2 h1): through T's last ReLU
-            torch.ops.aten.threshold_backward.grad_input(g * w3, h2, 0.0, grad_input=g2)
+            torch.mul(g, w3, out=g2)  # dL/dh2, into the buffer (a fresh tensor of that size is new memory)
+            torch.ops.aten.threshold_backward.grad_input(g2, h2, 0.0, grad_input=g2)
             grad_w3 = h2.t().mv(g.view(-1))
             grad_w2 = g2.t().mm(h1.view(-1, width))
             g1 = ctx.workspace.get("grad_h1", tuple(h2.shape), h2, ctx.capacity)  # dL/d(W_s s + W_d d), per pair
