@@ -269,6 +269,11 @@ def unseeded(config: dict, k_auto: bool) -> str:
     return json.dumps(c, sort_keys=True)
 
 
+def earlier_commands(old: dict | None) -> dict:
+    """--add-seeds: the commands that made the result added to, for the merged result ({} without)."""
+    return {"earlier_commands": old.get("earlier_commands", []) + [old["command"]]} if old else {}
+
+
 def merged(name: str, old: dict, runs: list[dict], args) -> list[dict]:
     """The recorded runs and the new ones, by seed; new runs whose settings differ are saved alone
     as NAME-unmerged and the script stops (exit 2)."""
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
             summary |= k_auto_summary(out["runs"])
         save_result(name, {"method": args.method, "data": args.data, "spec": spec, "split": args.split,
                            "seeds": seeds, "quick": args.quick, "summary": summary, "wall_seconds": wall,
-                           **({"earlier_commands": old.get("earlier_commands", []) + [old["command"]]} if old else {}),
+                           **earlier_commands(old),
                            **out},
                     chosen_on=args.chosen_on)
 

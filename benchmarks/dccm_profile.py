@@ -258,6 +258,7 @@ def main(argv=None) -> None:
     floor = products_ms(rows_p, width)
     # the step had T cost only its three products, the rest of the step as measured
     floor_step = med["dccm_step"] - med["discriminator"] - med["discriminator_backward"] + floor
+    flop = 3 * 2 * rows_p * width * width
     print(json.dumps({
         "settings": {"data": args.data, "backbone": args.backbone, "batch_size": cfg.optim.batch_size,
                      "views": t.method.views_at(0), "options": vars(cfg.options), "steps": args.steps, "clock": args.clock, "plain_views": plain_views,
@@ -267,8 +268,8 @@ def main(argv=None) -> None:
         "images_per_second_ratio": {"to_plain_compute": round(plain / med["dccm_step"], 3),
                                     "to_plain_with_its_data": round(with_data / med["dccm_step"], 3)},
         "discriminator_products": {
-            "rows": rows_p, "width": width, "gflop": round(3 * 2 * rows_p * width * width / 1e9, 1),
-            "ms": round(floor, 1), "gflop_per_s": round(3 * 2 * rows_p * width * width / floor / 1e6, 1),
+            "rows": rows_p, "width": width, "gflop": round(flop / 1e9, 1),
+            "ms": round(floor, 1), "gflop_per_s": round(flop / floor / 1e6, 1),
             "step_ms_if_only_products": round(floor_step, 1),
             "images_per_second_ratio_bound": {"to_plain_compute": round(plain / floor_step, 3),
                                               "to_plain_with_its_data": round(with_data / floor_step, 3)}},

@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import time
 
-from accuracy import RUN_KEYS, SCORES, heads_summary, recorded, run_heads, seed_config, unseeded
+from accuracy import RUN_KEYS, SCORES, earlier_commands, heads_summary, recorded, run_heads, seed_config, unseeded
 from common import data_spec, exclusive, fail, git_state, mean_std, resolved_config, save_result
 
 CHOSEN_ON = "digits (dccm-cpu's settings; the block schedule's are the authors')"
@@ -126,13 +126,11 @@ def main(argv: list[str] | None = None) -> None:
             budget = [f"train.budget={max(int(seconds), 1)}s", "train.epochs=none"]
             runs["minibatch"].append(one_run(spec, seed, budget, None, args.split)[0])
         state = git_state()
+        for schedule, name in names.items():  # both merged before either is saved: a refusal writes nothing
+            runs[schedule] = merged(name, old[schedule], [r | state for r in runs[schedule]])
         for schedule, name in names.items():
-            new = [r | state for r in runs[schedule]]
-            runs[schedule] = merged(name, old[schedule], new)
-        for schedule, name in names.items():
-            earlier = {} if old[schedule] is None else {"earlier_commands": [
-                *old[schedule].get("earlier_commands", []), old[schedule].get("command")]}
-            save_result(name, result(runs[schedule], args, schedule) | earlier, chosen_on=CHOSEN_ON)
+            save_result(name, result(runs[schedule], args, schedule) | earlier_commands(old[schedule]),
+                        chosen_on=CHOSEN_ON)
 
 
 if __name__ == "__main__":
